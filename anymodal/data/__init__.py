@@ -1,0 +1,1 @@
+"""anymodal.data."""

@@ -1,0 +1,259 @@
+"""The decoder-only transformer: token embedding → N blocks → RMSNorm → untied output head.
+
+The math is Chameleon's (as implemented by Hugging Face `transformers`), so weights can be exported
+to `ChameleonForConditionalGeneration` and give the same logits (see `hf.py`):
+- attention: rotate-half RoPE, grouped-query heads, QK-Norm (LayerNorm over head_dim with a per-head
+  scale and bias, applied to q and k *before* RoPE), `F.scaled_dot_product_attention`;
+- MLP: SwiGLU;
+- norm placement 'pre' (Llama: x + attn(norm(x))) or 'swin' (Chameleon: x + norm(attn(x))).
+
+For speed, q/k/v and gate/up are fused into single matmuls (`wqkv`, `w13`), the attention mask is
+built once per forward (and not at all for plain causal training, where SDPA's `is_causal` is used),
+and RoPE works on half-vectors instead of materializing `rotate_half`.
+
+Packed sequences: `doc_ids [B, T]` restricts attention to tokens of the same document and resets
+positions at each document start, so a packed row computes exactly what its documents would alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+QK_NORM_EPS = 1e-5  # Chameleon's QK LayerNorm uses a fixed eps
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in fp32, cast back, then scale (the order HF Chameleon/Llama use)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class HeadLayerNorm(nn.Module):
+    """QK-Norm: LayerNorm statistics over head_dim, with each head's own scale and bias."""
+
+    def __init__(self, n_heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, H, hd]
+        x = F.layer_norm(x, (x.shape[-1],), eps=QK_NORM_EPS)
+        return torch.addcmul(self.bias, x, self.weight)  # [B, T, H, hd]
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, ...]:
+    """cos/sin [B, T, 1, hd/2] for integer positions [B, T] (the half-vectors of HF's tables)."""
+    # same expression as HF's default rope init, so the frequencies agree bit for bit
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
+    return freqs.cos().to(dtype)[:, :, None], freqs.sin().to(dtype)[:, :, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, T, H, hd]: (x1, x2) → (x1·c − x2·s, x2·c + x1·s)."""
+    x1, x2 = x.chunk(2, dim=-1)  # [B, T, H, hd/2] each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def positions_from_docs(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] that restart at 0 wherever doc_ids changes along the sequence."""
+    b, t = doc_ids.shape
+    idx = torch.arange(t, device=doc_ids.device).expand(b, t)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values  # start of own doc
+    return idx - first
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, cfg.q_dim + 2 * cfg.kv_dim, bias=False)  # rows: q | k | v
+        self.wo = nn.Linear(cfg.q_dim, cfg.dim, bias=False)
+        self.q_norm = HeadLayerNorm(cfg.n_heads, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = HeadLayerNorm(cfg.n_kv_heads, cfg.head_dim) if cfg.qk_norm else None
+
+    def forward(self, x, rope, mask, causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
+        q, k, v = q.view(b, t, h, hd), k.view(b, t, hkv, hd), v.view(b, t, hkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, hd]
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, S, hd]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=hkv != h
+        )  # [B, H, T, hd]
+        return self.wo(y.transpose(1, 2).reshape(b, t, h * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden = cfg.mlp_hidden
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.mlp_hidden, bias=False)  # rows: gate | up
+        self.w2 = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, hidden] each
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.swin = cfg.norm_placement == "swin"
+        self.attn = Attention(cfg, layer_id)
+        self.mlp = MLP(cfg)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # HF: input_layernorm
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # HF: post_attention_layernorm
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x, rope, mask, causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+        if self.swin:  # Chameleon-34B: normalize the branch output, not its input
+            h = x + self.drop(self.attn_norm(self.attn(x, rope, mask, causal, cache)))
+            return h + self.drop(self.mlp_norm(self.mlp(h)))
+        h = x + self.drop(self.attn(self.attn_norm(x), rope, mask, causal, cache))
+        return h + self.drop(self.mlp(self.mlp_norm(h)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2·n_layers)
+        so the residual stream's variance does not grow with depth (GPT-2 / Megatron)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            elif p.dim() == 2 and "norm" not in name:
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_embedding else n
+
+    # ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with last_only) for token ids [B, T].
+
+        positions [B, T]: RoPE positions; default: derived from doc_ids / attention_mask / the cache.
+        doc_ids [B, T]: packed documents (attend within the same id only, causally). No cache.
+        cache: append this step's keys/values and attend to everything cached before.
+        attention_mask [B, T] bool: False marks left padding (never attended to).
+        """
+        b, t = ids.shape
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (packed training rows) cannot be combined with a KV cache")
+        past = 0
+        if cache is not None:
+            cache.check_room(t)
+            past = cache.length
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(torch.bool)
+        if positions is None:
+            if doc_ids is not None:
+                positions = positions_from_docs(doc_ids)
+            elif attention_mask is not None:  # left padding: first real token gets position 0
+                positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_(min=0)
+            else:
+                positions = torch.arange(t, device=ids.device).expand(b, t)
+            if cache is not None:
+                positions = positions + cache.next_pos[:, None]
+        mask, causal = self._attention_mask(b, t, past, doc_ids, attention_mask, cache)
+
+        x = self.tok_emb(ids)  # [B, T, D]
+        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if ckpt:
+                x = checkpoint(layer, x, rope, mask, causal, None, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, causal, cache)
+        if cache is not None:
+            valid = attention_mask if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+            if attention_mask is not None and not cache.padded:
+                cache.padded = not bool(attention_mask.all())
+            cache.advance(valid, positions[:, -1])
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))  # [B, T, V]
+
+    def _attention_mask(self, b, t, past, doc_ids, attention_mask, cache):
+        """(mask, is_causal) for SDPA; a bool mask [B, 1, T, past+T] only when one is needed."""
+        padded = attention_mask is not None or (cache is not None and cache.padded)
+        if doc_ids is None and not padded:
+            if past == 0:
+                return None, True  # plain causal training / first prefill: SDPA's fast path
+            if t == 1:
+                return None, False  # one new token attends to everything cached
+        dev = doc_ids.device if doc_ids is not None else (attention_mask if attention_mask is not None else cache.valid).device
+        q_idx = torch.arange(past, past + t, device=dev)
+        k_idx = torch.arange(past + t, device=dev)
+        allowed = (k_idx[None, :] <= q_idx[:, None])[None]  # [1, T, S] causal
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, T, T]
+        if padded:
+            new_valid = attention_mask if attention_mask is not None else torch.ones(b, t, dtype=torch.bool, device=dev)
+            key_valid = new_valid if cache is None else torch.cat([cache.valid[:, :past], new_valid], dim=1)
+            # a padding query still sees itself, so its row is never empty (no NaN from softmax)
+            allowed = (allowed & key_valid[:, None, :]) | (k_idx[None, :] == q_idx[:, None])[None]
+        return allowed[:, None], False  # [B or 1, 1, T, S]
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run a (left-padded) prompt batch ids [B, T] into the cache; logits of the last position [B, V]."""
+        return self.forward(ids, positions=positions, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row ids [B, 1]; logits [B, V] for the token after it."""
+        return self.forward(ids, cache=cache, last_only=True)[:, -1]

@@ -1,0 +1,235 @@
+"""The decoding engine: batched prefill + decode on a KV cache, constrained, with CFG.
+
+The engine knows only token ids. A batch of `Request`s is left-padded into one cache; each step
+runs the model on one token per row, mixes in the classifier-free-guidance branch, masks the
+logits with the stream grammar (`Constrainer`), samples with each row's own parameters and
+generator, and advances the grammar.
+
+Classifier-free guidance (image and audio spans). A request with `cfg_scale != 1` gets a second,
+*unconditional* row in the same batch, with its own cache rows. That row holds only `<s>`; while
+its partner writes text it is fed `<pad>` into slots marked invalid (so it still sees only `<s>`).
+When the partner opens an image/audio span, the unconditional row is fed the same span tokens as
+valid slots, so it sees `<s> <boi> c_1 … c_k`: the span opened without the prompt. Inside the span
+the partner samples from `c + (s − 1)·(c − u)` (= `u + s·(c − u)`, written so that s = 1 gives `c`
+bit for bit). When the span closes, the span slots are invalidated again and the row's position
+goes back to 1, ready for the next span.
+
+Per step the Python work is a fixed handful of tensor ops on [B, V] (no per-token Python loops
+over the vocabulary, no mask rebuilding): the cache is preallocated, masks come from a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..tokenizers.token_space import TokenSpace
+from .constraints import AUDIO, BOX, DONE, IMAGE, TEXT, Constrainer
+from .sampling import ModalitySampling, make_generators, sample
+
+
+@dataclass
+class Request:
+    """One generation. `prompt` holds ids (starting with `<s>`); `force` ids open the output."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 256
+    sampling: ModalitySampling = field(default_factory=ModalitySampling.default)
+    seed: int = 0
+    cfg_scale: float = 1.0  # classifier-free guidance on image and audio spans; 1 = off
+    force: Sequence[int] = ()  # e.g. [<box>] for grounding, [<boi>] for text-to-image
+    stop_after_span: bool = False  # finish as soon as the first image/audio/box span closes
+
+
+@dataclass
+class Result:
+    tokens: list[int]  # generated ids (forced ones included), without the prompt or trailing pad
+    probs: list[float]  # probability of each generated id under the constrained distribution
+    modes: list[int]  # grammar mode each id was generated in (TEXT/IMAGE/AUDIO/BOX)
+    finish: str  # 'eos' | 'length' | 'span'
+
+
+# A callback per step: (request index, token id, mode it was generated in) for every live row.
+TokenCallback = Callable[[int, int, int], None]
+
+
+class Engine:
+    """Generates for batches of requests with one model and one token space."""
+
+    def __init__(self, model, space: TokenSpace, device="cpu", dtype=torch.float32,
+                 max_audio_frames: int | None = None, max_len: int | None = None):
+        self.model = model
+        self.space = space
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.constrainer = Constrainer(space, max_audio_frames=max_audio_frames, device=self.device)
+        self.max_len = int(max_len or model.cfg.max_seq_len)
+        if model.cfg.vocab_size < space.vocab_size:
+            raise ValueError(f"model vocab {model.cfg.vocab_size} < token space vocab {space.vocab_size}")
+
+    def context_room(self, prompt_len: int) -> int:
+        """How many tokens can still be generated after a prompt of this length."""
+        return self.max_len - prompt_len
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[Request], on_token: TokenCallback | None = None,
+                 cfg_rows: str = "auto") -> list[Result]:
+        """Run all requests as one batch. cfg_rows='always' keeps unconditional rows even at
+        scale 1 (used to check that guidance at scale 1 is exactly the conditional branch)."""
+        from ..model.kv_cache import KVCache
+
+        sp, con, dev = self.space, self.constrainer, self.device
+        n = len(requests)
+        if n == 0:
+            return []
+        for r in requests:
+            if len(r.prompt) == 0:
+                raise ValueError("empty prompt")
+            if r.max_new_tokens <= 0:
+                raise ValueError("max_new_tokens must be positive")
+            if len(r.prompt) + r.max_new_tokens > self.max_len:
+                raise ValueError(f"prompt ({len(r.prompt)}) + max_new_tokens ({r.max_new_tokens}) "
+                                 f"exceed the context ({self.max_len})")
+        # Grammar state of the request rows; the prompt may end inside a span (e.g. with <boi>).
+        req_prompts = [list(map(int, r.prompt)) for r in requests]
+        state = con.from_prompts(req_prompts)
+        # Rows 0..n-1 are the requests; then one unconditional row per guided request, holding `<s>`
+        # plus the open span's tokens when the prompt ends inside a span.
+        guided = [i for i, r in enumerate(requests) if r.cfg_scale != 1.0 or cfg_rows == "always"]
+        m = len(guided)
+        B = n + m
+        u_prompts = []
+        for i in guided:
+            p = req_prompts[i]
+            tail: list[int] = []
+            if int(state.mode[i]) in (IMAGE, AUDIO):
+                opener = sp.boi if int(state.mode[i]) == IMAGE else sp.boa
+                tail = p[len(p) - 1 - p[::-1].index(opener):]
+            u_prompts.append([sp.bos] + tail)
+        prompts = req_prompts + u_prompts
+        width = max(len(p) for p in prompts)
+        max_new = max(r.max_new_tokens for r in requests)
+        total = width + max_new
+        ids = torch.full((B, width), sp.pad, dtype=torch.long, device=dev)  # [B, W], left-padded
+        valid = torch.zeros(B, width, dtype=torch.bool, device=dev)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[b, width - len(p):] = True
+        positions = (valid.long().cumsum(1) - 1).clamp_min(0)  # [B, W]: each row counts from 0
+        cache = KVCache.empty(self.model.cfg, B, total, device=dev, dtype=self.dtype)
+        mask = None if bool(valid.all()) else valid
+        logits = self.model.prefill(ids, cache, positions=positions, attention_mask=mask).float()  # [B, V]
+
+        gens = make_generators([r.seed for r in requests], device=dev)
+        temp_t, topk_t, topp_t = (torch.tensor([r.sampling.table()[j] for r in requests], device=dev)
+                                  for j in range(3))  # [n, 4] each: per request, per modality
+        topk_t = topk_t.long()
+        max_new_t = torch.tensor([r.max_new_tokens for r in requests], device=dev)
+        stop_span = torch.tensor([r.stop_after_span for r in requests], dtype=torch.bool, device=dev)
+        force_len = max((len(r.force) for r in requests), default=0)
+        forced = torch.full((n, max(1, force_len)), -1, dtype=torch.long, device=dev)
+        for i, r in enumerate(requests):
+            if len(r.force):
+                forced[i, : len(r.force)] = torch.tensor(list(r.force), dtype=torch.long)
+        g_rows = torch.tensor(guided, dtype=torch.long, device=dev)  # [m] partner of each uncond row
+        g_scale = torch.tensor([requests[i].cfg_scale for i in guided], device=dev)[:, None]  # [m, 1]
+        # Slot where each unconditional row's current span began (-1: none open).
+        u_span_start = torch.tensor([width - len(p) + 1 if len(p) > 1 else -1 for p in u_prompts],
+                                    dtype=torch.long, device=dev)
+        rows_n = torch.arange(n, device=dev)
+
+        out_tok = torch.full((n, max_new), sp.pad, dtype=torch.long, device=dev)
+        out_prob = torch.zeros(n, max_new, device=dev)
+        out_mode = torch.zeros(n, max_new, dtype=torch.long, device=dev)
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        finish = [""] * n
+        new_count = torch.zeros(n, dtype=torch.long, device=dev)
+
+        for step in range(max_new):
+            cond = logits[:n]  # [n, V]
+            if m:
+                u = logits[n:]  # [m, V]
+                c = cond[g_rows]
+                in_media = ((state.mode[g_rows] == IMAGE) | (state.mode[g_rows] == AUDIO))[:, None]
+                mixed = c + (g_scale - 1.0) * (c - u)  # [m, V]; s = 1 gives c exactly
+                cond = cond.clone()
+                cond[g_rows] = torch.where(in_media, mixed, c)
+            mode_now = state.mode.clone()
+            cond = con.apply(cond, state, max_new_t - new_count)
+            modality = mode_now.clamp(max=BOX)[:, None]  # [n, 1]: text/image/audio/loc params
+            tok, prob = sample(cond, temp_t.gather(1, modality)[:, 0], topk_t.gather(1, modality)[:, 0],
+                               topp_t.gather(1, modality)[:, 0], gens)
+            if step < force_len:
+                f = forced[:, step]
+                use = (f >= 0) & ~done
+                if bool(use.any()):
+                    ok = torch.isfinite(cond[rows_n, f.clamp_min(0)]) | ~use
+                    if not bool(ok.all()):
+                        bad = int((~ok).nonzero()[0, 0])
+                        raise ValueError(f"forced token {int(f[bad])} is not allowed at step {step} "
+                                         f"of request {bad}")
+                    tok = torch.where(use, f, tok)
+                    prob = torch.where(use, cond.softmax(-1)[rows_n, f.clamp_min(0)], prob)
+            live = ~done
+            tok = torch.where(live, tok, sp.pad)
+            out_tok[:, step] = tok
+            out_prob[:, step] = prob
+            out_mode[:, step] = mode_now
+            new_count += live.long()
+            con.advance(state, tok, active=live)
+            # Stop conditions, per row.
+            closed = live & (mode_now != TEXT) & (state.mode == TEXT)
+            ended_eos = live & (state.mode == DONE)
+            ended_span = closed & stop_span
+            ended_len = live & ~ended_eos & ~ended_span & (new_count >= max_new_t)
+            if on_token is not None:
+                for i in live.nonzero()[:, 0].tolist():
+                    on_token(i, int(tok[i]), int(mode_now[i]))
+            for rows, why in ((ended_eos, "eos"), (ended_span, "span"), (ended_len, "length")):
+                for j in rows.nonzero()[:, 0].tolist():
+                    if not finish[j]:
+                        finish[j] = why
+            newly = ended_eos | ended_span | ended_len
+            if bool(newly.any()):
+                done |= newly
+                con.finish(state, newly)
+            if bool(done.all()) or step == max_new - 1:
+                break
+            # Next inputs: request rows feed their token; unconditional rows follow their partner
+            # inside media spans and are fed invalid padding otherwise.
+            step_ids = tok
+            if m:
+                p_tok = tok[g_rows]
+                p_mode = state.mode[g_rows]  # mode after the token: IMAGE/AUDIO once the opener is out
+                p_prev = mode_now[g_rows]
+                follows = (p_mode == IMAGE) | (p_mode == AUDIO)  # opener or span code
+                u_ids = torch.where(follows, p_tok, sp.pad)
+                step_ids = torch.cat([tok, u_ids])
+                slot = cache.length
+                u_rows = torch.arange(n, B, device=dev)
+                opened = follows & ~((p_prev == IMAGE) | (p_prev == AUDIO))
+                u_span_start = torch.where(opened, slot, u_span_start)
+                logits = self.model.decode(step_ids[:, None], cache).float()
+                # The row's view after the step: keep the slot only when it followed the partner.
+                cache.valid[u_rows, slot] = follows
+                base_pos = torch.where(follows, cache.next_pos[u_rows], cache.next_pos[u_rows] - 1)
+                # A closing token (<eoi>/<eoa>) is not fed: drop the whole span, back to `<s>` only.
+                closing = ((p_prev == IMAGE) | (p_prev == AUDIO)) & ~follows
+                if bool(closing.any()):
+                    for j in closing.nonzero()[:, 0].tolist():
+                        cache.valid[n + j, int(u_span_start[j]): slot + 1] = False
+                    base_pos = torch.where(closing, 1, base_pos)
+                    u_span_start = torch.where(closing, -1, u_span_start)
+                cache.next_pos[u_rows] = base_pos
+                cache.padded = True
+            else:
+                logits = self.model.decode(step_ids[:, None], cache).float()
+
+        results = []
+        for i in range(n):
+            k = int(new_count[i])
+            results.append(Result(out_tok[i, :k].tolist(), out_prob[i, :k].tolist(), out_mode[i, :k].tolist(),
+                                  finish[i] or "length"))
+        return results

@@ -1,0 +1,133 @@
+"""Writing samples to disk: index.html, sample.md, image_*.png, audio_*.wav, tokens.json.
+
+Generated text is untrusted (a model can emit `<script>`): every piece of text that reaches the
+HTML page goes through `html.escape`, and media are referenced by file names we chose ourselves.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Part:
+    """One displayable piece of a prompt or a sample."""
+
+    kind: str  # 'text' | 'image' | 'audio' | 'box' | 'note'
+    text: str = ""  # text, or a box description
+    file: str = ""  # file name inside the output dir (image / audio)
+    box: tuple[float, float, float, float] | None = None  # normalized, for 'box'
+
+
+@dataclass
+class RenderedSample:
+    parts: list[Part] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    finish: str = ""
+    seed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, str):
+        tmp.write_text(data, encoding="utf-8")
+    else:
+        tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _html_parts(parts: list[Part]) -> str:
+    out = []
+    for p in parts:
+        if p.kind == "text":
+            out.append(f'<span class="text">{html.escape(p.text)}</span>')
+        elif p.kind == "image":
+            out.append(f'<img src="{html.escape(p.file, quote=True)}" alt="image" width="192" '
+                       f'style="image-rendering: pixelated">')
+        elif p.kind == "audio":
+            out.append(f'<audio controls src="{html.escape(p.file, quote=True)}"></audio>')
+        elif p.kind == "box":
+            out.append(f'<code class="box">{html.escape(p.text)}</code>')
+        else:
+            out.append(f'<em class="note">{html.escape(p.text)}</em>')
+    return "\n".join(out)
+
+
+def _md_parts(parts: list[Part]) -> str:
+    out = []
+    for p in parts:
+        if p.kind == "text":
+            out.append(p.text)
+        elif p.kind == "image":
+            out.append(f"\n\n![image]({p.file})\n\n")
+        elif p.kind == "audio":
+            out.append(f"\n\n[audio]({p.file})\n\n")
+        elif p.kind == "box":
+            out.append(f"`{p.text}`")
+        else:
+            out.append(f"\n\n_{p.text}_\n\n")
+    return "".join(out)
+
+
+def write_page(out: Path, prompt_text: str, prompt_parts: list[Part], samples: list[RenderedSample],
+               prompt_ids: list[int], meta: dict) -> None:
+    """index.html, sample.md and tokens.json for one `anymodal sample` run (media already written)."""
+    out.mkdir(parents=True, exist_ok=True)
+    body = [f"<h1>anymodal sample</h1>\n<h2>prompt</h2>\n<div class=\"prompt\">{_html_parts(prompt_parts)}</div>"]
+    md = ["# anymodal sample\n", "## prompt\n", _md_parts(prompt_parts), "\n"]
+    for i, s in enumerate(samples):
+        body.append(f'<h2>sample {i + 1} <small>(seed {s.seed}, {html.escape(s.finish)}, '
+                    f'{len(s.tokens)} tokens)</small></h2>\n<div class="sample">{_html_parts(s.parts)}</div>')
+        md.append(f"\n## sample {i + 1} (seed {s.seed}, {s.finish}, {len(s.tokens)} tokens)\n\n")
+        md.append(_md_parts(s.parts) + "\n")
+        if s.problems:
+            items = "".join(f"<li>{html.escape(p)}</li>" for p in s.problems)
+            body.append(f'<ul class="problems">{items}</ul>')
+            md.extend(f"- problem: {p}\n" for p in s.problems)
+    page = (
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>anymodal sample</title>\n"
+        "<style>body{font-family:sans-serif;max-width:52em;margin:2em auto}"
+        ".text{white-space:pre-wrap}.sample,.prompt{border:1px solid #ccc;padding:1em;margin:1em 0}"
+        "img{border:1px solid #888;vertical-align:middle;margin:.3em}</style></head>\n<body>\n"
+        + "\n".join(body) + "\n</body></html>\n"
+    )
+    _atomic_write(out / "index.html", page)
+    _atomic_write(out / "sample.md", "".join(md))
+    tokens = {
+        "prompt_text": prompt_text,
+        "prompt": prompt_ids,
+        "samples": [{"seed": s.seed, "finish": s.finish, "tokens": s.tokens,
+                     "probs": [round(p, 6) for p in s.probs], "problems": s.problems} for s in samples],
+        **meta,
+    }
+    _atomic_write(out / "tokens.json", json.dumps(tokens))
+
+
+def save_png(arr: np.ndarray, path: Path) -> None:
+    """uint8 [H, W, 3] -> PNG (via the data helper's writer when present)."""
+    from PIL import Image as PILImage
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    PILImage.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(tmp)
+    tmp.replace(path)
+
+
+def save_wav(wave: np.ndarray, sample_rate: int, path: Path) -> None:
+    """float [T] in [-1, 1] -> 16-bit PCM WAV."""
+    import wave as wavmod
+
+    pcm = (np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+    tmp = path.with_name(path.name + ".tmp.wav")
+    with wavmod.open(str(tmp), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(pcm.tobytes())
+    tmp.replace(path)

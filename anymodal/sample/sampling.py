@@ -1,0 +1,114 @@
+"""Turning logits into tokens: temperature, top-k, top-p, per row, reproducibly.
+
+Each batch row carries its own temperature / top-k / top-p (picked per step from the parameter set
+of the modality it is generating) and its own `torch.Generator`, so a request's samples depend
+only on its seed, not on what else shares the batch. Sampling is the Gumbel-max trick
+(argmax of logits/T + Gumbel noise) so greedy (T = 0) and sampled rows share one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+MODALITIES = ("text", "image", "audio", "loc")
+
+
+@dataclass
+class SamplingParams:
+    """How one modality is sampled. temperature 0 = greedy; top_k 0 / top_p 1 = off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class ModalitySampling:
+    """One SamplingParams per modality of the token being generated (text, image, audio, loc)."""
+
+    text: SamplingParams
+    image: SamplingParams
+    audio: SamplingParams
+    loc: SamplingParams
+
+    @classmethod
+    def uniform(cls, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> ModalitySampling:
+        return cls(*(SamplingParams(temperature, top_k, top_p) for _ in MODALITIES))
+
+    @classmethod
+    def default(cls) -> ModalitySampling:
+        """Defaults that work for the demo world: nucleus text, top-k images/audio, greedy boxes."""
+        return cls(SamplingParams(0.8, 0, 0.95), SamplingParams(1.0, 100, 1.0),
+                   SamplingParams(1.0, 100, 1.0), SamplingParams(0.0, 0, 1.0))
+
+    def table(self) -> tuple[list[float], list[int], list[float]]:
+        ps = [self.text, self.image, self.audio, self.loc]
+        return [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps]
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top-k ids and its smallest nucleus of mass >= top_p; the rest go to -inf.
+
+    logits [B, V] (already divided by temperature), top_k [B] long (0 = off), top_p [B] (1 = off).
+    """
+    V = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    rank = torch.arange(V, device=logits.device)[None]  # [1, V]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # [B]
+    drop = rank >= k[:, None]  # [B, V]
+    probs = sorted_logits.softmax(-1)
+    # Mass strictly before each id; an id is dropped once that mass already reaches top_p, which
+    # always keeps the first id.
+    before = probs.cumsum(-1) - probs
+    drop |= before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one id per row. Returns (ids LongTensor [B], prob of each id under softmax(logits) [B]).
+
+    `logits` [B, V] are fp32 with disallowed ids already at -inf. The reported probability is
+    under the plain (T = 1, unfiltered) constrained distribution: a confidence, e.g. for boxes.
+    """
+    B, V = logits.shape
+    greedy = temperature <= 0  # [B]
+    filtering = bool(((top_k > 0) | (top_p < 1.0)).any())
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [B, V]
+    if filtering:
+        scaled = filter_logits(scaled, top_k, top_p)
+    # Every row draws V uniforms every step, greedy or not, so a row's stream of noise (and with it
+    # its samples) does not depend on which tokens other rows or earlier steps were greedy for.
+    u = torch.stack([torch.rand(V, generator=g, device=logits.device) for g in generators])  # [B, V]
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+    noisy = torch.where(greedy[:, None], scaled, scaled + gumbel)
+    ids = noisy.argmax(-1)  # [B]
+    prob = logits.log_softmax(-1).gather(1, ids[:, None])[:, 0].exp()  # [B]
+    return ids, prob
+
+
+def make_generators(seeds: list[int], device="cpu") -> list[torch.Generator]:
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(s))
+        gens.append(g)
+    return gens

@@ -1,0 +1,464 @@
+"""Audio tokenizer: a small SEANet-style convolutional codec with residual vector quantization.
+
+    wave [B, T] at sample_rate
+      -> encoder: conv(1 -> C), then per stride s: residual units, strided conv (C -> 2C, /s)
+      -> latent [B, D, T / hop]                              hop = prod(strides), frame_rate = sr / hop
+      -> ResidualVQ (n_q levels x K codes, k-means init, dead-code replacement, quantizer dropout)
+      -> ids [B, frames, n_q]                                 frame-major, as the token stream wants
+      -> decoder: mirror of the encoder with transposed convs -> wave [B, frames * hop]
+
+Quantizer dropout during training (a random number of levels per batch, as SoundStream) is what
+lets `decode` take ids with fewer than `n_q` levels: the missing finer levels simply add nothing.
+
+Long inputs are encoded and decoded in chunks that overlap by the receptive field, so the result
+equals a single pass (checked by the tests) while memory stays bounded.
+
+File helpers for the CLI: `encode_file(tok_dir, in_audio, out_json)` and
+`decode_file(tok_dir, in_json, out_wav)`. A tokenizer dir holds `config.yaml` + `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import check_choice, load_config, save_config
+from ..errors import ConfigError, UserError
+
+# -----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class AudioTokenizerConfig:
+    sample_rate: int = 16000
+    channels: int = 16  # width of the first (full-rate) conv; doubled after each downsampling
+    max_channels: int = 256  # cap on the doubling
+    strides: list[int] = field(default_factory=lambda: [4, 4, 4, 5])  # hop = prod -> 320 = 50 Hz at 16 kHz
+    res_dilations: list[int] = field(default_factory=lambda: [1, 3])  # residual units per stage
+    plain_stages: int = 1  # the first (highest-rate, costliest) stages have no residual units
+    kernel_size: int = 7  # first and last conv
+    latent_dim: int = 64  # D, the vector quantized at each frame
+    activation: str = "elu"
+    # quantizer
+    n_q: int = 4
+    codebook_size: int = 1024
+    codebook_dim: int = 0  # 0 = latent_dim; smaller projects down before quantizing (shared in/out proj)
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    ema_decay: float = 0.95
+    dead_code_threshold: float = 0.5  # EMA usage below this (codes per batch) -> replaced by a batch vector
+    quantizer_dropout: bool = True
+    # inference
+    chunk_seconds: float = 20.0  # encode/decode longer inputs in overlapping chunks of this length
+
+    def __post_init__(self) -> None:
+        check_choice("activation", self.activation, ("elu", "gelu", "silu"))
+        if not self.strides or any(int(s) < 1 for s in self.strides):
+            raise ConfigError(f"config key 'strides' must be a non-empty list of positive ints, got {self.strides}")
+        if self.n_q < 1 or self.codebook_size < 2:
+            raise ConfigError("config keys 'n_q' >= 1 and 'codebook_size' >= 2 are required")
+        if self.sample_rate % self.hop != 0:
+            # a fractional frame rate would make the token stream's timing ambiguous
+            raise ConfigError(f"sample_rate {self.sample_rate} is not a multiple of hop {self.hop} (prod of strides)")
+        if self.channels < 1 or self.latent_dim < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError("config keys 'channels', 'latent_dim' must be >= 1 and 'kernel_size' odd")
+        if self.chunk_seconds <= 0:
+            raise ConfigError("config key 'chunk_seconds' must be > 0")
+
+    @property
+    def hop(self) -> int:
+        return int(math.prod(self.strides))
+
+    @property
+    def frame_rate(self) -> int:
+        return self.sample_rate // self.hop
+
+
+def _act(name: str) -> nn.Module:
+    return {"elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}[name]()
+
+
+# -----------------------------------------------------------------------------------------------
+# building blocks
+
+
+class ResUnit(nn.Module):
+    """x + conv1(act(conv3_dilated(act(x)))) with a channel bottleneck (SEANet's residual unit)."""
+
+    def __init__(self, ch: int, dilation: int, act: str):
+        super().__init__()
+        self.block = nn.Sequential(
+            _act(act),
+            nn.Conv1d(ch, max(ch // 2, 1), 3, dilation=dilation, padding=dilation),
+            _act(act),
+            nn.Conv1d(max(ch // 2, 1), ch, 1),
+        )
+
+    def forward(self, x):  # x [B, C, T]
+        return x + self.block(x)
+
+
+def _stage_channels(cfg: AudioTokenizerConfig) -> list[int]:
+    """Channels before each downsampling stage and at the bottom: C, 2C, 4C, ... (capped)."""
+    return [min(cfg.channels * 2**i, cfg.max_channels) for i in range(len(cfg.strides) + 1)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AudioTokenizerConfig):
+        super().__init__()
+        chs = _stage_channels(cfg)
+        k = cfg.kernel_size
+        layers: list[nn.Module] = [nn.Conv1d(1, chs[0], k, padding=k // 2)]
+        for i, s in enumerate(cfg.strides):
+            if i >= cfg.plain_stages:
+                layers += [ResUnit(chs[i], d, cfg.activation) for d in cfg.res_dilations]
+            # kernel 2s, padding ceil(s/2): exactly T/s outputs for T a multiple of s
+            layers += [_act(cfg.activation), nn.Conv1d(chs[i], chs[i + 1], 2 * s, stride=s, padding=(s + 1) // 2)]
+        layers += [_act(cfg.activation), nn.Conv1d(chs[-1], cfg.latent_dim, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # x [B, 1, T] -> [B, D, T / hop]
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: AudioTokenizerConfig):
+        super().__init__()
+        chs = _stage_channels(cfg)
+        k = cfg.kernel_size
+        layers: list[nn.Module] = [nn.Conv1d(cfg.latent_dim, chs[-1], k, padding=k // 2)]
+        for i in reversed(range(len(cfg.strides))):
+            s = cfg.strides[i]
+            # kernel 2s, padding ceil(s/2), output_padding s%2: exactly L*s outputs
+            layers += [
+                _act(cfg.activation),
+                nn.ConvTranspose1d(chs[i + 1], chs[i], 2 * s, stride=s, padding=(s + 1) // 2, output_padding=s % 2),
+            ]
+            if i >= cfg.plain_stages:
+                layers += [ResUnit(chs[i], d, cfg.activation) for d in cfg.res_dilations]
+        layers += [_act(cfg.activation), nn.Conv1d(chs[0], 1, k, padding=k // 2)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):  # z [B, D, N] -> [B, 1, N * hop]
+        return self.net(z)
+
+
+def _receptive_field(cfg: AudioTokenizerConfig) -> int:
+    """Receptive field of the encoder in samples (the decoder mirrors it, in frames)."""
+    rf, jump = cfg.kernel_size, 1
+    for i, s in enumerate(cfg.strides):
+        for d in cfg.res_dilations if i >= cfg.plain_stages else []:
+            rf += 2 * d * jump
+        rf += (2 * s - 1) * jump
+        jump *= s
+    return rf + 2 * jump
+
+
+@dataclass
+class CodecOutput:
+    recon: torch.Tensor  # [B, T_padded]
+    codes: torch.Tensor  # [B, frames, n_q]
+    commit_loss: torch.Tensor  # scalar
+
+
+# -----------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+class AudioTokenizer(nn.Module):
+    """Waveform <-> ids [B, frames, n_q]. `forward` is the training path (EMA codebook updates)."""
+
+    def __init__(self, cfg: AudioTokenizerConfig):
+        super().__init__()
+        from vector_quantize_pytorch import ResidualVQ
+
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantizer = ResidualVQ(
+            dim=cfg.latent_dim,
+            num_quantizers=cfg.n_q,
+            codebook_size=cfg.codebook_size,
+            codebook_dim=cfg.codebook_dim or None,
+            kmeans_init=cfg.kmeans_init,
+            kmeans_iters=cfg.kmeans_iters,
+            decay=cfg.ema_decay,
+            threshold_ema_dead_code=cfg.dead_code_threshold,
+            quantize_dropout=cfg.quantizer_dropout,
+            commitment_weight=1.0,  # the trainer weights it
+        )
+        # context (in frames) each chunk needs on both sides so chunked == single pass
+        self.context_frames = math.ceil(_receptive_field(cfg) / cfg.hop) + cfg.kernel_size + 2
+
+    # properties the token space and the stream rely on
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.sample_rate
+
+    @property
+    def frame_rate(self) -> int:
+        return self.cfg.frame_rate
+
+    @property
+    def hop(self) -> int:
+        return self.cfg.hop
+
+    @property
+    def n_q(self) -> int:
+        return self.cfg.n_q
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook_size
+
+    def num_frames(self, num_samples: int) -> int:
+        return math.ceil(num_samples / self.hop)
+
+    def _pad(self, wave: torch.Tensor) -> torch.Tensor:
+        """Zero-pad [B, T] at the end to a whole number of frames."""
+        t = wave.shape[-1]
+        return F.pad(wave, (0, self.num_frames(t) * self.hop - t))
+
+    # training path ------------------------------------------------------------------------------
+    def forward(self, wave: torch.Tensor) -> CodecOutput:
+        x = self._pad(wave).unsqueeze(1)  # [B, 1, T]
+        z = self.encoder(x).transpose(1, 2)  # [B, N, D]
+        zq, codes, commit = self.quantizer(z)  # [B, N, D], [B, N, n_q] (-1 where dropped), [n_q]
+        recon = self.decoder(zq.transpose(1, 2)).squeeze(1)  # [B, N * hop]
+        return CodecOutput(recon=recon, codes=codes, commit_loss=commit.sum())
+
+    # inference ----------------------------------------------------------------------------------
+    def _chunks(self, n_frames: int):
+        """(start, end, ctx_start, ctx_end) frame ranges covering [0, n_frames)."""
+        chunk = max(1, int(self.cfg.chunk_seconds * self.frame_rate))
+        ctx = self.context_frames
+        for a in range(0, n_frames, chunk):
+            b = min(a + chunk, n_frames)
+            yield a, b, max(0, a - ctx), min(n_frames, b + ctx)
+
+    @torch.no_grad()
+    def _encode_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N * hop] -> ids [B, N, n_q], quantizer in eval mode (no EMA update, no dropout)."""
+        z = self.encoder(x.unsqueeze(1)).transpose(1, 2)  # [B, N, D]
+        was = self.quantizer.training
+        self.quantizer.eval()
+        try:
+            _, codes, _ = self.quantizer(z)
+        finally:
+            self.quantizer.train(was)
+        return codes
+
+    @torch.no_grad()
+    def encode(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave float [B, T] at sample_rate -> LongTensor [B, ceil(T / hop), n_q]."""
+        if wave.dim() != 2:
+            raise ValueError(f"encode expects a wave [B, T], got shape {tuple(wave.shape)}")
+        x = self._pad(wave.float())  # [B, N * hop]
+        n = x.shape[-1] // self.hop
+        if n == 0:
+            return torch.zeros(wave.shape[0], 0, self.n_q, dtype=torch.long, device=wave.device)
+        out = []
+        for a, b, ca, cb in self._chunks(n):
+            codes = self._encode_frames(x[:, ca * self.hop : cb * self.hop])  # [B, cb - ca, n_q]
+            out.append(codes[:, a - ca : b - ca])
+        return torch.cat(out, dim=1).long()
+
+    def codes_to_latent(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, N, k <= n_q] -> quantized latent [B, N, D]: sum of the first k levels' code vectors."""
+        books = self.quantizer.codebooks  # [n_q, K, d]
+        zq = 0
+        for level in range(ids.shape[-1]):
+            zq = zq + books[level][ids[..., level]]  # [B, N, d]
+        zq = self.quantizer.project_out(zq)  # [B, N, D]
+        return zq
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        if ids.dim() != 3 or not (1 <= ids.shape[-1] <= self.n_q):
+            raise UserError(f"audio ids must have shape [B, frames, 1..{self.n_q}], got {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size):
+            raise UserError(
+                f"audio ids out of range: found {int(ids.min())}..{int(ids.max())}, valid 0..{self.codebook_size - 1}"
+            )
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, frames, k] (k <= n_q; missing finer levels contribute nothing) -> wave [B, frames * hop]."""
+        ids = torch.as_tensor(ids).long()
+        self.check_ids(ids)
+        n = ids.shape[1]
+        if n == 0:
+            return torch.zeros(ids.shape[0], 0, device=ids.device)
+        out = []
+        for a, b, ca, cb in self._chunks(n):
+            zq = self.codes_to_latent(ids[:, ca:cb].to(self.device))  # [B, cb - ca, D]
+            wave = self.decoder(zq.transpose(1, 2)).squeeze(1)  # [B, (cb - ca) * hop]
+            out.append(wave[:, (a - ca) * self.hop : (b - ca) * self.hop])
+        return torch.cat(out, dim=1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # save / load --------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> None:
+        """Write `config.yaml` + `model.safetensors` (atomically)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, out / "config.yaml", extra={"kind": "audio"})
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = out / "model.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(out / "model.safetensors")
+
+    @classmethod
+    def load(cls, tok_dir: str | Path, device: str | torch.device = "cpu") -> AudioTokenizer:
+        from safetensors.torch import load_file
+
+        d = Path(tok_dir)
+        if not (d / "config.yaml").is_file() or not (d / "model.safetensors").is_file():
+            raise UserError(f"{d} is not an audio tokenizer dir (needs config.yaml and model.safetensors)")
+        import yaml
+
+        data = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        kind = data.pop("kind", "audio")
+        if kind != "audio":
+            raise UserError(f"{d} holds a {kind} tokenizer, not an audio one")
+        cfg = load_config(AudioTokenizerConfig, data=data)
+        model = cls(cfg)
+        try:
+            state = load_file(str(d / "model.safetensors"))
+            model.load_state_dict(state)
+        except Exception as e:  # corrupt file or weights of another shape
+            raise UserError(f"cannot load {d / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
+        return model.to(device).eval()
+
+
+# -----------------------------------------------------------------------------------------------
+# audio files (uses the data helper's loader when it is there)
+
+
+def _load_audio_fallback(path: Path, sample_rate: int) -> np.ndarray:
+    """WAV via scipy, anything else via `sox` -> mono float32 at sample_rate."""
+    import subprocess
+
+    import scipy.io.wavfile
+
+    try:
+        sr, data = scipy.io.wavfile.read(str(path))
+    except Exception:
+        try:
+            raw = subprocess.run(
+                ["sox", str(path), "-t", "wav", "-e", "floating-point", "-b", "32", "-"],
+                capture_output=True, check=True, timeout=600,
+            ).stdout
+        except (subprocess.CalledProcessError, FileNotFoundError, subprocess.TimeoutExpired):
+            raise UserError(f"{path} is not a readable audio file (WAV or FLAC expected)") from None
+        import io
+
+        sr, data = scipy.io.wavfile.read(io.BytesIO(raw))
+    data = np.asarray(data)
+    if data.dtype.kind == "i":
+        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
+    elif data.dtype.kind == "u":  # 8-bit WAV is unsigned
+        data = (data.astype(np.float32) - 128.0) / 128.0
+    data = data.astype(np.float32)
+    if data.ndim == 2:
+        data = data.mean(axis=1)  # down-mix
+    if sr != sample_rate and data.size:
+        import torchaudio.functional as AF
+
+        data = AF.resample(torch.from_numpy(data), sr, sample_rate).numpy()
+    return data
+
+
+def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """Any WAV/FLAC, any rate and channel count -> mono float32 [T] at sample_rate (UserError if bad)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"audio file not found: {p}")
+    try:
+        from ..data.media import load_audio  # the world helper's loader
+    except ImportError:
+        return _load_audio_fallback(p, sample_rate)
+    from ..data.reader import BadRecord
+
+    try:
+        return np.asarray(load_audio(p, sample_rate), dtype=np.float32)
+    except BadRecord as e:
+        raise UserError(f"{p} is not a readable audio file: {e}") from None
+
+
+def write_wav(wave: np.ndarray, sample_rate: int, path: str | Path) -> None:
+    """16-bit PCM mono WAV (clipped to [-1, 1]), written atomically."""
+    import scipy.io.wavfile
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    pcm = (np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0) * 32767.0).round().astype(np.int16)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "wb") as f:
+        scipy.io.wavfile.write(f, sample_rate, pcm)
+    tmp.replace(p)
+
+
+def encode_file(tok_dir: str | Path, in_audio: str | Path, out_json: str | Path) -> None:
+    """Audio file -> JSON {"codes": [[l0..l_{n_q-1}] per frame], "num_samples", "sample_rate", ...}."""
+    tok = AudioTokenizer.load(tok_dir)
+    wave = read_audio(in_audio, tok.sample_rate)
+    if wave.size == 0:
+        raise UserError(f"{in_audio} holds no audio samples")
+    if not np.isfinite(wave).all():
+        raise UserError(f"{in_audio} holds NaN or infinite samples")
+    codes = tok.encode(torch.from_numpy(wave)[None])[0]  # [N, n_q]
+    doc = {
+        "kind": "audio",
+        "sample_rate": tok.sample_rate,
+        "frame_rate": tok.frame_rate,
+        "n_q": tok.n_q,
+        "codebook_size": tok.codebook_size,
+        "num_samples": int(wave.size),
+        "codes": codes.tolist(),
+    }
+    out = Path(out_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, separators=(",", ":")))
+    tmp.replace(out)
+
+
+def decode_file(tok_dir: str | Path, in_json: str | Path, out_wav: str | Path) -> None:
+    """JSON from `encode_file` (or a bare [[...], ...] list of frames) -> 16-bit WAV at sample_rate."""
+    tok = AudioTokenizer.load(tok_dir)
+    p = Path(in_json)
+    if not p.is_file():
+        raise UserError(f"codes file not found: {p}")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{p} is not a JSON codes file") from None
+    codes = doc.get("codes") if isinstance(doc, dict) else doc
+    if not isinstance(codes, list) or not codes:
+        raise UserError(f"{p} has no 'codes' list of frames")
+    try:
+        ids = torch.tensor(codes, dtype=torch.long)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{p}: 'codes' must be a rectangular list of integer frames") from None
+    if ids.dim() != 2:
+        raise UserError(f"{p}: 'codes' must be a list of frames, each a list of 1..{tok.n_q} level codes")
+    if isinstance(doc, dict) and doc.get("sample_rate", tok.sample_rate) != tok.sample_rate:
+        raise UserError(f"{p} was encoded at {doc['sample_rate']} Hz but the tokenizer runs at {tok.sample_rate} Hz")
+    wave = tok.decode(ids[None])[0].cpu().numpy()  # [N * hop]
+    n = doc.get("num_samples") if isinstance(doc, dict) else None
+    if isinstance(n, int) and 0 < n <= wave.size:
+        wave = wave[:n]  # drop the padding of the last frame
+    write_wav(wave, tok.sample_rate, out_wav)

@@ -1,0 +1,464 @@
+"""Image tokenizer: a convolutional VQ autoencoder that turns an image into a grid of integer codes.
+
+    image [B, 3, H, W] in [0, 1] -> encoder -> z [B, Cz, h, w] -> quantizer -> ids [B, h, w]
+    ids -> codes -> decoder -> image [B, 3, H, W]
+
+The encoder/decoder are the usual VQGAN-style stacks (ResNet blocks, GroupNorm, SiLU, optional
+self-attention at the lowest resolution) with one twist for cheap training on a CPU: an optional
+pixel-(un)shuffle "patch" stem, so the first and last convolutions run at H/p instead of H. Flat-colour
+scenes carry little information per pixel, and the sub-pixel output conv still draws sharp edges.
+The downsample factor (H/h) is `patch_size * 2**(len(channels) - 1)`.
+
+Quantizers come from `vector-quantize-pytorch`: `vq` (default) is a cosine-similarity codebook in a
+low dimension (l2-normalised, ViT-VQGAN style) with k-means init, EMA updates and dead-code
+replacement, which keeps codebook usage high; `fsq` and `lfq` are the lookup-free alternatives.
+
+Files: a tokenizer dir holds `config.yaml` (an `ImageTokenizerConfig`) and `model.safetensors`.
+`encode_file` / `decode_file` back `anymodal tokenizer encode|decode image`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import check_choice, load_config, save_config
+from ..errors import ConfigError, UserError
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ImageModelConfig:
+    resolution: int = 64  # images are resized (or letterboxed) to resolution x resolution
+    downsample: int = 8  # H / h: 4, 8 or 16
+    patch_size: int = 1  # pixel-unshuffle stem factor (1, 2 or 4); the rest is done by strided convs
+    channels: list[int] = field(default_factory=lambda: [64, 128, 128, 256])  # one entry per level
+    enc_res_blocks: int = 1  # ResNet blocks per level in the encoder
+    dec_res_blocks: int = 2  # ... and in the decoder (the decoder does the harder job)
+    mid_blocks: int = 1  # ResNet blocks at the lowest resolution (each side)
+    attention: bool = False  # one self-attention block at the lowest resolution (each side)
+    z_channels: int = 64  # width of the latent fed to the quantizer
+    norm_groups: int = 8
+    image_mode: str = "resize"  # how odd-sized inputs are fitted: resize | letterbox
+
+    def __post_init__(self) -> None:
+        check_choice("model.downsample", self.downsample, (4, 8, 16))
+        check_choice("model.patch_size", self.patch_size, (1, 2, 4, 8))
+        check_choice("model.image_mode", self.image_mode, ("resize", "letterbox"))
+        levels = self.downsample // self.patch_size
+        if self.downsample % self.patch_size or levels & (levels - 1):
+            raise ConfigError(f"model.downsample {self.downsample} is not patch_size {self.patch_size} times a power of 2")
+        want = int(math.log2(levels)) + 1
+        if len(self.channels) != want:
+            raise ConfigError(
+                f"model.channels needs {want} entries for downsample {self.downsample} with patch_size "
+                f"{self.patch_size}, got {len(self.channels)}"
+            )
+        if self.resolution % self.downsample:
+            raise ConfigError(f"model.resolution {self.resolution} is not a multiple of downsample {self.downsample}")
+        for c in list(self.channels) + [self.z_channels]:
+            if c % self.norm_groups:
+                raise ConfigError(f"channel width {c} is not a multiple of model.norm_groups {self.norm_groups}")
+
+
+@dataclass
+class ImageQuantizerConfig:
+    kind: str = "vq"  # vq | fsq | lfq
+    codebook_size: int = 1024  # vq and lfq (lfq needs a power of 2); fsq uses prod(fsq_levels)
+    codebook_dim: int = 8  # vq: codes live in this low dimension (project in/out around it)
+    cosine: bool = True  # vq: l2-normalised codes and inputs
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    decay: float = 0.9  # vq: EMA decay of the codebook
+    dead_code_threshold: float = 2.0  # vq: codes whose EMA usage falls below this are re-seeded
+    commitment_weight: float = 0.25
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    lfq_entropy_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_choice("quantizer.kind", self.kind, ("vq", "fsq", "lfq"))
+        if self.kind == "lfq" and (self.codebook_size & (self.codebook_size - 1)):
+            raise ConfigError(f"quantizer.codebook_size must be a power of 2 for lfq, got {self.codebook_size}")
+        if self.codebook_size < 2:
+            raise ConfigError("quantizer.codebook_size must be at least 2")
+
+
+@dataclass
+class ImageLossConfig:
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    ssim_weight: float = 0.0  # (1 - SSIM) term
+    perceptual_weight: float = 0.0  # needs a feature network injected into the trainer
+    gan_weight: float = 0.0  # PatchGAN hinge loss; 0 turns the discriminator off
+    gan_start_step: int = 2000
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_lr: float = 2e-4
+    adaptive_gan_weight: bool = True  # VQGAN's balance of the GAN gradient against the reconstruction
+
+
+@dataclass
+class ImageTrainConfig:
+    steps: int = 2000
+    max_minutes: float = 0.0  # stop early (and finish cleanly) after this long; 0 = no limit
+    batch_size: int = 32  # per process
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 0  # torch CPU threads per process; 0 = leave torch's default
+    channels_last: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    log_every: int = 50
+    val_every: int = 500
+    val_images: int = 256
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class ImageDataConfig:
+    train_shards: list[str] = field(default_factory=list)  # empty = the demo world, generated into OUT/world
+    val_shards: list[str] = field(default_factory=list)
+    world_docs: int = 3000  # documents per generated demo-world train split (val gets a fifth)
+    world_seed: int = 0
+    in_memory: bool = True  # decode all images once into RAM (small corpora); else stream the shards
+    max_images: int = 0  # cap on images read into memory; 0 = all
+    shuffle_buffer: int = 2000  # streaming only
+    workers: int = 0  # DataLoader workers when streaming
+
+
+@dataclass
+class ImageTokenizerConfig:
+    model: ImageModelConfig = field(default_factory=ImageModelConfig)
+    quantizer: ImageQuantizerConfig = field(default_factory=ImageQuantizerConfig)
+    loss: ImageLossConfig = field(default_factory=ImageLossConfig)
+    train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _norm(c: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, c, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, groups: int):
+        super().__init__()
+        self.norm1 = _norm(c_in, groups)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = _norm(c_out, groups)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # [B, c_out, H, W]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions (only used at the lowest resolution)."""
+
+    def __init__(self, c: int, groups: int):
+        super().__init__()
+        self.norm = _norm(c, groups)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # [B, HW, C]
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # [B, HW, C]
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+def _mid(c: int, cfg: ImageModelConfig) -> list[nn.Module]:
+    layers: list[nn.Module] = [ResBlock(c, c, cfg.norm_groups) for _ in range(cfg.mid_blocks)]
+    if cfg.attention:
+        layers += [AttnBlock(c, cfg.norm_groups), ResBlock(c, c, cfg.norm_groups)]
+    return layers
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ImageModelConfig):
+        super().__init__()
+        ch, g, p = cfg.channels, cfg.norm_groups, cfg.patch_size
+        layers: list[nn.Module] = [nn.PixelUnshuffle(p)] if p > 1 else []
+        layers.append(nn.Conv2d(3 * p * p, ch[0], 3, padding=1))
+        c = ch[0]
+        for i, c_out in enumerate(ch):
+            for _ in range(cfg.enc_res_blocks):
+                layers.append(ResBlock(c, c_out, g))
+                c = c_out
+            if i < len(ch) - 1:
+                layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # halve H and W
+        layers += _mid(c, cfg)
+        layers += [_norm(c, g), nn.SiLU(), nn.Conv2d(c, cfg.z_channels, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # [B, 3, H, W] -> [B, Cz, h, w]
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ImageModelConfig):
+        super().__init__()
+        ch, g, p = cfg.channels, cfg.norm_groups, cfg.patch_size
+        c = ch[-1]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.z_channels, c, 3, padding=1)]
+        layers += _mid(c, cfg)
+        for i in reversed(range(len(ch))):
+            for _ in range(cfg.dec_res_blocks):
+                layers.append(ResBlock(c, ch[i], g))
+                c = ch[i]
+            if i > 0:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+        layers += [_norm(c, g), nn.SiLU(), nn.Conv2d(c, 3 * p * p, 3, padding=1)]
+        if p > 1:
+            layers.append(nn.PixelShuffle(p))  # sub-pixel output: each position paints a p x p patch
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)  # [B, Cz, h, w] -> [B, 3, H, W] in about [-1, 1]
+
+
+def build_quantizer(cfg: ImageQuantizerConfig, dim: int) -> nn.Module:
+    # imported here so that reading a config does not pay for the library import
+    from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
+
+    if cfg.kind == "vq":
+        return VectorQuantize(
+            dim=dim,
+            codebook_size=cfg.codebook_size,
+            codebook_dim=cfg.codebook_dim,
+            use_cosine_sim=cfg.cosine,
+            kmeans_init=cfg.kmeans_init,
+            kmeans_iters=cfg.kmeans_iters,
+            decay=cfg.decay,
+            threshold_ema_dead_code=cfg.dead_code_threshold,
+            commitment_weight=cfg.commitment_weight,
+            accept_image_fmap=True,
+        )
+    if cfg.kind == "fsq":
+        return FSQ(levels=list(cfg.fsq_levels), dim=dim, channel_first=True)
+    return LFQ(
+        dim=dim,
+        codebook_size=cfg.codebook_size,
+        entropy_loss_weight=cfg.lfq_entropy_weight,
+        commitment_loss_weight=cfg.commitment_weight,
+        channel_first=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+class ImageTokenizer(nn.Module):
+    """VQ autoencoder. `encode`/`decode` take and give images in [0, 1]; the network works in [-1, 1]."""
+
+    def __init__(self, cfg: ImageTokenizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg.model)
+        self.decoder = Decoder(cfg.model)
+        self.quantizer = build_quantizer(cfg.quantizer, cfg.model.z_channels)
+
+    # -- properties the rest of anymodal relies on
+    @property
+    def resolution(self) -> int:
+        return self.cfg.model.resolution
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        n = self.cfg.model.resolution // self.cfg.model.downsample
+        return (n, n)
+
+    @property
+    def codebook_size(self) -> int:
+        q = self.cfg.quantizer
+        return int(np.prod(q.fsq_levels)) if q.kind == "fsq" else q.codebook_size
+
+    # -- the pieces
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [B, Cz, h, w] -> (quantized [B, Cz, h, w], ids [B, h, w], auxiliary loss scalar)."""
+        kind = self.cfg.quantizer.kind
+        if kind == "vq":
+            q, ids, aux = self.quantizer(z)
+        elif kind == "fsq":
+            q, ids = self.quantizer(z)
+            aux = z.new_zeros(())
+        else:
+            q, ids, aux = self.quantizer(z)
+        return q, ids.long(), aux.sum()
+
+    def codes_to_latent(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, h, w] -> quantized latent [B, Cz, h, w] (what the decoder sees)."""
+        if self.cfg.quantizer.kind == "vq":
+            codes = self.quantizer.codebook[ids]  # [B, h, w, codebook_dim]
+            return self.quantizer.project_out(codes).permute(0, 3, 1, 2)  # [B, Cz, h, w]
+        return self.quantizer.indices_to_codes(ids)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, 3, H, W] in [-1, 1] -> (reconstruction [B, 3, H, W], ids [B, h, w], aux loss)."""
+        z = self.encoder(x)  # [B, Cz, h, w]
+        q, ids, aux = self.quantize(z)
+        return self.decoder(q), ids, aux
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        r = self.resolution
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != r or images.shape[3] != r:
+            raise UserError(f"images must be [B, 3, {r}, {r}], got {list(images.shape)}")
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images float [B, 3, H, W] in [0, 1] -> ids LongTensor [B, h, w]."""
+        self._check_images(images)
+        was = self.training
+        self.eval()
+        z = self.encoder(images.to(self._device()).float() * 2 - 1)
+        _, ids, _ = self.quantize(z)  # eval mode: no EMA update, no dead-code replacement
+        self.train(was)
+        return ids
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, h, w] -> images float [B, 3, H, W] in [0, 1]."""
+        h, w = self.grid_shape
+        if ids.ndim != 3 or tuple(ids.shape[1:]) != (h, w):
+            raise UserError(f"image ids must be [B, {h}, {w}], got {list(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size):
+            raise UserError(f"image ids must lie in [0, {self.codebook_size}), got {int(ids.min())}..{int(ids.max())}")
+        out = self.decoder(self.codes_to_latent(ids.to(self._device()).long()))  # [B, 3, H, W]
+        return ((out + 1) / 2).clamp(0, 1)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- files
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, d / "config.yaml", extra={"kind": "image"})
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = d / "model.safetensors.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(d / "model.safetensors")
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> ImageTokenizer:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / "config.yaml").is_file() or not (d / "model.safetensors").is_file():
+            raise UserError(f"{d} is not an image tokenizer dir (needs config.yaml and model.safetensors)")
+        cfg = load_image_config(d / "config.yaml")
+        model = cls(cfg)
+        try:
+            state = load_file(str(d / "model.safetensors"))
+            model.load_state_dict(state)
+        except Exception as e:  # a truncated file or a different architecture
+            raise UserError(f"cannot load {d / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
+        return model.to(device).eval()
+
+
+def load_image_config(path: str | Path | None = None, overrides=()) -> ImageTokenizerConfig:
+    """Load an `ImageTokenizerConfig` (a recipe, or a saved tokenizer's config with its `kind` tag)."""
+    if path is not None:
+        import yaml
+
+        from ..config import resolve_config_path
+
+        p = resolve_config_path(path)
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError:
+            raw = None  # load_config reports it
+        if isinstance(raw, dict) and "kind" in raw:  # a saved tokenizer config (never has _base_)
+            if raw.pop("kind") != "image":
+                raise ConfigError(f"{p} is not an image tokenizer config")
+            return load_config(ImageTokenizerConfig, None, overrides, data=raw)
+    return load_config(ImageTokenizerConfig, path, overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# files (the CLI)
+
+
+def encode_file(tok_dir: str | Path, in_image: str | Path, out_json: str | Path) -> None:
+    """Image file (any format, mode and size PIL reads) -> JSON `{"grid": [h, w], "ids": [[...]]}`."""
+    from ..data.media import load_image
+    from ..data.reader import BadRecord
+
+    tok = ImageTokenizer.load(tok_dir)
+    if not Path(in_image).is_file():
+        raise UserError(f"no such image file: {in_image}")
+    try:
+        arr = load_image(Path(in_image), tok.resolution, mode=tok.cfg.model.image_mode)  # uint8 [R, R, 3]
+    except BadRecord as e:
+        raise UserError(f"cannot read image {in_image}: {e}") from None
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float() / 255  # [1, 3, R, R]
+    ids = tok.encode(x)[0]  # [h, w]
+    doc = {"kind": "image", "grid": list(tok.grid_shape), "codebook_size": tok.codebook_size, "ids": ids.tolist()}
+    Path(out_json).write_text(json.dumps(doc))
+
+
+def read_ids_json(path: str | Path, grid: tuple[int, int], codebook_size: int) -> torch.Tensor:
+    """Read and validate an ids file: `{"ids": [[...]]}` or a bare nested list; -> LongTensor [h, w]."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"no such ids file: {path}")
+    try:
+        doc = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a JSON ids file: {e}") from None
+    ids = doc.get("ids") if isinstance(doc, dict) else doc
+    try:
+        arr = np.asarray(ids)
+    except Exception:
+        arr = np.asarray([])
+    h, w = grid
+    if arr.dtype == object or arr.size == 0 or not np.issubdtype(arr.dtype, np.number):
+        raise UserError(f"{path}: 'ids' must be a {h}x{w} grid of integers")
+    if arr.shape == (h * w,):
+        arr = arr.reshape(h, w)  # a flat raster-order list is fine too
+    if arr.shape != (h, w):
+        raise UserError(f"{path}: ids have shape {list(arr.shape)}, this tokenizer's grid is [{h}, {w}]")
+    if not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise UserError(f"{path}: ids must be integers")
+    if arr.min() < 0 or arr.max() >= codebook_size:
+        raise UserError(f"{path}: ids must lie in [0, {codebook_size}), found {int(arr.min())}..{int(arr.max())}")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def decode_file(tok_dir: str | Path, in_json: str | Path, out_png: str | Path) -> None:
+    """JSON ids (as `encode_file` writes) -> PNG image."""
+    from ..data.media import save_png
+
+    tok = ImageTokenizer.load(tok_dir)
+    ids = read_ids_json(in_json, tok.grid_shape, tok.codebook_size)
+    img = tok.decode(ids[None])[0]  # [3, R, R]
+    arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # [R, R, 3]
+    save_png(arr, out_png)

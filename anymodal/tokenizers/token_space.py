@@ -1,0 +1,222 @@
+"""The token space: one vocabulary, contiguous ranges, the single source of truth for ids.
+
+    [0, text_size)                              sentencepiece pieces (specials, <loc_i>, bytes, merges)
+    [image_offset, image_offset + K_img)        image VQ codes
+    [audio_offset, audio_offset + n_q * K_aud)  audio codec codes, level l code c -> audio_offset + l*K_aud + c
+    [used, vocab_size)                          padding up to a multiple of 64 (never valid)
+
+Masks and modality ids come from these ranges, never from piece names. The space is saved as
+`token_space.json` beside every tokenizer set, token shard dir, run dir and bundle; loaders
+compare what they find with `check_same`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+VOCAB_MULTIPLE = 64
+
+# Names of the special pieces (sentencepiece user-defined symbols) and the attribute each id lives in.
+SPECIAL_PIECES: dict[str, str] = {
+    "boi": "<boi>",
+    "eoi": "<eoi>",
+    "boa": "<boa>",
+    "eoa": "<eoa>",
+    "box": "<box>",
+    "ebox": "</box>",
+    "ref": "<ref>",
+    "eref": "</ref>",
+}
+
+
+class Modality(IntEnum):
+    TEXT = 0
+    IMAGE = 1
+    AUDIO = 2
+    LOC = 3
+
+
+MODALITY_NAMES = [m.name.lower() for m in Modality]
+
+
+def loc_piece(i: int) -> str:
+    return f"<loc_{i}>"
+
+
+def round_up(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+@dataclass
+class TokenSpace:
+    text_size: int
+    unk: int
+    bos: int
+    eos: int
+    pad: int
+    boi: int
+    eoi: int
+    boa: int
+    eoa: int
+    box: int
+    ebox: int
+    ref: int
+    eref: int
+    loc_offset: int
+    loc_bins: int
+    image_offset: int
+    image_codebook_size: int
+    image_grid: tuple[int, int]
+    audio_offset: int
+    audio_n_q: int
+    audio_codebook_size: int
+    audio_frame_rate: float
+    audio_sample_rate: int
+    vocab_size: int
+    text_fingerprint: str = ""
+    version: int = 1
+    _table: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        text,  # TextTokenizer
+        image_codebook_size: int = 0,
+        image_grid: tuple[int, int] = (0, 0),
+        audio_n_q: int = 0,
+        audio_codebook_size: int = 0,
+        audio_frame_rate: float = 0.0,
+        audio_sample_rate: int = 0,
+    ) -> TokenSpace:
+        """Lay the image and audio ranges after the text range and pad the vocab."""
+        image_offset = text.vocab_size
+        audio_offset = image_offset + image_codebook_size
+        used = audio_offset + audio_n_q * audio_codebook_size
+        return cls(
+            text_size=text.vocab_size,
+            **text.special_ids(),
+            loc_offset=text.loc_offset,
+            loc_bins=text.loc_bins,
+            image_offset=image_offset,
+            image_codebook_size=image_codebook_size,
+            image_grid=tuple(image_grid),  # type: ignore[arg-type]
+            audio_offset=audio_offset,
+            audio_n_q=audio_n_q,
+            audio_codebook_size=audio_codebook_size,
+            audio_frame_rate=float(audio_frame_rate),
+            audio_sample_rate=int(audio_sample_rate),
+            vocab_size=round_up(used),
+            text_fingerprint=text.fingerprint,
+        )
+
+    # ---- ids -----------------------------------------------------------------------------------
+    @property
+    def used_size(self) -> int:
+        """Ids below this are real tokens; the rest is padding."""
+        return self.audio_offset + self.audio_n_q * self.audio_codebook_size
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image_grid[0] * self.image_grid[1]
+
+    def image_id(self, code):
+        return self.image_offset + code
+
+    def audio_id(self, level, code):
+        return self.audio_offset + level * self.audio_codebook_size + code
+
+    def loc_id(self, b):
+        return self.loc_offset + b
+
+    def image_range(self) -> tuple[int, int]:
+        return self.image_offset, self.image_offset + self.image_codebook_size
+
+    def audio_range(self, level: int | None = None) -> tuple[int, int]:
+        if level is None:
+            return self.audio_offset, self.used_size
+        start = self.audio_offset + level * self.audio_codebook_size
+        return start, start + self.audio_codebook_size
+
+    def loc_range(self) -> tuple[int, int]:
+        return self.loc_offset, self.loc_offset + self.loc_bins
+
+    @property
+    def modality_table(self) -> np.ndarray:
+        """uint8 [vocab_size]: the modality of every id (padding ids count as text)."""
+        if self._table is None:
+            t = np.full(self.vocab_size, Modality.TEXT, dtype=np.uint8)
+            t[slice(*self.loc_range())] = Modality.LOC
+            t[slice(*self.image_range())] = Modality.IMAGE
+            t[slice(*self.audio_range())] = Modality.AUDIO
+            self._table = t
+        return self._table
+
+    def modality_of(self, ids):
+        """Modality id per token, same shape as `ids` (numpy array or torch tensor)."""
+        if isinstance(ids, torch.Tensor):
+            return torch.from_numpy(self.modality_table).to(ids.device)[ids]
+        return self.modality_table[np.asarray(ids)]
+
+    def mask(self, modality: Modality, device=None) -> torch.Tensor:
+        """BoolTensor [vocab_size], True for the ids of one modality (text excludes padding)."""
+        m = torch.from_numpy(self.modality_table == modality)
+        if modality == Modality.TEXT:
+            m[self.used_size :] = False
+        return m.to(device) if device is not None else m
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        d["image_grid"] = list(self.image_grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenSpace:
+        names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+        missing = names - set(d) - {"text_fingerprint", "version"}
+        if missing:
+            raise UserError(f"token space is missing fields: {', '.join(sorted(missing))}")
+        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs["image_grid"] = tuple(kwargs["image_grid"])
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "token_space.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenSpace:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "token_space.json"
+        if not path.is_file():
+            raise UserError(f"no token space at {path}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise UserError(f"{path} is not a valid token space: {e}") from None
+
+    def differences(self, other: TokenSpace) -> list[str]:
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} != {b.get(k)!r}" for k in a if a[k] != b.get(k)]
+
+    def check_same(self, other: TokenSpace, what: str = "") -> None:
+        """Raise a UserError naming the fields that differ (e.g. a run dir vs the tokenizers)."""
+        diff = self.differences(other)
+        if diff:
+            where = f" ({what})" if what else ""
+            raise UserError(f"token spaces disagree{where}: " + "; ".join(diff[:4]))
