@@ -1,0 +1,284 @@
+"""Media helpers: decode any image or audio a corpus may hold into the arrays anymodal uses.
+
+Images of any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) and any size become
+`np.uint8 [size, size, 3]` RGB, either stretched ("resize", the default) or scaled to fit and
+padded with white ("letterbox"). Transparent pixels are composited over white, the demo
+world's background. Audio (WAV of any sample format; FLAC/OGG/MP3 through `soundfile` or the
+`sox` command when present) becomes mono `np.float32 [T]` at the requested rate.
+
+Everything that cannot be decoded raises `BadRecord(reason, detail)`, which the reader counts and
+skips. `BadRecord` lives here (and is re-exported by `reader`) so media code has no reader import.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import warnings
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Reasons a record can be bad; the reader counts skipped records by these names.
+BAD_IMAGE = "bad image"
+BAD_AUDIO = "bad audio"
+EMPTY_AUDIO = "empty audio"
+BAD_JSON = "bad json"
+BAD_BOX = "box outside image"
+MISSING_FILE = "missing file"
+BAD_SEGMENT = "bad segment"
+
+WHITE = (255, 255, 255)
+
+
+class BadRecord(Exception):
+    """A record (or one of its media files) that cannot be used; `reason` is a short category."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _read_bytes(src: bytes | str | os.PathLike, reason: str) -> bytes:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    try:
+        return Path(src).read_bytes()
+    except OSError as e:
+        raise BadRecord(MISSING_FILE if isinstance(e, FileNotFoundError) else reason, str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How an image of `src_size` (w, h) was placed on a `size x size` canvas.
+
+    A point at normalized source coordinates (u, v) lands at (u * sx + ox, v * sy + oy) in
+    normalized output coordinates. For "resize" sx = sy = 1 and ox = oy = 0.
+    """
+
+    src_size: tuple[int, int]
+    sx: float = 1.0
+    sy: float = 1.0
+    ox: float = 0.0
+    oy: float = 0.0
+
+    def box(self, x1: float, y1: float, x2: float, y2: float) -> tuple[float, float, float, float]:
+        """Pixel box of the source image -> normalized box of the output image."""
+        w, h = self.src_size
+        return (x1 / w * self.sx + self.ox, y1 / h * self.sy + self.oy,
+                x2 / w * self.sx + self.ox, y2 / h * self.sy + self.oy)
+
+
+def _to_rgb(img) -> PIL.Image.Image:  # noqa: F821
+    """Any PIL image -> RGB, scaling high bit depths and compositing transparency over white."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        if mode == "F":
+            # float images: [0, 1] if they look normalized, else 8-bit range
+            scale = 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else 1.0
+        elif mode == "I" and np.max(a, initial=0) <= 255:
+            scale = 1.0
+        else:
+            scale = 255.0 / 65535.0  # 16-bit samples
+        a = np.nan_to_num(a * scale, nan=0.0)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if mode == "1":
+        return img.convert("L").convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def open_image(src: bytes | str | os.PathLike):
+    """Decode an image file (bytes or path) into an RGB PIL image; raises `BadRecord`."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    data = _read_bytes(src, BAD_IMAGE)
+    if not data:
+        raise BadRecord(BAD_IMAGE, "empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # force the decode now so truncated files fail here, not later
+        img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRecord(BAD_IMAGE, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if img.width < 1 or img.height < 1:
+        raise BadRecord(BAD_IMAGE, "zero-size image")
+    return img
+
+
+def fit_image(img, size: int | None, mode: str = "resize") -> tuple[np.ndarray, Fit]:
+    """Place an RGB PIL image on a `size x size` canvas; returns (uint8 [size, size, 3], Fit)."""
+    from PIL import Image
+
+    if mode not in ("resize", "letterbox"):
+        raise ValueError(f"image mode must be 'resize' or 'letterbox', not {mode!r}")
+    w, h = img.size
+    if size is None or (w == size and h == size):
+        return np.asarray(img, dtype=np.uint8).copy(), Fit((w, h))  # exact pixels, no resampling
+    if mode == "resize":
+        out = img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
+        return np.asarray(out, dtype=np.uint8).copy(), Fit((w, h))
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = Image.new("RGB", (size, size), WHITE)
+    ox, oy = (size - nw) // 2, (size - nh) // 2
+    canvas.paste(img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0), (ox, oy))
+    fit = Fit((w, h), sx=nw / size, sy=nh / size, ox=ox / size, oy=oy / size)
+    return np.asarray(canvas, dtype=np.uint8).copy(), fit
+
+
+def load_image(src: bytes | str | os.PathLike, size: int | None = 64, mode: str = "resize") -> np.ndarray:
+    """Any image (bytes or path, any mode, any size) -> RGB `np.uint8 [size, size, 3]`."""
+    return fit_image(open_image(src), size, mode)[0]
+
+
+def encode_png(arr: np.ndarray, compress_level: int = 6) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes (deterministic: no timestamps or metadata)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), "RGB").save(
+        buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def save_png(arr: np.ndarray, path: str | os.PathLike) -> None:
+    Path(path).write_bytes(encode_png(arr))
+
+
+# ------------------------------------------------------------------------------------------ audio
+
+
+def resample(wave_: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Band-limited resampling of float32 [T] by FFT (ideal low-pass at the lower Nyquist).
+
+    The signal is zero-padded to a length whose FFT is fast and that maps to a whole number of
+    output samples, so any pair of rates costs two FFTs; then trimmed to round(T * sr_out / sr_in).
+    """
+    from math import gcd
+
+    import scipy.fft
+
+    if sr_in == sr_out or len(wave_) == 0:
+        return wave_.astype(np.float32, copy=False)
+    g = gcd(sr_in, sr_out)
+    up, down = sr_out // g, sr_in // g
+    n = len(wave_)
+    k = scipy.fft.next_fast_len(-(-n // down) + 8, real=True)  # +8 blocks of zeros against wrap-around
+    n_in, n_out = k * down, k * up
+    # float32 (complex64) is plenty for audio and 3x faster than float64
+    spec = scipy.fft.rfft(wave_.astype(np.float32), n=n_in)  # [n_in // 2 + 1]
+    m = n_out // 2 + 1
+    if m <= len(spec):
+        spec = spec[:m].copy()
+        if n_out % 2 == 0:
+            spec[-1] = spec[-1].real  # the new Nyquist bin must be real
+    else:
+        spec = np.concatenate([spec, np.zeros(m - len(spec), spec.dtype)])
+    out = scipy.fft.irfft(spec, n=n_out) * np.float32(n_out / n_in)  # [n_out]
+    return out[: round(n * sr_out / sr_in)].astype(np.float32)
+
+
+def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """WAV bytes -> (float32 [T, C], sample_rate) for integer and float sample formats."""
+    from scipy.io import wavfile
+
+    with warnings.catch_warnings():  # odd chunks are skipped; a broken file raises below anyway
+        warnings.simplefilter("ignore")
+        sr, a = wavfile.read(io.BytesIO(data), mmap=False)
+    if a.dtype == np.uint8:
+        a = (a.astype(np.float32) - 128.0) / 128.0
+    elif a.dtype == np.int16:
+        a = a.astype(np.float32) / 32768.0
+    elif a.dtype == np.int32:
+        a = (a.astype(np.float64) / 2147483648.0).astype(np.float32)
+    elif a.dtype.kind == "f":
+        a = a.astype(np.float32)
+    else:
+        raise BadRecord(BAD_AUDIO, f"unsupported WAV sample type {a.dtype}")
+    return (a.reshape(len(a), -1) if a.size else a.reshape(0, 1)), int(sr)
+
+
+def _decode_other(data: bytes) -> tuple[np.ndarray, int]:
+    """FLAC/OGG/MP3 through soundfile if installed, else the `sox` command."""
+    try:
+        import soundfile
+
+        a, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return a, int(sr)
+    except ImportError:
+        pass
+    except Exception as e:
+        raise BadRecord(BAD_AUDIO, str(e).splitlines()[0]) from None
+    if shutil.which("sox") is None:
+        raise BadRecord(BAD_AUDIO, "not a WAV file; install `soundfile` or `sox` to read other formats")
+    proc = subprocess.run(["sox", "-", "-t", "wav", "-e", "floating-point", "-b", "32", "-"],
+                          input=data, capture_output=True)
+    if proc.returncode != 0 or not proc.stdout:
+        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise BadRecord(BAD_AUDIO, msg[-1] if msg else "sox could not decode it")
+    return _decode_wav(proc.stdout)
+
+
+def load_audio(src: bytes | str | os.PathLike, sample_rate: int = 16000,
+               max_seconds: float | None = None) -> np.ndarray:
+    """Any audio file (bytes or path) -> mono float32 [T] at `sample_rate`; raises `BadRecord`."""
+    data = _read_bytes(src, BAD_AUDIO)
+    if not data:
+        raise BadRecord(EMPTY_AUDIO, "empty file")
+    try:
+        a, sr = _decode_wav(data) if data[:4] in (b"RIFF", b"RIFX", b"RF64") else _decode_other(data)
+    except BadRecord:
+        raise
+    except Exception as e:  # scipy raises ValueError/EOFError/... on broken headers
+        raise BadRecord(BAD_AUDIO, (str(e).splitlines() or [type(e).__name__])[0]) from None
+    if a.size == 0 or a.shape[0] == 0:
+        raise BadRecord(EMPTY_AUDIO, "no samples")
+    if sr <= 0:
+        raise BadRecord(BAD_AUDIO, f"sample rate {sr}")
+    mono = a.mean(axis=1) if a.shape[1] > 1 else a[:, 0]  # [T]
+    if not np.isfinite(mono).all():
+        raise BadRecord(BAD_AUDIO, "NaN or infinite samples")
+    if max_seconds is not None:
+        mono = mono[: int(round(max_seconds * sr))]
+    out = resample(mono, sr, sample_rate)
+    if len(out) == 0:
+        raise BadRecord(EMPTY_AUDIO, "no samples after resampling")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def encode_wav(wave_: np.ndarray, sample_rate: int) -> bytes:
+    """float [T] in [-1, 1] (or int16) -> 16-bit PCM mono WAV bytes (deterministic)."""
+    if wave_.dtype != np.int16:
+        wave_ = np.clip(np.rint(np.asarray(wave_, np.float64) * 32767.0), -32768, 32767).astype(np.int16)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(wave_.astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def save_wav(wave_: np.ndarray, sr: int, path: str | os.PathLike) -> None:
+    Path(path).write_bytes(encode_wav(wave_, sr))

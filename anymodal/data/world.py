@@ -1,0 +1,497 @@
+"""The demo world corpus (WORLD.md): scenes, captions, boxes, speech and prose as raw shards.
+
+`generate_world(out, split, docs, seed)` writes webdataset shards `{split}-00000.tar`, ... in the
+raw format the reader understands, plus `{split}.json` (counts, shard list, config). Document `i`
+depends only on (seed, split, i): its own RNG is seeded with `[seed, split_id, i]`, so a corpus
+of N documents is a prefix of one of 2N, train and val never share a stream, and shards can be
+written in any order. Speech is batched per `speech_batch` documents in fresh processes (see
+`speech.py`), so audio is deterministic too.
+
+Segment layout per kind (`meta["prompt_segments"]` = how many leading segments are the prompt;
+the rest is what a model should produce):
+
+    t2i     text caption | image
+    i2t     image | text caption
+    ground  image, text "<ref>the blue square</ref>" | box
+    refer   image, box | text "<ref>the blue square</ref>"
+    asr     audio | text transcript
+    tts     text "say: ..." | audio
+    a2i     audio (spoken caption) | image
+    story   text caption, image, text "then ...", image [, text "then ...", image]   (prompt: 1)
+    prose   text                                                                       (prompt: 0)
+
+`meta` holds the truth: `objects` (of image 0 or of the spoken text), `frames` (story), `target`
+(ground/refer object), `transcript`, `voice`, `speed`, and `unseen` (true when any object is a
+colour+shape pair held out of train).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import check_choice, load_config, to_dict
+from ..errors import ConfigError, UserError
+from . import scenes as S
+from .media import encode_png, encode_wav
+from .speech import SpeechPool, Utterance, espeak_available
+
+log = logging.getLogger("anymodal.data.world")
+
+KINDS = ("t2i", "i2t", "ground", "refer", "asr", "tts", "a2i", "story", "prose")
+AUDIO_KINDS = ("asr", "tts", "a2i")
+SPLITS = ("train", "val")
+SPLIT_ID = {"train": 0, "val": 1}
+
+DEFAULT_KINDS = {"t2i": 0.18, "i2t": 0.14, "ground": 0.12, "refer": 0.08, "asr": 0.12,
+                 "tts": 0.08, "a2i": 0.08, "story": 0.08, "prose": 0.12}
+DEFAULT_VOICES = ["en-us", "en", "en-us+f3", "en+f2", "en+m3", "en-gb-scotland", "en-029", "en-gb-x-rp"]
+INSTRUCTIONS = ("show me the {colour} {shape}", "find the {colour} {shape}",
+                "draw a {size} {colour} {shape}", "where is the {colour} {shape}",
+                "point to the {colour} {shape}")
+
+
+@dataclass
+class WorldConfig:
+    """What the demo world looks like and how it is written (configs/world/demo.yaml)."""
+
+    image_size: int = 64
+    max_objects: int = 3
+    kinds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KINDS))
+    unseen: list[str] = field(default_factory=lambda: ["purple triangle", "orange square"])
+    val_unseen_fraction: float = 0.3  # share of val scene documents built around an unseen pair
+    sample_rate: int = 16000
+    voices: list[str] = field(default_factory=lambda: list(DEFAULT_VOICES))
+    speed_min: int = 130  # words per minute
+    speed_max: int = 190
+    pitch_min: int = 35
+    pitch_max: int = 65
+    instruction_fraction: float = 0.4  # asr/tts texts that are short instructions, not captions
+    story_max_images: int = 3
+    prose_max_chars: int = 900
+    shard_size: int = 1000
+    speech_batch: int = 128  # documents per speech batch (fixed: audio depends on batch boundaries)
+    speech_workers: int = 2
+
+    def __post_init__(self):
+        for k in self.kinds:
+            check_choice("kinds", k, KINDS)
+        if any(v < 0 for v in self.kinds.values()) or sum(self.kinds.values()) <= 0:
+            raise ConfigError("config key 'kinds' needs non-negative weights with a positive sum")
+        for pair in self.unseen:
+            parts = pair.split()
+            if len(parts) != 2 or parts[0] not in S.COLOURS or parts[1] not in S.SHAPES:
+                raise ConfigError(f"config key 'unseen' entry {pair!r} is not 'colour shape' "
+                                  f"(colours: {', '.join(S.COLOURS)}; shapes: {', '.join(S.SHAPES)})")
+        if self.image_size < 24:
+            raise ConfigError(f"config key 'image_size' is {self.image_size}; it must be at least 24")
+        if not 1 <= self.max_objects <= 3:
+            raise ConfigError("config key 'max_objects' must be 1, 2 or 3")
+        if not 0.0 <= self.val_unseen_fraction <= 1.0 or not 0.0 <= self.instruction_fraction <= 1.0:
+            raise ConfigError("fractions in the world config must lie in [0, 1]")
+        if not self.voices:
+            raise ConfigError("config key 'voices' must list at least one espeak-ng voice")
+        if self.speed_min > self.speed_max or self.pitch_min > self.pitch_max:
+            raise ConfigError("speed_min/pitch_min must not exceed speed_max/pitch_max")
+        if self.story_max_images not in (2, 3):
+            raise ConfigError("config key 'story_max_images' must be 2 or 3")
+        for name in ("shard_size", "speech_batch", "speech_workers", "sample_rate", "prose_max_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{name}' must be positive")
+
+    @property
+    def unseen_pairs(self) -> set[tuple[str, str]]:
+        return {tuple(p.split()) for p in self.unseen}  # type: ignore[misc]
+
+
+def load_world_config(path: str | None = None, overrides=()) -> WorldConfig:
+    return load_config(WorldConfig, path or "world/demo.yaml", overrides)
+
+
+# ------------------------------------------------------------------------------------- prose
+
+_PARAGRAPHS: list[str] | None = None
+
+
+def prose_paragraphs() -> list[str]:
+    """Paragraphs of real English from Python's bundled documentation (`pydoc_data.topics`).
+
+    Code samples, tables and reST markup lines are dropped; what stays is running prose.
+    """
+    global _PARAGRAPHS
+    if _PARAGRAPHS is None:
+        from pydoc_data.topics import topics
+
+        out = []
+        for name in sorted(topics):
+            for block in re.split(r"\n\s*\n", topics[name]):
+                lines = block.split("\n")
+                if any(ln.startswith((" ", "\t", ">>>", "*", "+", "|")) or set(ln) <= set("=-*~^ ")
+                       for ln in lines):
+                    continue
+                text = re.sub(r"\s+", " ", " ".join(lines)).strip()
+                letters = sum(ch.isalpha() or ch.isspace() for ch in text)
+                # no "<ref>"-like tags: they would read as the stream's special pieces
+                if 80 <= len(text) <= 1500 and letters >= 0.85 * len(text) and text[-1] in ".!?" \
+                        and not re.search(r"</?[a-z_0-9]+>", text):
+                    out.append(text)
+        _PARAGRAPHS = out
+    return _PARAGRAPHS
+
+
+# ------------------------------------------------------------------------------------ documents
+
+
+@dataclass
+class PlannedDoc:
+    """A document before rendering: images are `Scene`s and audio is an `Utterance`."""
+
+    key: str
+    kind: str
+    segments: list[dict]
+    meta: dict
+
+
+class _Planner:
+    def __init__(self, cfg: WorldConfig, split: str, seed: int, audio: bool):
+        self.cfg, self.split, self.seed = cfg, split, seed
+        kinds = [k for k in KINDS if cfg.kinds.get(k, 0) > 0 and (audio or k not in AUDIO_KINDS)]
+        if not kinds:
+            raise UserError("the world config leaves no document kind to generate"
+                            + ("" if audio else " without espeak-ng"))
+        w = np.array([cfg.kinds[k] for k in kinds], dtype=np.float64)
+        self.kinds, self.kind_p = kinds, w / w.sum()
+        unseen = cfg.unseen_pairs
+        self.all_pairs = {(c, s) for c in S.COLOURS for s in S.SHAPES}
+        self.seen_pairs = self.all_pairs - unseen
+        self.unseen_list = sorted(unseen)
+        if not self.seen_pairs:
+            raise ConfigError("config key 'unseen' holds out every colour+shape pair")
+
+    # a scene that respects the split: train never shows an unseen pair; val shows one when asked
+    def scene(self, rng, unseen: bool, n_objects=None) -> S.Scene:
+        sz, mo = self.cfg.image_size, self.cfg.max_objects
+        if unseen:
+            forced = self.unseen_list[int(rng.integers(len(self.unseen_list)))]
+            allowed = self.all_pairs if self.split == "val" else self.seen_pairs
+            return S.sample_scene(rng, sz, n_objects, allowed, must_include=forced, max_objects=mo)
+        return S.sample_scene(rng, sz, n_objects, self.seen_pairs, max_objects=mo)
+
+    def utterance(self, rng, text: str) -> Utterance:
+        c = self.cfg
+        return Utterance(text, c.voices[int(rng.integers(len(c.voices)))],
+                         int(rng.integers(c.speed_min, c.speed_max + 1)),
+                         int(rng.integers(c.pitch_min, c.pitch_max + 1)))
+
+    def caption(self, rng, scene: S.Scene) -> str:
+        return S.caption(scene, S.LEAD_INS[int(rng.integers(len(S.LEAD_INS)))])
+
+    def doc(self, index: int) -> PlannedDoc:
+        rng = np.random.default_rng([self.seed, SPLIT_ID[self.split], index])
+        kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
+        unseen = (self.split == "val" and kind != "prose" and self.unseen_list
+                  and rng.random() < self.cfg.val_unseen_fraction)
+        key = f"{self.split}-{index:08d}"
+        segs, meta = getattr(self, "_" + kind)(rng, bool(unseen))
+        meta["unseen"] = self._has_unseen(meta)
+        if self.split == "train" and meta["unseen"]:  # the split contract, checked at the source
+            raise AssertionError(f"train document {key} shows an unseen pair")
+        return PlannedDoc(key, kind, segs, meta)
+
+    def _has_unseen(self, meta: dict) -> bool:
+        objs = [o for f in meta.get("frames", [meta.get("objects", [])]) for o in f]
+        return any((o["colour"], o["shape"]) in self.cfg.unseen_pairs for o in objs)
+
+    def _target(self, rng, scene: S.Scene) -> int:
+        held = [i for i, o in enumerate(scene.objects) if o.combo in self.cfg.unseen_pairs]
+        return held[0] if held else int(rng.integers(len(scene.objects)))
+
+    # --- one method per kind: (segments, meta)
+    def _t2i(self, rng, unseen):
+        sc = self.scene(rng, unseen)
+        return [{"text": self.caption(rng, sc)}, {"image": sc}], \
+            {"objects": sc.to_dicts(), "prompt_segments": 1}
+
+    def _i2t(self, rng, unseen):
+        sc = self.scene(rng, unseen)
+        return [{"image": sc}, {"text": self.caption(rng, sc)}], \
+            {"objects": sc.to_dicts(), "prompt_segments": 1}
+
+    def _ground(self, rng, unseen):
+        sc = self.scene(rng, unseen)
+        t = self._target(rng, sc)
+        o = sc.objects[t]
+        segs = [{"image": sc}, {"text": f"<ref>{S.referring_expression(o)}</ref>"},
+                {"box": list(o.box), "image_index": 0}]
+        return segs, {"objects": sc.to_dicts(), "target": t, "prompt_segments": 2}
+
+    def _refer(self, rng, unseen):
+        sc = self.scene(rng, unseen)
+        t = self._target(rng, sc)
+        o = sc.objects[t]
+        segs = [{"image": sc}, {"box": list(o.box), "image_index": 0},
+                {"text": f"<ref>{S.referring_expression(o)}</ref>"}]
+        return segs, {"objects": sc.to_dicts(), "target": t, "prompt_segments": 2}
+
+    def _spoken_text(self, rng, unseen) -> tuple[str, list[dict]]:
+        """A caption of a fresh scene, or a short instruction about one object."""
+        if rng.random() < self.cfg.instruction_fraction:
+            sc = self.scene(rng, unseen, n_objects=1)
+            o = sc.objects[0]
+            tpl = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
+            return tpl.format(colour=o.colour, shape=o.shape, size=o.size), \
+                [{"colour": o.colour, "shape": o.shape, "size": o.size}]
+        sc = self.scene(rng, unseen)
+        return self.caption(rng, sc), sc.to_dicts()
+
+    def _asr(self, rng, unseen):
+        text, objs = self._spoken_text(rng, unseen)
+        u = self.utterance(rng, text)
+        return [{"audio": u}, {"text": text}], \
+            {"objects": objs, "transcript": text, "voice": u.voice, "speed": u.speed, "prompt_segments": 1}
+
+    def _tts(self, rng, unseen):
+        text, objs = self._spoken_text(rng, unseen)
+        u = self.utterance(rng, text)
+        return [{"text": f"say: {text}"}, {"audio": u}], \
+            {"objects": objs, "transcript": text, "voice": u.voice, "speed": u.speed, "prompt_segments": 1}
+
+    def _a2i(self, rng, unseen):
+        sc = self.scene(rng, unseen)
+        text = self.caption(rng, sc)
+        u = self.utterance(rng, text)
+        return [{"audio": u}, {"image": sc}], \
+            {"objects": sc.to_dicts(), "transcript": text, "voice": u.voice, "speed": u.speed,
+             "prompt_segments": 1}
+
+    def _story(self, rng, unseen):
+        sc = self.scene(rng, unseen, n_objects=int(rng.integers(1, self.cfg.max_objects + 1)))
+        n_frames = int(rng.integers(2, self.cfg.story_max_images + 1))
+        segs: list[dict] = [{"text": self.caption(rng, sc)}, {"image": sc}]
+        frames, events = [sc.to_dicts()], []
+        for _ in range(n_frames - 1):
+            sc, sentence = self._story_step(rng, sc)
+            segs += [{"text": sentence}, {"image": sc}]
+            frames.append(sc.to_dicts())
+            events.append(sentence)
+        return segs, {"objects": frames[0], "frames": frames, "events": events, "prompt_segments": 1}
+
+    def _story_step(self, rng, sc: S.Scene) -> tuple[S.Scene, str]:
+        """One change: an object moves (usually), appears, or disappears."""
+        r = rng.random()
+        if r < 0.2 and len(sc.objects) < self.cfg.max_objects:
+            allowed = self.all_pairs if self.split == "val" else self.seen_pairs
+            choices = sorted(allowed - sc.combos())
+            combo = choices[int(rng.integers(len(choices)))]
+            word = S.SIZES[int(rng.integers(2))]
+            lo, hi = S.side_range(word, sc.size)
+            box = S.place_box(rng, int(rng.integers(lo, hi + 1)), sc.size, [o.box for o in sc.objects])
+            if box is not None:
+                o = S.SceneObject(combo[1], combo[0], word, box)
+                pos = S.position_word(box, sc.size)
+                where = "in the center" if pos == "center" else f"at the {pos}"
+                return S.Scene(sc.size, sc.objects + (o,)), f"then a {word} {o.colour} {o.shape} appears {where}"
+        if r < 0.3 and len(sc.objects) > 1:
+            i = int(rng.integers(len(sc.objects)))
+            o = sc.objects[i]
+            return S.Scene(sc.size, sc.objects[:i] + sc.objects[i + 1:]), \
+                f"then {S.referring_expression(o)} disappears"
+        for _ in range(12):
+            i = int(rng.integers(len(sc.objects)))
+            d = ("left", "right", "up", "down")[int(rng.integers(4))]
+            moved = S.move_object(rng, sc, i, d)
+            if moved is not None:
+                where = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}[d]
+                return moved, f"then {S.referring_expression(sc.objects[i])} moves {where}"
+        return sc, "then nothing changes"
+
+    def _prose(self, rng, unseen):
+        paras = prose_paragraphs()
+        i = int(rng.integers(len(paras)))
+        text = paras[i]
+        # a second consecutive paragraph when it fits, for longer-range text
+        if i + 1 < len(paras) and len(text) + len(paras[i + 1]) + 2 <= self.cfg.prose_max_chars \
+                and rng.random() < 0.5:
+            text = text + "\n\n" + paras[i + 1]
+        return [{"text": text}], {"prompt_segments": 0}
+
+
+def plan_document(cfg: WorldConfig, split: str, seed: int, index: int, audio: bool = True) -> PlannedDoc:
+    """Document `index` of a split (images as scenes, audio as utterances), without rendering."""
+    return _Planner(cfg, split, seed, audio).doc(index)
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def render_document(doc: PlannedDoc, waves: dict[int, np.ndarray], sample_rate: int) -> dict[str, bytes]:
+    """Tar members of one document: `KEY.json` plus `KEY.{n}.png|wav` (n counts media files)."""
+    files: dict[str, bytes] = {}
+    segments = []
+    n = 0
+    for j, seg in enumerate(doc.segments):
+        if "image" in seg:
+            name = f"{n}.png"
+            files[f"{doc.key}.{name}"] = encode_png(S.render_scene(seg["image"]))
+            segments.append({"image": name})
+            n += 1
+        elif "audio" in seg:
+            name = f"{n}.wav"
+            files[f"{doc.key}.{name}"] = encode_wav(waves[j], sample_rate)
+            segments.append({"audio": name})
+            n += 1
+        else:
+            segments.append(seg)
+    record = {"segments": segments, "kind": doc.kind, "meta": doc.meta}
+    body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+    return {f"{doc.key}.json": body, **files}
+
+
+class _ShardWriter:
+    """Writes `{split}-{k:05d}.tar` atomically, `shard_size` documents each."""
+
+    def __init__(self, out: Path, split: str, shard_size: int):
+        self.out, self.split, self.shard_size = out, split, shard_size
+        self.tar = None
+        self.count = 0
+        self.shards: list[str] = []
+
+    def add(self, files: dict[str, bytes]) -> None:
+        if self.tar is None or self.count == self.shard_size:
+            self._close()
+            name = f"{self.split}-{len(self.shards):05d}.tar"
+            self.shards.append(name)
+            self.tar = tarfile.open(self.out / (name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+            self.count = 0
+        for name, data in files.items():
+            _tar_add(self.tar, name, data)
+        self.count += 1
+
+    def _close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            name = self.shards[-1]
+            (self.out / (name + ".tmp")).replace(self.out / name)
+            self.tar = None
+
+    def close(self) -> None:
+        self._close()
+
+
+_WARNED_NO_ESPEAK = False
+
+
+def generate_world(out: str | Path, split: str = "train", docs: int = 1000, seed: int = 0,
+                   config: WorldConfig | str | None = None, overrides=(), require_audio: bool = False,
+                   shard_size: int | None = None, progress: bool = True, audio: bool | None = None) -> dict:
+    """Write `docs` documents of `split` into `out` as raw shards; returns the summary dict.
+
+    `audio=None` uses espeak-ng when it is installed (saying once when it is not);
+    `audio=False` writes no audio documents; `require_audio=True` fails without espeak-ng.
+    """
+    global _WARNED_NO_ESPEAK
+    check_split(split)
+    if docs < 1:
+        raise UserError(f"--docs must be at least 1, not {docs}")
+    if isinstance(config, WorldConfig):
+        cfg = load_config(WorldConfig, data=to_dict(config), overrides=overrides) if overrides else config
+    else:
+        cfg = load_world_config(config, overrides)
+    shard_size = cfg.shard_size if shard_size is None else shard_size
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, not {shard_size}")
+    have = espeak_available()
+    if require_audio and not have:
+        raise UserError("espeak-ng is not installed (apt-get install espeak-ng) and --require-audio was given")
+    if audio is None:
+        audio = have
+        if not have and not _WARNED_NO_ESPEAK:
+            print("anymodal world: espeak-ng not found; writing no audio documents "
+                  "(apt-get install espeak-ng for speech)", file=sys.stderr)
+            _WARNED_NO_ESPEAK = True
+    elif audio and not have:
+        raise UserError("espeak-ng is not installed; cannot write audio documents")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
+    for old in out.glob(f"{split}-*.tar*"):  # stale shards of an earlier, larger run
+        old.unlink()
+
+    planner = _Planner(cfg, split, seed, audio)
+    writer = _ShardWriter(out, split, shard_size)
+    counts = {k: 0 for k in KINDS}
+    n_unseen = 0
+    t0 = time.time()
+    from tqdm import tqdm
+
+    bar = tqdm(total=docs, unit="doc", desc=f"world {split}", disable=not progress or None, leave=False)
+    pool = SpeechPool(cfg.speech_workers, cfg.sample_rate) if audio else None
+    queue: list[tuple[list[PlannedDoc], bool]] = []  # planned batches waiting for their speech
+
+    def flush_one():
+        nonlocal n_unseen
+        batch, has_speech = queue.pop(0)
+        waves_iter = iter(pool.pop()) if has_speech else iter(())
+        for d in batch:
+            waves = {j: next(waves_iter) for j, s in enumerate(d.segments) if "audio" in s}
+            writer.add(render_document(d, waves, cfg.sample_rate))
+            counts[d.kind] += 1
+            n_unseen += bool(d.meta["unseen"])
+            bar.update(1)
+
+    try:
+        for start in range(0, docs, cfg.speech_batch):
+            batch = [planner.doc(i) for i in range(start, min(docs, start + cfg.speech_batch))]
+            utts = [s["audio"] for d in batch for s in d.segments if "audio" in s]
+            if utts:
+                pool.submit(utts)
+            queue.append((batch, bool(utts)))
+            while queue and (pool is None or pool.full() or not queue[0][1]):
+                flush_one()
+        while queue:
+            flush_one()
+        writer.close()
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        if writer.tar is not None:  # leave no half-written shard behind
+            writer.tar.close()
+            (out / (writer.shards[-1] + ".tmp")).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    if pool is not None:
+        pool.close()
+    seconds = time.time() - t0
+    summary = {"split": split, "seed": seed, "docs": docs, "audio": bool(audio), "counts": counts,
+               "unseen_docs": n_unseen, "unseen_pairs": list(cfg.unseen), "shards": writer.shards,
+               "config": to_dict(cfg)}
+    tmp = out / f"{split}.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / f"{split}.json")
+    log.info("wrote %d %s documents to %s in %.1f s", docs, split, out, seconds)
+    return {**summary, "seconds": seconds}
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")

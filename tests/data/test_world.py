@@ -1,0 +1,200 @@
+"""The demo world generator: determinism, kinds, split separation, speech, CLI errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import wave
+
+import numpy as np
+import pytest
+
+from anymodal.cli import main
+from anymodal.data import world as W
+from anymodal.data.checker import analyse_image, caption_correct, parse_caption, parse_referring
+from anymodal.data.reader import iter_documents, iter_samples
+from anymodal.data.speech import espeak_available
+from anymodal.errors import UserError
+
+HAVE_ESPEAK = espeak_available()
+UNSEEN = {("purple", "triangle"), ("orange", "square")}
+
+
+def members(path) -> dict[str, bytes]:
+    with tarfile.open(path) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small train and val corpus (with speech when espeak-ng is installed)."""
+    root = tmp_path_factory.mktemp("world")
+    train = W.generate_world(root / "a", "train", docs=300, seed=7, shard_size=100, progress=False)
+    val = W.generate_world(root / "a", "val", docs=200, seed=7, shard_size=100, progress=False)
+    return root, train, val
+
+
+def test_generation_is_deterministic_and_prefix_stable(corpus, tmp_path):
+    root, train, _ = corpus
+    again = W.generate_world(tmp_path / "b", "train", docs=300, seed=7, shard_size=100, progress=False)
+    assert again["shards"] == train["shards"] == ["train-00000.tar", "train-00001.tar", "train-00002.tar"]
+    for name in train["shards"]:  # byte-identical tars: JSON, PNG and WAV alike
+        assert (root / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # a shorter corpus is a prefix of the longer one (document i depends on (seed, split, i) only)
+    W.generate_world(tmp_path / "c", "train", docs=50, seed=7, progress=False)
+    short, full = members(tmp_path / "c" / "train-00000.tar"), members(root / "a" / "train-00000.tar")
+    assert short and all(full[k] == v for k, v in short.items())
+    other = W.generate_world(tmp_path / "d", "train", docs=50, seed=8, progress=False)
+    assert members(tmp_path / "d" / other["shards"][0]) != short
+
+
+def test_every_kind_with_its_layout(corpus):
+    root, train, _ = corpus
+    kinds = set(W.KINDS) if HAVE_ESPEAK else set(W.KINDS) - set(W.AUDIO_KINDS)
+    assert {k for k, n in train["counts"].items() if n} == kinds
+    layouts = {"t2i": ["text", "image"], "i2t": ["image", "text"], "ground": ["image", "text", "box"],
+               "refer": ["image", "box", "text"], "asr": ["audio", "text"], "tts": ["text", "audio"],
+               "a2i": ["audio", "image"], "prose": ["text"]}
+    seen = set()
+    for doc in iter_documents(root / "a" / "train-*.tar"):
+        seen.add(doc.kind)
+        names = [next(iter(s)) for s in doc.segments]
+        if doc.kind == "story":
+            assert names in (["text", "image"] * 2, ["text", "image"] * 3)
+            assert len(doc.meta["frames"]) == len(doc.images)
+            for img, frame in zip(doc.images, doc.meta["frames"]):
+                got = {(o["colour"], o["shape"], tuple(o["box"])) for o in analyse_image(img)}
+                assert got == {(o["colour"], o["shape"], tuple(o["box"])) for o in frame}
+            assert all(s["text"].startswith("then ") for s in doc.segments[2::2])
+        else:
+            assert names == layouts[doc.kind], doc.kind
+        assert 0 <= doc.meta["prompt_segments"] < len(doc.segments)
+        if doc.kind in ("ground", "refer"):
+            target = doc.meta["objects"][doc.meta["target"]]
+            box = next(s["box"] for s in doc.segments if "box" in s)
+            assert np.allclose(np.array(box) * 64, target["box"])  # normalized to the 64 px image
+            ref = next(s["text"] for s in doc.segments if "text" in s)
+            assert parse_referring(ref) == (target["colour"], target["shape"])
+        if doc.kind in ("t2i", "i2t"):
+            cap = next(s["text"] for s in doc.segments if "text" in s)
+            assert caption_correct(cap, doc.meta["objects"])
+        if doc.kind in ("asr", "tts", "a2i"):
+            wav = doc.audio[0]
+            assert wav.dtype == np.float32 and 0.4 * 16000 < len(wav) < 15 * 16000
+            assert 0.05 < np.abs(wav).max() <= 1.0  # speech, not silence
+        if doc.kind == "prose":
+            assert len(doc.text) > 100 and not re.search(r"</?[a-z_0-9]+>", doc.text)
+    assert seen == kinds
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng not installed")
+def test_speech_is_16k_mono_and_says_the_transcript(corpus):
+    root, _, _ = corpus
+    n = 0
+    for sample in iter_samples(str(root / "a" / "train-00000.tar")):
+        rec = json.loads(sample["json"])
+        wavs = [k for k in sample if k.endswith(".wav")]
+        if not wavs:
+            continue
+        with wave.open(io.BytesIO(sample[wavs[0]])) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+            seconds = w.getnframes() / 16000
+        words = len(rec["meta"]["transcript"].split())
+        # espeak speaks at 130-190 words per minute, plus pauses
+        assert words * 60 / 260 < seconds < words * 60 / 100 + 1.5, (words, seconds)
+        n += 1
+    assert n > 10
+
+
+def test_unseen_pairs_never_in_train_and_marked_in_val(corpus):
+    root, _, val = corpus
+    for doc in iter_documents(root / "a" / "train-*.tar", audio=False):
+        assert doc.meta["unseen"] is False
+        for img in doc.images:  # check the pixels, not only the metadata
+            assert not {(o["colour"], o["shape"]) for o in analyse_image(img)} & UNSEEN
+        words = doc.text.lower()
+        assert "purple triangle" not in words and "orange square" not in words
+        objs = [o for f in doc.meta.get("frames", [doc.meta.get("objects", [])]) for o in f]
+        assert not {(o["colour"], o["shape"]) for o in objs} & UNSEEN
+    n_unseen = 0
+    for doc in iter_documents(root / "a" / "val-*.tar", audio=False):
+        objs = [o for f in doc.meta.get("frames", [doc.meta.get("objects", [])]) for o in f]
+        has = bool({(o["colour"], o["shape"]) for o in objs} & UNSEEN)
+        assert doc.meta["unseen"] is has
+        n_unseen += has
+    assert n_unseen == val["unseen_docs"] and 0.15 * 200 < n_unseen < 0.45 * 200
+
+
+def test_checker_recovers_fresh_world_images_and_captions(corpus):
+    root, _, _ = corpus
+    n_img = ok_img = n_cap = 0
+    for doc in iter_documents(root / "a" / "val-*.tar", kinds=["t2i", "i2t", "a2i", "ground", "refer"],
+                              audio=False):
+        truth = doc.meta["objects"]
+        got = analyse_image(doc.images[0])
+        n_img += 1
+        ok_img += sorted((o["colour"], o["shape"], o["size"], o["position"], tuple(o["box"])) for o in got) == \
+            sorted((o["colour"], o["shape"], o["size"], o["position"], tuple(o["box"])) for o in truth)
+        for s in doc.segments:
+            if "text" in s and doc.kind in ("t2i", "i2t"):
+                parsed = parse_caption(s["text"])
+                assert parsed is not None and caption_correct(s["text"], truth), s["text"]
+                n_cap += 1
+    assert n_img > 80 and n_cap > 40
+    assert ok_img / n_img >= 0.995
+
+
+def test_without_espeak_no_audio_docs_and_one_notice(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(W, "espeak_available", lambda: False)
+    monkeypatch.setattr(W, "_WARNED_NO_ESPEAK", False)
+    s1 = W.generate_world(tmp_path / "x", "train", docs=60, seed=1, progress=False)
+    W.generate_world(tmp_path / "y", "val", docs=20, seed=1, progress=False)
+    assert s1["audio"] is False and sum(s1["counts"][k] for k in W.AUDIO_KINDS) == 0
+    assert sum(s1["counts"].values()) == 60
+    err = capsys.readouterr().err
+    assert err.count("espeak-ng not found") == 1
+    with pytest.raises(UserError, match="espeak-ng"):
+        W.generate_world(tmp_path / "z", "train", docs=5, require_audio=True, progress=False)
+    assert main(["world", "--out", str(tmp_path / "z"), "--docs", "5", "--require-audio", "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("args", [
+    ["--docs", "0"],
+    ["--shard-size", "0"],
+    ["bogus_key=1"],
+    ["kinds.t2v=1"],
+    ["unseen=[pink hexagon]"],
+    ["--config", "no/such/world.yaml"],
+])
+def test_cli_bad_arguments_exit_2(args, tmp_path, capsys):
+    assert main(["world", "--out", str(tmp_path / "o"), "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("anymodal: error:")
+
+
+def test_cli_argparse_errors_exit_2(tmp_path):
+    for bad in (["--split", "test"], ["--docs", "many"], []):
+        with pytest.raises(SystemExit) as e:
+            main(["world", *bad] + (["--out", str(tmp_path)] if bad else []))
+        assert e.value.code == 2
+
+
+def test_cli_writes_shards_and_summary(tmp_path, capsys):
+    assert main(["world", "--out", str(tmp_path), "--split", "val", "--docs", "25", "--seed", "3",
+                 "--shard-size", "10", "--no-audio", "image_size=48"]) == 0
+    brief = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert brief["docs"] == 25 and brief["shards"] == 3 and brief["audio"] is False
+    summary = json.loads((tmp_path / "val.json").read_text())
+    assert summary["config"]["image_size"] == 48 and len(summary["shards"]) == 3
+    imgs = [d.images[0] for d in iter_documents(tmp_path, image_size=None, audio=False) if d.images]
+    assert imgs and all(i.shape == (48, 48, 3) for i in imgs)
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng not installed")
+def test_unknown_voice_is_a_user_error_and_leaves_no_partial_shard(tmp_path):
+    with pytest.raises(UserError, match="voice"):
+        W.generate_world(tmp_path, "train", docs=40, seed=0, overrides=["voices=[no-such-voice]"],
+                         progress=False)
+    assert not list(tmp_path.glob("*.tar*"))
