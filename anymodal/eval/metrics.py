@@ -7,19 +7,11 @@ unseen-combination subset, and `Metrics.result()` lays them out under the exact 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+
 # ---- word error rate ----------------------------------------------------------------------------
-_WORD = re.compile(r"[a-z0-9']+")
-
-
-def normalize_words(text: str) -> list[str]:
-    """Lower-case words without punctuation: what a transcript is compared on."""
-    return _WORD.findall(text.lower())
-
-
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
     """Levenshtein distance over words (substitutions, insertions, deletions all cost 1)."""
     prev = list(range(len(hyp) + 1))
@@ -32,69 +24,27 @@ def edit_distance(ref: list[str], hyp: list[str]) -> int:
 
 
 def word_errors(ref: str, hyp: str) -> tuple[int, int]:
-    """(errors, reference words) for one transcript; corpus WER = sum errors / sum words."""
+    """(errors, reference words) of one transcript, on the checker's normalized words.
+
+    Corpus WER = sum of errors / sum of reference words (long utterances weigh more), the usual
+    definition; the checker's `word_error_rate` is the per-utterance ratio."""
+    from ..data.checker import normalize_words
+
     r, h = normalize_words(ref), normalize_words(hyp)
     return edit_distance(r, h), len(r)
 
 
-def wer(ref: str, hyp: str) -> float:
-    e, n = word_errors(ref, hyp)
-    return e / n if n else float(e > 0)
+# ---- images ---------------------------------------------------------------------------------------
+def image_check(truth: list[dict], found: list[dict]) -> dict[str, float]:
+    """WORLD.md's image check of one generated image against the objects its prompt asked for.
 
+    correct: the (colour, shape) multiset equals the prompt's (`checker.objects_match`);
+    position / size: share of the prompt's objects found with the right colour, shape AND position
+    (size) word (`checker.position_accuracy` / `size_accuracy`)."""
+    from ..data.checker import objects_match, position_accuracy, size_accuracy
 
-# ---- boxes ----------------------------------------------------------------------------------------
-def box_iou(a, b) -> float:
-    """IoU of two (x1, y1, x2, y2) boxes in the same units."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    area = lambda r: max(0.0, r[2] - r[0]) * max(0.0, r[3] - r[1])  # noqa: E731
-    union = area(a) + area(b) - inter
-    return inter / union if union > 0 else 0.0
-
-
-# ---- images and captions ----------------------------------------------------------------------
-def _key(obj: dict, fields: tuple[str, ...]) -> tuple:
-    return tuple(obj.get(f) for f in fields)
-
-
-def image_check(truth: list[dict], found: list[dict]) -> dict[str, bool]:
-    """Compare the objects a prompt asked for with those `analyse_image` found.
-
-    correct: the set of (colour, shape) equals the prompt's. position / size: the image is correct
-    and every object also sits at the asked position (has the asked size); objects are matched by
-    (colour, shape), which is unique within a scene.
-    """
-    want = Counter(_key(o, ("colour", "shape")) for o in truth)
-    got = Counter(_key(o, ("colour", "shape")) for o in found)
-    correct = want == got
-    position = size = False
-    if correct:
-        by_kind = {_key(o, ("colour", "shape")): o for o in found}
-        position = all(by_kind[_key(o, ("colour", "shape"))].get("position") == o.get("position") for o in truth)
-        size = all(by_kind[_key(o, ("colour", "shape"))].get("size") == o.get("size") for o in truth)
-    return {"correct": correct, "position": position, "size": size}
-
-
-def caption_correct(truth: list[dict], parsed: list[dict] | None) -> bool:
-    """A caption is right when its (size, colour, shape, position) objects equal the truth's."""
-    if parsed is None:
-        return False
-    fields = ("size", "colour", "shape", "position")
-    return Counter(_key(o, fields) for o in truth) == Counter(_key(o, fields) for o in parsed)
-
-
-def refer_correct(text: str, colour: str, shape: str) -> bool:
-    """A referring expression is right when it names the object's colour and shape (and no other)."""
-    words = normalize_words(text)
-    said_colours = {w for w in words if w in COLOURS}
-    said_shapes = {w for w in words if w in SHAPES}
-    return said_colours == {colour} and said_shapes == {shape}
-
-
-# The world's vocabulary (WORLD.md); a referring expression is judged on these words only.
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle")
+    return {"correct": float(objects_match(found, truth)), "position": float(position_accuracy(found, truth)),
+            "size": float(size_accuracy(found, truth))}
 
 
 # ---- aggregation --------------------------------------------------------------------------------
@@ -115,7 +65,7 @@ class _Sum:
 # metric key -> the task whose examples count towards `n`
 METRIC_TASKS = {
     "t2i_accuracy": "t2i", "t2i_position_accuracy": "t2i", "t2i_size_accuracy": "t2i",
-    "a2i_accuracy": "a2i", "caption_accuracy": "caption",
+    "a2i_accuracy": "a2i", "caption_accuracy": "i2t",
     "grounding_acc50": "ground", "grounding_miou": "ground",
     "refer_accuracy": "refer", "asr_wer": "asr", "tts_wer": "tts",
 }
@@ -141,7 +91,7 @@ class Metrics:
         if unseen:
             self.unseen_counts[task] += 1
 
-    def add_image(self, task: str, check: dict[str, bool], unseen: bool = False) -> None:
+    def add_image(self, task: str, check: dict[str, float], unseen: bool = False) -> None:
         """task is 't2i' or 'a2i'; check is `image_check(...)`'s result."""
         self._count(task, unseen)
         self._add(f"{task}_accuracy", float(check["correct"]), 1, unseen)
@@ -150,7 +100,7 @@ class Metrics:
             self._add("t2i_size_accuracy", float(check["size"]), 1, unseen)
 
     def add_caption(self, correct: bool, unseen: bool = False) -> None:
-        self._count("caption", unseen)
+        self._count("i2t", unseen)
         self._add("caption_accuracy", float(correct), 1, unseen)
 
     def add_ground(self, iou: float, unseen: bool = False) -> None:
@@ -187,7 +137,7 @@ class Metrics:
             s = sums.get(key)
             out[key] = None if s is None else s.mean
         out["bits_per_token"] = {m: (sums[f"bpt_{m}"].mean if f"bpt_{m}" in sums else None) for m in BPT_MODALITIES}
-        out["n"] = {t: int(counts.get(t, 0)) for t in ("t2i", "a2i", "caption", "ground", "refer", "asr", "tts", "bits")}
+        out["n"] = {t: int(counts.get(t, 0)) for t in ("t2i", "a2i", "i2t", "ground", "refer", "asr", "tts", "bits")}
         out["n"].update({f"tokens_{m}": int(counts.get(f"tokens_{m}", 0)) for m in BPT_MODALITIES})
         return out
 

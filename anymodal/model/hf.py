@@ -1,8 +1,9 @@
 """Mapping to Hugging Face `transformers` Chameleon (text path): config keys and weight names.
 
 Pure torch (does not import transformers). Our fused projections are split back into HF's:
-`wqkv` → q_proj | k_proj | v_proj, `w13` → gate_proj | up_proj. Used by the parity test and by
-a later `export --format hf`.
+`wqkv` → q_proj | k_proj | v_proj, `w13` → gate_proj | up_proj, `qk_norm` → q_norm | k_norm. Our q/k
+head dims are stored in RoPE pair order (see transformer.py); they are permuted to HF's half order
+here (and back in `from_hf_state_dict`). Used by the parity test and by a later HF export.
 """
 
 from __future__ import annotations
@@ -10,6 +11,17 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
+from .transformer import interleave_perm
+
+
+def _heads_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Rows (or entries) grouped by head, each head's dims from our pair order to HF's half order."""
+    inv = torch.argsort(interleave_perm(head_dim))
+    return w.reshape(n_heads, head_dim, -1)[:, inv].reshape(w.shape)
+
+
+def _heads_from_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    return w.reshape(n_heads, head_dim, -1)[:, interleave_perm(head_dim)].reshape(w.shape)
 
 
 def check_exportable(cfg: ModelConfig) -> None:
@@ -54,6 +66,9 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     for i in range(cfg.n_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         q, k, v = state_dict[src + "attn.wqkv.weight"].split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=0)
+        q, k = _heads_to_hf(q, cfg.n_heads, cfg.head_dim), _heads_to_hf(k, cfg.n_kv_heads, cfg.head_dim)
+        nw = _heads_to_hf(state_dict[src + "attn.qk_norm.weight"], cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
+        nb = _heads_to_hf(state_dict[src + "attn.qk_norm.bias"], cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
         gate, up = state_dict[src + "mlp.w13.weight"].split([cfg.mlp_hidden, cfg.mlp_hidden], dim=0)
         out.update(
             {
@@ -61,10 +76,10 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> d
                 dst + "self_attn.k_proj.weight": k,
                 dst + "self_attn.v_proj.weight": v,
                 dst + "self_attn.o_proj.weight": state_dict[src + "attn.wo.weight"],
-                dst + "self_attn.q_norm.weight": state_dict[src + "attn.q_norm.weight"],
-                dst + "self_attn.q_norm.bias": state_dict[src + "attn.q_norm.bias"],
-                dst + "self_attn.k_norm.weight": state_dict[src + "attn.k_norm.weight"],
-                dst + "self_attn.k_norm.bias": state_dict[src + "attn.k_norm.bias"],
+                dst + "self_attn.q_norm.weight": nw[: cfg.n_heads],
+                dst + "self_attn.q_norm.bias": nb[: cfg.n_heads],
+                dst + "self_attn.k_norm.weight": nw[cfg.n_heads :],
+                dst + "self_attn.k_norm.bias": nb[cfg.n_heads :],
                 dst + "mlp.gate_proj.weight": gate,
                 dst + "mlp.up_proj.weight": up,
                 dst + "mlp.down_proj.weight": state_dict[src + "mlp.w2.weight"],
@@ -86,10 +101,13 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     for i in range(cfg.n_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         a = src + "self_attn."
-        out[dst + "attn.wqkv.weight"] = torch.cat([hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"]])
+        q = _heads_from_hf(hf[a + "q_proj.weight"], cfg.n_heads, cfg.head_dim)
+        k = _heads_from_hf(hf[a + "k_proj.weight"], cfg.n_kv_heads, cfg.head_dim)
+        out[dst + "attn.wqkv.weight"] = torch.cat([q, k, hf[a + "v_proj.weight"]])
         out[dst + "attn.wo.weight"] = hf[a + "o_proj.weight"]
-        for n in ("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias"):
-            out[dst + "attn." + n] = hf[a + n]
+        for n in ("weight", "bias"):
+            both = torch.cat([hf[a + "q_norm." + n], hf[a + "k_norm." + n]])  # [H + Hkv, hd]
+            out[dst + "attn.qk_norm." + n] = _heads_from_hf(both, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
         out[dst + "mlp.w13.weight"] = torch.cat([hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]])
         out[dst + "mlp.w2.weight"] = hf[src + "mlp.down_proj.weight"]
         out[dst + "attn_norm.weight"] = hf[src + "input_layernorm.weight"]

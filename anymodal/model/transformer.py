@@ -9,7 +9,9 @@ to `ChameleonForConditionalGeneration` and give the same logits (see `hf.py`):
 
 For speed, q/k/v and gate/up are fused into single matmuls (`wqkv`, `w13`), the attention mask is
 built once per forward (and not at all for plain causal training, where SDPA's `is_causal` is used),
-and RoPE works on half-vectors instead of materializing `rotate_half`.
+and RoPE is one complex multiply. For the latter, the q/k head dimensions are stored in pair order
+(HF's dims i and i + hd/2 side by side) rather than HF's half order; attention scores and QK-Norm do
+not depend on the order of head dims, and `hf.py` permutes the q/k rows when converting.
 
 Packed sequences: `doc_ids [B, T]` restricts attention to tokens of the same document and resets
 positions at each document start, so a packed row computes exactly what its documents would alone.
@@ -56,18 +58,29 @@ class HeadLayerNorm(nn.Module):
         return torch.addcmul(self.bias, x, self.weight)  # [B, T, H, hd]
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, ...]:
-    """cos/sin [B, T, 1, hd/2] for integer positions [B, T] (the half-vectors of HF's tables)."""
-    # same expression as HF's default rope init, so the frequencies agree bit for bit
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Unit complex rotations [B, T, 1, hd/2] (complex64) for integer positions [B, T]."""
+    # same expression as HF's default rope init, so the angles agree bit for bit
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
-    freqs = positions[..., None].float() * inv_freq  # [B, T, hd/2]
-    return freqs.cos().to(dtype)[:, :, None], freqs.sin().to(dtype)[:, :, None]
+    angles = positions[..., None].float() * inv_freq  # [B, T, hd/2]
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, T, H, hd]: (x1, x2) → (x1·c − x2·s, x2·c + x1·s)."""
-    x1, x2 = x.chunk(2, dim=-1)  # [B, T, H, hd/2] each
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """RoPE on x [B, T, H, hd] whose head dims are stored as (x_i, x_{i+hd/2}) pairs, see module doc.
+
+    One complex multiply per pair: (x_i + i·x_{i+hd/2}) · e^{iθ} gives exactly HF's rotate-half
+    result (x_i·cos − x_{i+hd/2}·sin, x_{i+hd/2}·cos + x_i·sin), in one kernel forward and backward.
+    """
+    b, t, h, hd = x.shape
+    xc = torch.view_as_complex(x.float().reshape(b, t, h, hd // 2, 2))  # [B, T, H, hd/2]
+    return torch.view_as_real(xc * rot).reshape(b, t, h, hd).to(x.dtype)
+
+
+def interleave_perm(head_dim: int) -> torch.Tensor:
+    """Our head-dim order from HF's: ours[2i] = hf[i], ours[2i+1] = hf[i + hd/2]."""
+    half = torch.arange(head_dim // 2)
+    return torch.stack([half, half + head_dim // 2], dim=-1).flatten()
 
 
 def positions_from_docs(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -87,18 +100,17 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, cfg.q_dim + 2 * cfg.kv_dim, bias=False)  # rows: q | k | v
         self.wo = nn.Linear(cfg.q_dim, cfg.dim, bias=False)
-        self.q_norm = HeadLayerNorm(cfg.n_heads, cfg.head_dim) if cfg.qk_norm else None
-        self.k_norm = HeadLayerNorm(cfg.n_kv_heads, cfg.head_dim) if cfg.qk_norm else None
+        # QK-Norm of the q heads and the k heads in one call: heads [0, H) are q, [H, H + Hkv) are k
+        self.qk_norm = HeadLayerNorm(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim) if cfg.qk_norm else None
 
-    def forward(self, x, rope, mask, causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, rot, mask, causal: bool, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([h * hd, hkv * hd, hkv * hd], dim=-1)
-        q, k, v = q.view(b, t, h, hd), k.view(b, t, hkv, hd), v.view(b, t, hkv, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.wqkv(x).view(b, t, h + 2 * hkv, hd)
+        qk, v = qkv.split([h + hkv, hkv], dim=2)  # [B, T, H + Hkv, hd], [B, T, Hkv, hd]
+        if self.qk_norm is not None:
+            qk = self.qk_norm(qk)
+        q, k = apply_rope(qk, rot).split([h, hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, hd]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, S, hd]
@@ -205,7 +217,7 @@ class Transformer(nn.Module):
         mask, causal = self._attention_mask(b, t, past, doc_ids, attention_mask, cache)
 
         x = self.tok_emb(ids)  # [B, T, D]
-        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [B, T, 1, hd/2]
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if ckpt:

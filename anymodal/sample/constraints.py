@@ -99,9 +99,7 @@ class Constrainer:
         self.loc_bins = space.loc_bins
         self._bins = torch.arange(space.loc_bins, device=self.device)  # [B_loc]
         # Token -> kind lookups for the transition function.
-        self.is_image_code = span(*space.image_range()).to(self.device)
-        self.is_audio_code = span(*space.audio_range()).to(self.device)
-        self.is_loc = span(*space.loc_range()).to(self.device)
+        self._build_step_tables()
 
     # ---- state -------------------------------------------------------------------------------
     def initial(self, batch: int) -> ConstraintState:
@@ -120,24 +118,56 @@ class Constrainer:
         return state
 
     # ---- masks -------------------------------------------------------------------------------
-    def row_index(self, state: ConstraintState, remaining: torch.Tensor | None = None) -> torch.Tensor:
-        """Which table row applies to each batch row: LongTensor [B]."""
-        mode, pos = state.mode, state.pos
-        idx = torch.full_like(mode, self.R_TEXT)
-        img = torch.where(pos < self.hw, self.R_IMAGE, self.R_EOI)
-        level = pos % self.n_q
-        frames = pos // self.n_q
+    def _build_step_tables(self) -> None:
+        """(mode, pos) -> mask row, and (mode, token class) -> next mode / whether pos counts on."""
+        sp, hw, nq = self.space, self.hw, self.n_q
+        P = max(hw, self.max_audio_frames * nq, 4) + 2  # positions past P-1 behave like P-1
+        self.max_pos = P - 1
+        row = torch.full((5, P), self.R_TEXT, dtype=torch.long)
+        pos = torch.arange(P)
+        row[IMAGE] = torch.where(pos < hw, self.R_IMAGE, self.R_EOI)
+        level, frames = pos % nq, pos // nq
         aud = torch.where(level > 0, self.R_AUDIO + level, self.R_AUDIO)
         aud = torch.where((level == 0) & (frames >= 1), self.R_AUDIO0_OR_EOA, aud)
-        must_close = frames >= self.max_audio_frames
-        if remaining is not None:  # no room for another frame and the <eoa>
-            must_close = must_close | (remaining < self.n_q + 1)
-        aud = torch.where((level == 0) & (frames >= 1) & must_close, self.R_EOA, aud)
-        box = torch.where(pos < 4, self.R_LOC, self.R_EBOX)
-        idx = torch.where(mode == IMAGE, img, idx)
-        idx = torch.where(mode == AUDIO, aud, idx)
-        idx = torch.where(mode == BOX, box, idx)
-        idx = torch.where(mode == DONE, self.R_PAD, idx)
+        aud = torch.where((level == 0) & (frames >= self.max_audio_frames), self.R_EOA, aud)
+        row[AUDIO] = aud
+        row[BOX] = torch.where(pos < 4, self.R_LOC, self.R_EBOX)
+        row[DONE] = self.R_PAD
+        self.row_of = row.to(self.device)  # [5, P]
+        # Token classes.
+        C_OTHER, C_BOI, C_BOA, C_BOX, C_EOI, C_EOA, C_EBOX, C_IMG, C_AUD, C_LOC, C_EOS = range(11)
+        cls = torch.full((sp.vocab_size,), C_OTHER, dtype=torch.long)
+        cls[slice(*sp.image_range())] = C_IMG
+        cls[slice(*sp.audio_range())] = C_AUD
+        cls[slice(*sp.loc_range())] = C_LOC
+        for i, c in ((sp.boi, C_BOI), (sp.boa, C_BOA), (sp.box, C_BOX), (sp.eoi, C_EOI), (sp.eoa, C_EOA),
+                     (sp.ebox, C_EBOX), (sp.eos, C_EOS)):
+            cls[i] = c
+        self.class_of = cls.to(self.device)
+        self.C_LOC = C_LOC
+        # A stray token inside a span (only possible in a hand-written prompt: generated tokens obey
+        # the masks) ends the span.
+        nxt = torch.full((5, 11), TEXT, dtype=torch.long)
+        nxt[TEXT, C_BOI], nxt[TEXT, C_BOA], nxt[TEXT, C_BOX] = IMAGE, AUDIO, BOX
+        nxt[IMAGE, C_IMG], nxt[AUDIO, C_AUD], nxt[BOX, C_LOC] = IMAGE, AUDIO, BOX
+        nxt[DONE] = DONE
+        inc = torch.zeros((5, 11), dtype=torch.long)
+        inc[IMAGE, C_IMG] = inc[AUDIO, C_AUD] = inc[BOX, C_LOC] = 1
+        self.next_prompt = nxt.to(self.device)  # reading a prompt: </s> is just text
+        nxt = nxt.clone()
+        nxt[TEXT, C_EOS] = DONE
+        self.next_gen = nxt.to(self.device)
+        self.pos_inc = inc.to(self.device)
+        self.tight = max(hw + 2, nq + 2, 6)  # below this many tokens left, room checks apply
+
+    def row_index(self, state: ConstraintState, remaining: torch.Tensor | None = None) -> torch.Tensor:
+        """Which table row applies to each batch row: LongTensor [B]."""
+        idx = self.row_of[state.mode, state.pos.clamp(max=self.max_pos)]  # [B]
+        if remaining is not None:
+            # No room for another frame and the <eoa>: close the clip now (after >= 1 frame).
+            pos = state.pos
+            close = (state.mode == AUDIO) & (pos % self.n_q == 0) & (pos > 0) & (remaining < self.n_q + 1)
+            idx = torch.where(close, self.R_EOA, idx)
         return idx
 
     def allowed(self, state: ConstraintState, remaining: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,6 +177,9 @@ class Constrainer:
         only opened when it fits (an image needs h*w + 2 tokens, a box 6, audio one frame + 2), and
         audio is closed while there is room for `<eoa>`, so a length cut never leaves a broken span.
         """
+        # Room checks matter only near the end of a row's budget (one sync to find out).
+        if remaining is not None and int(remaining.min()) >= self.tight:
+            remaining = None
         allowed = self.table[self.row_index(state, remaining)]  # [B, V]
         if remaining is not None:
             sp = self.space
@@ -154,7 +187,7 @@ class Constrainer:
             allowed[:, sp.box] &= remaining >= 6
             allowed[:, sp.boa] &= remaining >= self.n_q + 2
         in_box = (state.mode == BOX) & (state.pos < 4)
-        if bool(in_box.any()):
+        if bool(in_box.any()):  # (one sync; boxes are rare)
             # x1, y1 leave room for a larger second corner; x2 > x1 and y2 > y1.
             second = state.pos >= 2  # [B]
             lo = torch.where(second, state.box_lo.gather(1, (state.pos - 2).clamp(0, 1)[:, None])[:, 0], -1)
@@ -172,54 +205,28 @@ class Constrainer:
                 strict: bool = True) -> None:
         """Move every row past token `tok` [B] (rows where `active` is False stay put).
 
-        With strict=False (reading a prompt) tokens that break the grammar are absorbed sensibly:
-        a span that is interrupted just ends.
+        strict=False reads a prompt: `</s>` does not finish it, and a token that breaks a span
+        (possible only in hand-written prompts) just ends that span.
         """
-        sp = self.space
         mode, pos = state.mode, state.pos
-        if active is None:
-            active = torch.ones_like(mode, dtype=torch.bool)
-        in_text = mode == TEXT
-        opens_img = in_text & (tok == sp.boi)
-        opens_aud = in_text & (tok == sp.boa)
-        opens_box = in_text & (tok == sp.box)
-        closes = ((mode == IMAGE) & (tok == sp.eoi)) | ((mode == AUDIO) & (tok == sp.eoa)) \
-            | ((mode == BOX) & (tok == sp.ebox))
-        inside = ((mode == IMAGE) & self.is_image_code[tok]) | ((mode == AUDIO) & self.is_audio_code[tok]) \
-            | ((mode == BOX) & self.is_loc[tok])
-        # Box corners are remembered for the ordering constraint.
-        is_lo_corner = (mode == BOX) & inside & (pos < 2)
-        if bool(is_lo_corner.any()):
-            col = pos.clamp(0, 1)
-            val = (tok - self.loc_lo).clamp_min(0)
-            upd = state.box_lo.gather(1, col[:, None])[:, 0]
-            upd = torch.where(is_lo_corner & active, val, upd)
-            state.box_lo.scatter_(1, col[:, None], upd[:, None])
-        new_mode = mode.clone()
-        new_mode = torch.where(opens_img, IMAGE, new_mode)
-        new_mode = torch.where(opens_aud, AUDIO, new_mode)
-        new_mode = torch.where(opens_box, BOX, new_mode)
-        new_mode = torch.where(closes, TEXT, new_mode)
-        new_pos = torch.where(inside, pos + 1, torch.zeros_like(pos))
-        if not strict:
-            # A stray token inside a span (only possible in a hand-written prompt) ends the span.
-            stray = (mode != TEXT) & (mode != DONE) & ~inside & ~closes
-            new_mode = torch.where(stray, TEXT, new_mode)
-        eos = (tok == sp.eos) & (mode == TEXT) & strict
-        new_mode = torch.where(eos, DONE, new_mode)
-        state.mode.copy_(torch.where(active, new_mode, mode))
-        state.pos.copy_(torch.where(active, new_pos, pos))
+        cls = self.class_of[tok]  # [B]
+        new_mode = (self.next_gen if strict else self.next_prompt)[mode, cls]
+        new_pos = (pos + 1) * self.pos_inc[mode, cls]
+        # Box corners x1, y1 are remembered for the ordering constraint.
+        lo_corner = (mode == BOX) & (cls == self.C_LOC) & (pos < 2)
+        if active is not None:
+            lo_corner &= active
+        if bool(lo_corner.any()):
+            col = pos.clamp(0, 1)[:, None]
+            old = state.box_lo.gather(1, col)[:, 0]
+            state.box_lo.scatter_(1, col, torch.where(lo_corner, tok - self.loc_lo, old)[:, None])
+        if active is not None:
+            new_mode = torch.where(active, new_mode, mode)
+            new_pos = torch.where(active, new_pos, pos)
+        state.mode.copy_(new_mode)
+        state.pos.copy_(new_pos)
 
     def finish(self, state: ConstraintState, rows: torch.Tensor) -> None:
         """Mark rows (BoolTensor [B]) as done: they only emit `<pad>` from now on."""
         state.mode.masked_fill_(rows, DONE)
         state.pos.masked_fill_(rows, 0)
-
-    def force_first(self, tokens: list[int | None]) -> torch.Tensor:
-        """LongTensor [B] of tokens forced as the first generated id (-1 where free)."""
-        return torch.tensor([-1 if t is None else int(t) for t in tokens], dtype=torch.long, device=self.device)
-
-
-def mode_modality(mode: torch.Tensor) -> torch.Tensor:
-    """Which sampling-parameter set (text=0, image=1, audio=2, loc=3) applies in each mode."""
-    return mode.clamp(max=BOX)

@@ -20,14 +20,21 @@ over the vocabulary, no mask rebuilding): the cache is preallocated, masks come 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
 from ..tokenizers.token_space import TokenSpace
 from .constraints import AUDIO, BOX, DONE, IMAGE, TEXT, Constrainer
+from .fast import FastDecoder
 from .sampling import ModalitySampling, make_generators, sample
+
+
+def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Classifier-free guidance `u + s·(c − u)`, computed as `c + (s − 1)·(c − u)` so that s = 1
+    returns `cond` bit for bit (logits are finite here: masks are applied after mixing)."""
+    return cond + (scale - 1.0) * (cond - uncond)
 
 
 @dataclass
@@ -58,9 +65,13 @@ TokenCallback = Callable[[int, int, int], None]
 class Engine:
     """Generates for batches of requests with one model and one token space."""
 
-    def __init__(self, model, space: TokenSpace, device="cpu", dtype=torch.float32,
-                 max_audio_frames: int | None = None, max_len: int | None = None):
+    def __init__(self, model, space: TokenSpace, device="cpu", dtype=None,
+                 max_audio_frames: int | None = None, max_len: int | None = None, fast: bool = True):
         self.model = model
+        if dtype is None:
+            dtype = next(model.parameters()).dtype
+        # The lean single-token step (same logits as model.decode) when the model has the structure.
+        self.fast = FastDecoder(model) if fast and FastDecoder.supports(model) else None
         self.space = space
         self.device = torch.device(device)
         self.dtype = dtype
@@ -121,6 +132,7 @@ class Engine:
         cache = KVCache.empty(self.model.cfg, B, total, device=dev, dtype=self.dtype)
         mask = None if bool(valid.all()) else valid
         logits = self.model.prefill(ids, cache, positions=positions, attention_mask=mask).float()  # [B, V]
+        decode = self.fast.step if self.fast is not None else self.model.decode
 
         gens = make_generators([r.seed for r in requests], device=dev)
         temp_t, topk_t, topp_t = (torch.tensor([r.sampling.table()[j] for r in requests], device=dev)
@@ -153,7 +165,7 @@ class Engine:
                 u = logits[n:]  # [m, V]
                 c = cond[g_rows]
                 in_media = ((state.mode[g_rows] == IMAGE) | (state.mode[g_rows] == AUDIO))[:, None]
-                mixed = c + (g_scale - 1.0) * (c - u)  # [m, V]; s = 1 gives c exactly
+                mixed = cfg_mix(c, u, g_scale)  # [m, V]
                 cond = cond.clone()
                 cond[g_rows] = torch.where(in_media, mixed, c)
             mode_now = state.mode.clone()
@@ -179,20 +191,17 @@ class Engine:
             out_mode[:, step] = mode_now
             new_count += live.long()
             con.advance(state, tok, active=live)
-            # Stop conditions, per row.
-            closed = live & (mode_now != TEXT) & (state.mode == TEXT)
-            ended_eos = live & (state.mode == DONE)
-            ended_span = closed & stop_span
-            ended_len = live & ~ended_eos & ~ended_span & (new_count >= max_new_t)
             if on_token is not None:
-                for i in live.nonzero()[:, 0].tolist():
-                    on_token(i, int(tok[i]), int(mode_now[i]))
-            for rows, why in ((ended_eos, "eos"), (ended_span, "span"), (ended_len, "length")):
-                for j in rows.nonzero()[:, 0].tolist():
-                    if not finish[j]:
-                        finish[j] = why
-            newly = ended_eos | ended_span | ended_len
+                for i, (t, md, lv) in enumerate(zip(tok.tolist(), mode_now.tolist(), live.tolist())):
+                    if lv:
+                        on_token(i, t, md)
+            # Stop conditions, per row: </s>, a closed span (when asked), or the token budget.
+            ended_eos = state.mode == DONE
+            ended_span = (mode_now != TEXT) & (state.mode == TEXT) & stop_span
+            newly = live & (ended_eos | ended_span | (new_count >= max_new_t))
             if bool(newly.any()):
+                for j in newly.nonzero()[:, 0].tolist():
+                    finish[j] = "eos" if ended_eos[j] else "span" if ended_span[j] else "length"
                 done |= newly
                 con.finish(state, newly)
             if bool(done.all()) or step == max_new - 1:
@@ -211,7 +220,7 @@ class Engine:
                 u_rows = torch.arange(n, B, device=dev)
                 opened = follows & ~((p_prev == IMAGE) | (p_prev == AUDIO))
                 u_span_start = torch.where(opened, slot, u_span_start)
-                logits = self.model.decode(step_ids[:, None], cache).float()
+                logits = decode(step_ids[:, None], cache).float()
                 # The row's view after the step: keep the slot only when it followed the partner.
                 cache.valid[u_rows, slot] = follows
                 base_pos = torch.where(follows, cache.next_pos[u_rows], cache.next_pos[u_rows] - 1)
@@ -225,7 +234,7 @@ class Engine:
                 cache.next_pos[u_rows] = base_pos
                 cache.padded = True
             else:
-                logits = self.model.decode(step_ids[:, None], cache).float()
+                logits = decode(step_ids[:, None], cache).float()
 
         results = []
         for i in range(n):

@@ -90,17 +90,22 @@ def sample(
     under the plain (T = 1, unfiltered) constrained distribution: a confidence, e.g. for boxes.
     """
     B, V = logits.shape
-    greedy = temperature <= 0  # [B]
-    filtering = bool(((top_k > 0) | (top_p < 1.0)).any())
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [B, V]
-    if filtering:
-        scaled = filter_logits(scaled, top_k, top_p)
-    # Every row draws V uniforms every step, greedy or not, so a row's stream of noise (and with it
-    # its samples) does not depend on which tokens other rows or earlier steps were greedy for.
-    u = torch.stack([torch.rand(V, generator=g, device=logits.device) for g in generators])  # [B, V]
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-    noisy = torch.where(greedy[:, None], scaled, scaled + gumbel)
-    ids = noisy.argmax(-1)  # [B]
+    temps = temperature.tolist()
+    sampled = [i for i, t in enumerate(temps) if t > 0]
+    if not sampled:  # all greedy: no noise drawn, no filtering needed
+        ids = logits.argmax(-1)  # [B]
+    else:
+        greedy = temperature <= 0  # [B]
+        scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [B, V]
+        if any(k > 0 for k in top_k.tolist()) or any(p < 1.0 for p in top_p.tolist()):
+            scaled = filter_logits(scaled, top_k, top_p)
+        # Only sampling rows draw noise, each from its own generator: a row's samples depend on its
+        # own seed and history, never on the other rows of the batch.
+        gumbel = torch.zeros_like(scaled)
+        for i in sampled:
+            u = torch.rand(V, generator=generators[i], device=logits.device)
+            gumbel[i] = -torch.log(-torch.log(u.clamp_min(1e-20)))
+        ids = (scaled + gumbel).argmax(-1)  # [B]
     prob = logits.log_softmax(-1).gather(1, ids[:, None])[:, 0].exp()  # [B]
     return ids, prob
 

@@ -5,7 +5,8 @@
       -> latent [B, D, T / hop]                              hop = prod(strides), frame_rate = sr / hop
       -> ResidualVQ (n_q levels x K codes, k-means init, dead-code replacement, quantizer dropout)
       -> ids [B, frames, n_q]                                 frame-major, as the token stream wants
-      -> decoder: mirror of the encoder with transposed convs -> wave [B, frames * hop]
+      -> decoder: mirror of the encoder with transposed convs (+ a full-rate output conv when
+         `out_channels` > 0) -> wave [B, frames * hop]
 
 Quantizer dropout during training (a random number of levels per batch, as SoundStream) is what
 lets `decode` take ids with fewer than `n_q` levels: the missing finer levels simply add nothing.
@@ -45,6 +46,11 @@ class AudioTokenizerConfig:
     res_dilations: list[int] = field(default_factory=lambda: [1, 3])  # residual units per stage
     plain_stages: int = 1  # the first (highest-rate, costliest) stages have no residual units
     kernel_size: int = 7  # first and last conv
+    stem: bool = True  # a full-rate conv first/last; False: the first strided conv reads the wave directly
+    # stem=False only: the decoder's last upsampling writes `out_channels` channels and a full-rate
+    # conv (kernel_size) makes the wave; 0 = the transposed conv writes the wave itself (cheaper, but
+    # leaves a tone at sample_rate / last stride from its periodic output pattern)
+    out_channels: int = 0
     latent_dim: int = 64  # D, the vector quantized at each frame
     activation: str = "elu"
     # quantizer
@@ -60,7 +66,7 @@ class AudioTokenizerConfig:
     chunk_seconds: float = 20.0  # encode/decode longer inputs in overlapping chunks of this length
 
     def __post_init__(self) -> None:
-        check_choice("activation", self.activation, ("elu", "gelu", "silu"))
+        check_choice("activation", self.activation, ("elu", "gelu", "silu", "lrelu"))
         if not self.strides or any(int(s) < 1 for s in self.strides):
             raise ConfigError(f"config key 'strides' must be a non-empty list of positive ints, got {self.strides}")
         if self.n_q < 1 or self.codebook_size < 2:
@@ -68,8 +74,12 @@ class AudioTokenizerConfig:
         if self.sample_rate % self.hop != 0:
             # a fractional frame rate would make the token stream's timing ambiguous
             raise ConfigError(f"sample_rate {self.sample_rate} is not a multiple of hop {self.hop} (prod of strides)")
+        if not self.stem and self.plain_stages < 1:
+            raise ConfigError("config key 'stem: false' needs 'plain_stages' >= 1 (the wave has one channel)")
         if self.channels < 1 or self.latent_dim < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError("config keys 'channels', 'latent_dim' must be >= 1 and 'kernel_size' odd")
+        if self.out_channels < 0:
+            raise ConfigError("config key 'out_channels' must be >= 0")
         if self.chunk_seconds <= 0:
             raise ConfigError("config key 'chunk_seconds' must be > 0")
 
@@ -83,6 +93,8 @@ class AudioTokenizerConfig:
 
 
 def _act(name: str) -> nn.Module:
+    if name == "lrelu":
+        return nn.LeakyReLU(0.1)
     return {"elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}[name]()
 
 
@@ -116,12 +128,16 @@ class Encoder(nn.Module):
         super().__init__()
         chs = _stage_channels(cfg)
         k = cfg.kernel_size
-        layers: list[nn.Module] = [nn.Conv1d(1, chs[0], k, padding=k // 2)]
+        # without a stem the first strided conv is a learned filterbank on the raw wave (cheap on CPU)
+        layers: list[nn.Module] = [nn.Conv1d(1, chs[0], k, padding=k // 2)] if cfg.stem else []
         for i, s in enumerate(cfg.strides):
             if i >= cfg.plain_stages:
                 layers += [ResUnit(chs[i], d, cfg.activation) for d in cfg.res_dilations]
+            if layers:
+                layers.append(_act(cfg.activation))
             # kernel 2s, padding ceil(s/2): exactly T/s outputs for T a multiple of s
-            layers += [_act(cfg.activation), nn.Conv1d(chs[i], chs[i + 1], 2 * s, stride=s, padding=(s + 1) // 2)]
+            c_in = chs[i] if layers else 1
+            layers.append(nn.Conv1d(c_in, chs[i + 1], 2 * s, stride=s, padding=(s + 1) // 2))
         layers += [_act(cfg.activation), nn.Conv1d(chs[-1], cfg.latent_dim, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
@@ -138,13 +154,17 @@ class Decoder(nn.Module):
         for i in reversed(range(len(cfg.strides))):
             s = cfg.strides[i]
             # kernel 2s, padding ceil(s/2), output_padding s%2: exactly L*s outputs
+            c_out = chs[i] if (cfg.stem or i > 0) else (cfg.out_channels or 1)
             layers += [
                 _act(cfg.activation),
-                nn.ConvTranspose1d(chs[i + 1], chs[i], 2 * s, stride=s, padding=(s + 1) // 2, output_padding=s % 2),
+                nn.ConvTranspose1d(chs[i + 1], c_out, 2 * s, stride=s, padding=(s + 1) // 2, output_padding=s % 2),
             ]
             if i >= cfg.plain_stages:
                 layers += [ResUnit(chs[i], d, cfg.activation) for d in cfg.res_dilations]
-        layers += [_act(cfg.activation), nn.Conv1d(chs[0], 1, k, padding=k // 2)]
+        if cfg.stem:
+            layers += [_act(cfg.activation), nn.Conv1d(chs[0], 1, k, padding=k // 2)]
+        elif cfg.out_channels:
+            layers += [_act(cfg.activation), nn.Conv1d(cfg.out_channels, 1, k, padding=k // 2)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):  # z [B, D, N] -> [B, 1, N * hop]
@@ -159,7 +179,7 @@ def _receptive_field(cfg: AudioTokenizerConfig) -> int:
             rf += 2 * d * jump
         rf += (2 * s - 1) * jump
         jump *= s
-    return rf + 2 * jump
+    return rf + 2 * jump + cfg.kernel_size  # + the decoder's full-rate output conv, if any
 
 
 @dataclass
@@ -249,11 +269,19 @@ class AudioTokenizer(nn.Module):
         """x [B, N * hop] -> ids [B, N, n_q], quantizer in eval mode (no EMA update, no dropout)."""
         z = self.encoder(x.unsqueeze(1)).transpose(1, 2)  # [B, N, D]
         was = self.quantizer.training
+        books = [layer._codebook for layer in self.quantizer.layers]
+        initted = [b.initted.clone() for b in books]
         self.quantizer.eval()
         try:
+            # a level that never saw training data must not be k-means-initialised here (that would
+            # make encoding depend on the input): it keeps its (zero) codebook
+            for b in books:
+                b.initted.fill_(True)
             _, codes, _ = self.quantizer(z)
         finally:
             self.quantizer.train(was)
+            for b, flag in zip(books, initted):
+                b.initted.copy_(flag)
         return codes
 
     @torch.no_grad()
@@ -261,7 +289,7 @@ class AudioTokenizer(nn.Module):
         """wave float [B, T] at sample_rate -> LongTensor [B, ceil(T / hop), n_q]."""
         if wave.dim() != 2:
             raise ValueError(f"encode expects a wave [B, T], got shape {tuple(wave.shape)}")
-        x = self._pad(wave.float())  # [B, N * hop]
+        x = self._pad(wave.float().to(self.device))  # [B, N * hop]
         n = x.shape[-1] // self.hop
         if n == 0:
             return torch.zeros(wave.shape[0], 0, self.n_q, dtype=torch.long, device=wave.device)
@@ -387,15 +415,14 @@ def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     if not p.is_file():
         raise UserError(f"audio file not found: {p}")
     try:
-        from ..data.media import load_audio  # the world helper's loader
+        from ..data.media import BadRecord, load_audio  # the world helper's loader
     except ImportError:
         return _load_audio_fallback(p, sample_rate)
-    from ..data.reader import BadRecord
-
     try:
         return np.asarray(load_audio(p, sample_rate), dtype=np.float32)
     except BadRecord as e:
-        raise UserError(f"{p} is not a readable audio file: {e}") from None
+        detail = " ".join(str(a) for a in e.args if a)
+        raise UserError(f"{p} is not readable audio ({detail})") from None
 
 
 def write_wav(wave: np.ndarray, sample_rate: int, path: str | Path) -> None:

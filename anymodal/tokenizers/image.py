@@ -96,6 +96,7 @@ class ImageQuantizerConfig:
 class ImageLossConfig:
     l1_weight: float = 1.0
     l2_weight: float = 1.0
+    edge_weight: float = 0.0  # extra L1 on pixels next to a colour change (sharp corners and tips)
     ssim_weight: float = 0.0  # (1 - SSIM) term
     perceptual_weight: float = 0.0  # needs a feature network injected into the trainer
     gan_weight: float = 0.0  # PatchGAN hinge loss; 0 turns the discriminator off
@@ -232,7 +233,10 @@ class Decoder(nn.Module):
                 layers.append(ResBlock(c, ch[i], g))
                 c = ch[i]
             if i > 0:
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+                # narrow before upsampling: the conv after it runs at 4x the positions
+                layers += [nn.Conv2d(c, ch[i - 1], 1), nn.Upsample(scale_factor=2, mode="nearest"),
+                           nn.Conv2d(ch[i - 1], ch[i - 1], 3, padding=1)]
+                c = ch[i - 1]
         layers += [_norm(c, g), nn.SiLU(), nn.Conv2d(c, 3 * p * p, 3, padding=1)]
         if p > 1:
             layers.append(nn.PixelShuffle(p))  # sub-pixel output: each position paints a p x p patch

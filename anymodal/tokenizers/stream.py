@@ -11,8 +11,9 @@ parse is reported in `Decoded.problems`, never raised.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class Box:
         return (self.x1, self.y1, self.x2, self.y2)
 
 
-Segment = Union[Text, Image, Audio, Box]
+Segment = Text | Image | Audio | Box
 
 
 @dataclass

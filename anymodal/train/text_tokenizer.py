@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import glob
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..config import load_config, save_config
 from ..errors import UserError

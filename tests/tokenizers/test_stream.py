@@ -5,7 +5,17 @@ import pytest
 
 from anymodal.errors import UserError
 from anymodal.tokenizers.stream import (
-    Audio, Box, Image, Text, bins_to_box, box_to_bins, box_to_pixels, dequantize, iou, pixels_to_box, quantize,
+    Audio,
+    Box,
+    Image,
+    Text,
+    bins_to_box,
+    box_to_bins,
+    box_to_pixels,
+    dequantize,
+    iou,
+    pixels_to_box,
+    quantize,
 )
 from anymodal.tokenizers.token_space import Modality
 

@@ -5,7 +5,13 @@ import json
 import pytest
 
 from anymodal.errors import UserError
-from anymodal.tokenizers.text import TextTokenizer, TextTokenizerConfig, decode_file, encode_file, train_text_tokenizer
+from anymodal.tokenizers.text import (
+    TextTokenizer,
+    TextTokenizerConfig,
+    decode_file,
+    encode_file,
+    train_text_tokenizer,
+)
 from anymodal.tokenizers.token_space import SPECIAL_PIECES
 
 ROUND_TRIP = [

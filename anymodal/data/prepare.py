@@ -1,0 +1,499 @@
+"""`anymodal prepare`: run the frozen tokenizers once over raw shards and write token shards.
+
+Raw documents (webdataset shards, read by `anymodal.data.reader.iter_documents`) become id
+sequences of the stream (`<s> text… <boi> codes <eoi> … </s>`). Images are encoded in batches
+by the image tokenizer; audio clips are batched by equal frame count (so every clip's codes are
+exactly what encoding it alone gives). Shards are processed by a pool of worker processes, one
+raw shard per task, and each finished shard is final: a rerun skips it (resume per shard).
+
+Token-shard format (a folder; all integers little-endian):
+
+    token_space.json        the tokenizers' token space (checked again by every loader)
+    manifest.json           {"format": "anymodal-tokens", "version": 1, "dtype": "uint16"|"uint32",
+                             "shards": [names], "tokenizers": "/abs/dir", "kinds": [...], "docs", "tokens"}
+                            written last: a folder without it is an unfinished prepare
+    stats.json              docs, tokens per modality, docs per kind, bad records by reason, docs/s
+    shards/NAME.ids         every document's ids back to back (dtype: uint16 when vocab <= 65536)
+    shards/NAME.mod         uint8 modality id per token (0 text, 1 image, 2 audio, 3 loc)
+    shards/NAME.idx.npy     one record per document (numpy structured array, no pickle):
+                              offset int64      first token in .ids / .mod
+                              length int32      tokens, <s> and </s> included
+                              kind   int16      index into the shard's "kinds" list (NAME.json)
+                              cond_start int32  conditioning span [cond_start, cond_end) of t2i/a2i/tts
+                              cond_end   int32  documents (the prompt before the first <boi>/<boa>);
+                                                -1/-1 when the document has none
+    shards/NAME.json        per-shard stats plus "source" (the raw shard) and "kinds"; written
+                            after the data files, so its presence marks the shard complete
+
+The conditioning span is what classifier-free-guidance dropout removes at training time
+(`anymodal.data.packing`): without it the image or audio span opens right after `<s>`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+FORMAT = "anymodal-tokens"
+VERSION = 1
+MODALITY_NAMES = ("text", "image", "audio", "loc")
+INDEX_DTYPE = np.dtype(
+    [("offset", "<i8"), ("length", "<i4"), ("kind", "<i2"), ("cond_start", "<i4"), ("cond_end", "<i4")]
+)
+# Document kinds whose leading prompt is dropped for classifier-free guidance, and the special
+# token (a TokenSpace attribute) that opens the generated span.
+COND_TARGETS = {"t2i": "boi", "a2i": "boi", "tts": "boa"}
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def conditioning_span(kind: str, ids: np.ndarray, space) -> tuple[int, int]:
+    """[start, end) of the prompt a CFG-dropout may remove: after <s>, up to the first span opener."""
+    target = COND_TARGETS.get(kind)
+    if target is None:
+        return -1, -1
+    start = 1 if len(ids) and ids[0] == space.bos else 0
+    hits = np.flatnonzero(ids == getattr(space, target))
+    if not len(hits) or hits[0] <= start:
+        return -1, -1
+    return start, int(hits[0])
+
+
+# ---- writing one token shard ----------------------------------------------------------------------
+class ShardWriter:
+    """Append documents to `shards/NAME.{ids,mod,idx.npy}` (tmp names until `close`)."""
+
+    def __init__(self, shard_dir: Path, name: str, dtype: np.dtype):
+        self.dir, self.name, self.dtype = shard_dir, name, dtype
+        self.tmp = {ext: shard_dir / f"{name}.{ext}.tmp" for ext in ("ids", "mod", "idx.npy")}
+        self.f_ids = open(self.tmp["ids"], "wb")
+        self.f_mod = open(self.tmp["mod"], "wb")
+        self.index: list[tuple[int, int, int, int, int]] = []
+        self.kinds: list[str] = []
+        self.offset = 0
+
+    def add(self, ids: np.ndarray, modality: np.ndarray, kind: str, cond: tuple[int, int]) -> None:
+        if kind not in self.kinds:
+            self.kinds.append(kind)
+        self.f_ids.write(np.asarray(ids).astype(self.dtype).tobytes())
+        self.f_mod.write(np.asarray(modality, dtype=np.uint8).tobytes())
+        self.index.append((self.offset, len(ids), self.kinds.index(kind), cond[0], cond[1]))
+        self.offset += len(ids)
+
+    def close(self, stats: dict) -> None:
+        for f in (self.f_ids, self.f_mod):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        with open(self.tmp["idx.npy"], "wb") as f:
+            np.save(f, np.array(self.index, dtype=INDEX_DTYPE), allow_pickle=False)
+        for ext, tmp in self.tmp.items():
+            tmp.replace(self.dir / f"{self.name}.{ext}")
+        _write_json(self.dir / f"{self.name}.json", {**stats, "kinds": self.kinds})
+
+    def abort(self) -> None:
+        for f in (self.f_ids, self.f_mod):
+            f.close()
+        for tmp in self.tmp.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+# ---- raw document -> stream segments --------------------------------------------------------------
+@dataclass
+class _ShardStats:
+    docs: int = 0
+    tokens: int = 0
+    tokens_by_modality: dict = field(default_factory=lambda: {m: 0 for m in MODALITY_NAMES})
+    docs_by_kind: dict = field(default_factory=dict)
+    bad: dict = field(default_factory=dict)
+    max_doc_tokens: int = 0
+
+    def count_bad(self, reason: str, n: int = 1) -> None:
+        self.bad[reason] = self.bad.get(reason, 0) + n
+
+
+class _Encoder:
+    """Holds the loaded tokenizers in one process and turns batches of raw documents into ids."""
+
+    def __init__(self, tok_dir: str, device: str = "cpu", image_batch: int = 64, audio_batch: int = 32):
+        import torch
+
+        from ..tokenizers import load_tokenizers
+
+        self.torch = torch
+        self.device = device
+        self.tok = load_tokenizers(tok_dir, device=device)
+        self.space = self.tok.space
+        self.image_batch = image_batch
+        self.audio_batch = audio_batch
+
+    def encode_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        out: list[np.ndarray] = []
+        for s in range(0, len(images), self.image_batch):
+            x = torch.from_numpy(np.stack(images[s : s + self.image_batch]))  # [B, H, W, 3] uint8
+            x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W] in [0, 1]
+            out.extend(self.tok.image.encode(x).cpu().numpy().astype(np.int64))  # [B, h, w]
+        return out
+
+    def encode_audio(self, waves: list[np.ndarray]) -> list[np.ndarray]:
+        """Clips with the same frame count go through the codec together: padding inside a batch
+        would change the last frames' codes, equal padded lengths change nothing."""
+        torch, audio = self.torch, self.tok.audio
+        out: list[np.ndarray | None] = [None] * len(waves)
+        buckets: dict[int, list[int]] = {}
+        for i, w in enumerate(waves):
+            buckets.setdefault(math.ceil(len(w) / audio.hop), []).append(i)
+        for frames, members in buckets.items():
+            n = frames * audio.hop
+            for s in range(0, len(members), self.audio_batch):
+                group = members[s : s + self.audio_batch]
+                x = torch.zeros(len(group), n)  # [B, frames * hop]
+                for row, i in enumerate(group):
+                    x[row, : len(waves[i])] = torch.from_numpy(np.asarray(waves[i], dtype=np.float32))
+                codes = audio.encode(x.to(self.device)).cpu().numpy().astype(np.int64)  # [B, frames, n_q]
+                for row, i in enumerate(group):
+                    out[i] = codes[row]
+        return out  # type: ignore[return-value]
+
+    def encode_docs(self, docs: list, stats: _ShardStats, strict: bool):
+        """Yield (ids, modality, kind, cond) per good document; count the bad ones."""
+        from ..tokenizers.stream import Audio, Box, Image, Text
+
+        images, waves = [], []
+        usable = []
+        for doc in docs:
+            segs = doc.segments
+            has_img = any("image" in s for s in segs)
+            has_aud = any("audio" in s for s in segs)
+            if (has_img and self.tok.image is None) or (has_aud and self.tok.audio is None):
+                reason = "image without image tokenizer" if has_img and self.tok.image is None else \
+                    "audio without audio tokenizer"
+                if strict:
+                    raise UserError(f"{doc.shard}:{doc.key}: {reason}")
+                stats.count_bad(reason)
+                continue
+            usable.append(doc)
+            images.extend(s["image"] for s in segs if "image" in s)
+            waves.extend(s["audio"] for s in segs if "audio" in s)
+        image_codes = self.encode_images(images) if images else []
+        audio_codes = self.encode_audio(waves) if waves else []
+        ii = ai = 0
+        for doc in usable:
+            segments = []
+            for s in doc.segments:
+                if "text" in s:
+                    segments.append(Text(s["text"]))
+                elif "image" in s:
+                    segments.append(Image(image_codes[ii]))
+                    ii += 1
+                elif "audio" in s:
+                    segments.append(Audio(audio_codes[ai]))
+                    ai += 1
+                elif "box" in s:
+                    segments.append(Box(*(float(v) for v in s["box"])))
+            try:
+                ids, modality = self.tok.stream.encode(segments)
+            except (UserError, ValueError, TypeError) as e:
+                if strict:
+                    raise UserError(f"{doc.shard}:{doc.key}: cannot encode: {e}") from None
+                stats.count_bad(f"encode: {type(e).__name__}")
+                continue
+            kind = doc.kind or "unknown"
+            yield ids, modality, kind, conditioning_span(kind, ids, self.space)
+
+
+# ---- one shard in a worker ------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(tok_dir: str, threads: int, progress, device: str = "cpu") -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER["encoder"] = _Encoder(tok_dir, device)
+    _WORKER["progress"] = progress
+
+
+def _prepare_shard(task: dict) -> dict:
+    """Tokenize one raw shard into `shards/NAME.*`; returns its stats (also saved as NAME.json)."""
+    from .reader import RecordCounter, iter_documents
+
+    enc: _Encoder = _WORKER["encoder"]
+    progress = _WORKER.get("progress")
+    shard_dir = Path(task["out"]) / "shards"
+    name = task["name"]
+    t0 = time.time()
+    stats = _ShardStats()
+    counter = RecordCounter()
+    writer = ShardWriter(shard_dir, name, np.dtype(task["dtype"]))
+    image_size = enc.tok.image.resolution if enc.tok.image is not None else 64
+    sample_rate = enc.tok.audio.sample_rate if enc.tok.audio is not None else 16000
+
+    def flush(buf: list) -> None:
+        for ids, modality, kind, cond in enc.encode_docs(buf, stats, task["strict"]):
+            writer.add(ids, modality, kind, cond)
+            stats.docs += 1
+            stats.tokens += len(ids)
+            stats.max_doc_tokens = max(stats.max_doc_tokens, len(ids))
+            counts = np.bincount(modality, minlength=len(MODALITY_NAMES))
+            for m, c in zip(MODALITY_NAMES, counts):
+                stats.tokens_by_modality[m] += int(c)
+            stats.docs_by_kind[kind] = stats.docs_by_kind.get(kind, 0) + 1
+        if progress is not None:
+            with progress.get_lock():
+                progress.value += len(buf)
+        buf.clear()
+
+    try:
+        buf: list = []
+        docs = iter_documents(task["source"], image_size=image_size, image_mode=task["image_mode"],
+                              sample_rate=sample_rate, strict=task["strict"], counter=counter)
+        for doc in docs:
+            buf.append(doc)
+            if len(buf) >= task["batch_docs"]:
+                flush(buf)
+        flush(buf)
+    except BaseException:
+        writer.abort()
+        raise
+    for reason, n in _counter_counts(counter).items():
+        stats.count_bad(reason, n)
+    seconds = time.time() - t0
+    out = {"name": name, "source": task["source"], "docs": stats.docs, "tokens": stats.tokens,
+           "tokens_by_modality": stats.tokens_by_modality, "docs_by_kind": stats.docs_by_kind,
+           "bad": stats.bad, "max_doc_tokens": stats.max_doc_tokens, "seconds": seconds}
+    writer.close(out)
+    return out
+
+
+def _counter_counts(counter) -> dict[str, int]:
+    """Bad records counted by the reader, by reason."""
+    for attr in ("counts", "by_reason", "bad"):
+        v = getattr(counter, attr, None)
+        if isinstance(v, dict):
+            return {str(k): int(n) for k, n in v.items() if int(n)}
+    rep = counter.report() if hasattr(counter, "report") else {}
+    if isinstance(rep, dict):
+        inner = rep.get("bad", rep.get("by_reason", rep))
+        return {str(k): int(n) for k, n in inner.items() if isinstance(n, (int, np.integer)) and n}
+    return {}
+
+
+def _shard_done(shard_dir: Path, name: str, source: str) -> dict | None:
+    meta = shard_dir / f"{name}.json"
+    if not meta.is_file() or not all((shard_dir / f"{name}.{e}").is_file() for e in ("ids", "mod", "idx.npy")):
+        return None
+    try:
+        stats = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return None
+    return stats if stats.get("source") == source else None
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def prepare(
+    tokenizers: str | Path,
+    input: str | Path | list,
+    out: str | Path,
+    workers: int | None = None,
+    strict: bool = False,
+    image_mode: str = "resize",
+    batch_docs: int = 64,
+    progress: bool = True,
+    threads: int | None = None,
+    device: str = "auto",
+) -> dict:
+    """Tokenize every raw shard of `input` into the token-shard folder `out`; returns stats.json's dict."""
+    from ..tokenizers import load_tokenizers
+
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device here")
+    if image_mode not in ("resize", "letterbox"):
+        raise UserError(f"--image-mode must be resize or letterbox, got {image_mode!r}")
+    from .reader import expand_shards
+
+    sources = expand_shards(input)
+    tok_dir = Path(tokenizers)
+    space = load_tokenizers(tok_dir).space  # validates the set (and its token_space.json) up front
+    out = Path(out)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    if (out / "token_space.json").is_file():
+        from ..tokenizers.token_space import TokenSpace
+
+        TokenSpace.load(out).check_same(space, f"existing {out}/token_space.json vs the tokenizers")
+    space.save(out / "token_space.json")
+    (out / "manifest.json").unlink(missing_ok=True)  # re-marked complete at the end
+    dtype = ids_dtype(space.vocab_size).str
+
+    names = [f"{i:05d}" for i in range(len(sources))]
+    done: dict[str, dict] = {}
+    tasks = []
+    for name, src in zip(names, sources):
+        prev = _shard_done(shard_dir, name, src)
+        if prev is not None:
+            done[name] = prev
+        else:
+            tasks.append({"name": name, "source": src, "out": str(out), "dtype": dtype, "strict": strict,
+                          "image_mode": image_mode, "batch_docs": batch_docs})
+    cpus = os.cpu_count() or 1
+    workers = max(1, min(workers or cpus, len(tasks) or 1))
+    threads = threads or max(1, cpus // workers)  # torch threads per worker
+    t0 = time.time()
+    if tasks:
+        _run_tasks(tasks, str(tok_dir), workers, threads, progress, len(done), len(sources), done, device)
+    seconds = time.time() - t0
+    return _finish(out, names, sources, done, tok_dir, dtype, seconds, [t["name"] for t in tasks])
+
+
+def _run_tasks(tasks, tok_dir, workers, threads, show, n_done, n_total, done, device) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(desc="prepare", unit="doc", disable=not show, dynamic_ncols=True)
+    bar.set_postfix_str(f"shards {n_done}/{n_total}")
+    if workers == 1:
+        # in-process: no pool start-up cost, and tracebacks stay readable
+        counter = _LocalCounter()
+        old_threads = None
+        import torch
+
+        old_threads = torch.get_num_threads()
+        _init_worker(tok_dir, threads, None, device)
+        _WORKER["progress"] = counter
+        try:
+            for task in tasks:
+                res = _prepare_shard(task)
+                done[res["name"]] = res
+                bar.update(counter.value - bar.n)
+                bar.set_postfix_str(f"shards {len(done)}/{n_total}")
+        finally:
+            _WORKER.clear()
+            torch.set_num_threads(old_threads)
+        bar.close()
+        return
+    ctx = mp.get_context("spawn")  # torch + fork is not safe once threads exist
+    value = ctx.Value("q", 0)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok_dir, threads, value, device)) as pool:
+        it = pool.imap_unordered(_prepare_shard, tasks)
+        while True:
+            try:
+                res = it.next(timeout=0.5)
+            except mp.TimeoutError:
+                bar.update(value.value - bar.n)
+                continue
+            except StopIteration:
+                break
+            done[res["name"]] = res
+            bar.update(value.value - bar.n)
+            bar.set_postfix_str(f"shards {len(done)}/{n_total}")
+    bar.close()
+
+
+class _LocalCounter:
+    """The single-process stand-in for the shared progress counter."""
+
+    def __init__(self):
+        self.value = 0
+
+    def get_lock(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def _finish(out: Path, names, sources, done, tok_dir: Path | None, dtype: str, seconds: float, new: list[str]) -> dict:
+    kinds: list[str] = []
+    total = {"docs": 0, "tokens": 0, "tokens_by_modality": {m: 0 for m in MODALITY_NAMES},
+             "docs_by_kind": {}, "bad": {}, "max_doc_tokens": 0}
+    for name in names:
+        s = done[name]
+        total["docs"] += s["docs"]
+        total["tokens"] += s["tokens"]
+        total["max_doc_tokens"] = max(total["max_doc_tokens"], s["max_doc_tokens"])
+        for k, v in s["tokens_by_modality"].items():
+            total["tokens_by_modality"][k] = total["tokens_by_modality"].get(k, 0) + v
+        for k, v in s["docs_by_kind"].items():
+            total["docs_by_kind"][k] = total["docs_by_kind"].get(k, 0) + v
+            if k not in kinds:
+                kinds.append(k)
+        for k, v in s["bad"].items():
+            total["bad"][k] = total["bad"].get(k, 0) + v
+    if total["docs"] == 0:
+        raise UserError(f"no usable documents in {len(sources)} raw shard(s); bad records: {total['bad']}")
+    new_docs = sum(done[n]["docs"] for n in new)
+    stats = {**total, "shards": len(names), "bad_total": sum(total["bad"].values()),
+             "seconds": round(seconds, 3), "shards_this_run": len(new),
+             "docs_per_second": round(new_docs / seconds, 2) if new and seconds > 0 else None}
+    _write_json(out / "stats.json", stats)
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name, "shards": names,
+                "sources": sources, "tokenizers": str(Path(tok_dir).resolve()) if tok_dir else "", "kinds": kinds,
+                "docs": total["docs"], "tokens": total["tokens"]}
+    _write_json(out / "manifest.json", manifest)
+    return stats
+
+
+def write_token_dataset(out: str | Path, space, docs: Iterable, docs_per_shard: int = 0,
+                        tokenizers: str | Path | None = None) -> dict:
+    """Write already-tokenized documents `(ids, modality, kind)` in the token-shard format.
+
+    For synthetic corpora, tests and benchmarks (no raw shards, no tokenizers needed);
+    `docs_per_shard` = 0 puts everything in one shard.
+    """
+    out = Path(out)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    space.save(out / "token_space.json")
+    dtype = ids_dtype(space.vocab_size)
+    names: list[str] = []
+    done: dict[str, dict] = {}
+    writer = stats = None
+
+    def close():
+        s = stats
+        writer.close({"name": names[-1], "source": "synthetic", "docs": s.docs, "tokens": s.tokens,
+                      "tokens_by_modality": s.tokens_by_modality, "docs_by_kind": s.docs_by_kind,
+                      "bad": {}, "max_doc_tokens": s.max_doc_tokens, "seconds": 0.0})
+        done[names[-1]] = json.loads((shard_dir / f"{names[-1]}.json").read_text())
+
+    for ids, modality, kind in docs:
+        if writer is None or (docs_per_shard and stats.docs >= docs_per_shard):
+            if writer is not None:
+                close()
+            names.append(f"{len(names):05d}")
+            writer, stats = ShardWriter(shard_dir, names[-1], dtype), _ShardStats()
+        ids = np.asarray(ids, dtype=np.int64)
+        modality = np.asarray(modality, dtype=np.uint8)
+        writer.add(ids, modality, kind, conditioning_span(kind, ids, space))
+        stats.docs += 1
+        stats.tokens += len(ids)
+        stats.max_doc_tokens = max(stats.max_doc_tokens, len(ids))
+        for m, c in zip(MODALITY_NAMES, np.bincount(modality, minlength=len(MODALITY_NAMES))):
+            stats.tokens_by_modality[m] += int(c)
+        stats.docs_by_kind[kind] = stats.docs_by_kind.get(kind, 0) + 1
+    if writer is None:
+        raise UserError("no documents to write")
+    close()
+    return _finish(out, names, ["synthetic"] * len(names), done, tokenizers, dtype.str, 0.0, [])

@@ -1,0 +1,346 @@
+"""`anymodal eval`: measure a bundle on a validation split with the WORLD.md metrics.
+
+Documents are read with the data reader, cut at `meta.prompt_segments` into the prompt (what the
+model is given) and the truth, and grouped by kind. Each kind's prompts are generated in batches by
+the sampling engine, with the grammar forcing the span the task asks for:
+
+    t2i / a2i   prompt, then forced `<boi>`: one image, checked by the image check
+    i2t         image, then text until `</s>` (greedy): caption accuracy
+    ground      image + `<ref>…</ref>`, then forced `<box>` (greedy locations): Acc@0.5 and mean IoU
+    refer       image + box, then text (greedy): refer accuracy
+    asr         audio, then text (greedy): corpus WER against the transcript
+    tts         "say: …", then forced `<boa>`: the clip is decoded to a waveform, re-tokenized and
+                transcribed by the model itself (the asr prompt); WER against the text
+
+Images and clips are sampled (per-document fixed seeds) with classifier-free guidance; text and
+locations are greedy. Bits per token per modality are measured by teacher forcing on every
+document read (all kinds, including story and prose). Every metric is also reported on the
+documents whose scenes hold an unseen colour+shape pair (`meta.unseen`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..sample.engine import Engine, Request
+from ..sample.media import audio_codes, decode_audio, decode_images, image_codes, image_mode
+from ..sample.sampling import ModalitySampling, SamplingParams
+from ..tokenizers.stream import Audio, Box, Image, Text
+from .metrics import Metrics, format_table, image_check
+
+GEN_KINDS = ("t2i", "a2i", "i2t", "ground", "refer", "asr", "tts")
+
+
+@dataclass
+class EvalOptions:
+    limit: int | None = None  # documents per kind (None = all)
+    batch_size: int = 8
+    seed: int = 0
+    cfg: float = 3.0
+    max_text_tokens: int = 160  # 3-object captions are ~90 tokens with a tiny BPE vocab
+    bits_docs: int | None = None  # documents for bits per token (None = every document read)
+    progress: bool = True
+
+
+def eval_sampling() -> ModalitySampling:
+    """Greedy text and boxes; images and audio sampled with top-k (with fixed seeds)."""
+    s = ModalitySampling.default()
+    s.text = SamplingParams(0.0, 0, 1.0)
+    s.loc = SamplingParams(0.0, 0, 1.0)
+    return s
+
+
+def _batches(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i: i + n]
+
+
+class Evaluator:
+    def __init__(self, bundle, opts: EvalOptions):
+        self.b, self.o = bundle, opts
+        self.sp = bundle.space
+        self.tok = bundle.tok
+        self.engine = Engine(bundle.model, self.sp, device=bundle.device)
+        self.metrics = Metrics()
+        self.sampling = eval_sampling()
+        self.bar = None
+
+    # ---- reading -----------------------------------------------------------------------------
+    def read(self, data) -> tuple[dict[str, list], list, int]:
+        """Documents per generation kind (up to limit each) and documents for bits per token."""
+        from ..data.reader import RecordCounter, iter_documents
+
+        tok = self.tok
+        counter = RecordCounter()
+        size = tok.image.resolution if tok.image is not None else 64
+        mode = image_mode(tok.image) if tok.image is not None else "resize"
+        rate = tok.audio.sample_rate if tok.audio is not None else 16000
+        per_kind: dict[str, list] = {k: [] for k in GEN_KINDS}
+        bits: list = []
+        limit = self.o.limit
+        bits_limit = self.o.bits_docs if self.o.bits_docs is not None else (
+            None if limit is None else limit * (len(GEN_KINDS) + 2))
+        try:
+            docs = iter_documents(data, image_size=size, image_mode=mode, sample_rate=rate, counter=counter,
+                                  images=tok.image is not None, audio=tok.audio is not None)
+            for doc in docs:
+                usable = self._usable(doc)
+                if usable and doc.kind in per_kind and (limit is None or len(per_kind[doc.kind]) < limit):
+                    per_kind[doc.kind].append(doc)
+                if usable and (bits_limit is None or len(bits) < bits_limit):
+                    bits.append(doc)
+                full = limit is not None and all(len(v) >= limit for v in per_kind.values())
+                if full and bits_limit is not None and len(bits) >= bits_limit:
+                    break
+        except UserError:
+            raise
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"cannot read eval data {data}: {e}") from None
+        if not any(per_kind.values()) and not bits:
+            raise UserError(f"no usable documents in {data}")
+        return per_kind, bits, counter.total_bad
+
+    def _usable(self, doc) -> bool:
+        """A document whose media the bundle can tokenize (no audio tokenizer -> no audio docs)."""
+        for s in doc.segments:
+            if "image" in s and self.tok.image is None:
+                return False
+            if "audio" in s and self.tok.audio is None:
+                return False
+        return bool(doc.segments)
+
+    # ---- stream helpers ----------------------------------------------------------------------------
+    def segments(self, doc, upto: int | None = None) -> list:
+        """Reader segments -> stream segments (media tokenized, batched per document)."""
+        raw = doc.segments if upto is None else doc.segments[:upto]
+        pics = [s["image"] for s in raw if "image" in s]
+        codes = iter(image_codes(pics, self.tok.image) if pics else [])
+        out = []
+        for s in raw:
+            if "text" in s:
+                out.append(Text(s["text"]))
+            elif "image" in s:
+                out.append(Image(next(codes)))
+            elif "audio" in s:
+                out.append(Audio(audio_codes(s["audio"], self.tok.audio)))
+            elif "box" in s:
+                out.append(Box(*[float(v) for v in s["box"]]))
+        return out
+
+    def prompt(self, doc) -> list[int]:
+        n = int(doc.meta.get("prompt_segments", len(doc.segments) - 1))
+        ids, _ = self.b.stream.encode(self.segments(doc, n), bos=True, eos=False)
+        return [int(i) for i in ids]
+
+    def _fits(self, prompt: list[int], new: int) -> int:
+        """New tokens that fit after the prompt (0 = the prompt alone fills the context)."""
+        return max(0, min(new, self.engine.max_len - len(prompt)))
+
+    def generate(self, prompts: list[list[int]], new: int | list[int], seeds: list[int], force=None,
+                 cfg: float = 1.0) -> list:
+        news = new if isinstance(new, list) else [new] * len(prompts)
+        reqs, idx = [], []
+        for i, (p, n, s) in enumerate(zip(prompts, news, seeds)):
+            n = self._fits(p, n)
+            if n > 0:
+                reqs.append(Request(p, n, self.sampling, seed=s, cfg_scale=cfg,
+                                    force=[force] if force is not None else (), stop_after_span=force is not None))
+                idx.append(i)
+        results = [None] * len(prompts)
+        for chunk in _batches(list(zip(idx, reqs)), self.o.batch_size):
+            for (i, _), res in zip(chunk, self.engine.generate([r for _, r in chunk])):
+                results[i] = res
+        return results
+
+    def text_of(self, tokens: list[int]) -> str:
+        dec = self.b.stream.decode(tokens)
+        return "".join(s.text for s in dec.segments if isinstance(s, Text))
+
+    def _tick(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    # ---- tasks ------------------------------------------------------------------------------------
+    def image_task(self, kind: str, docs: list) -> None:
+        from ..data.checker import analyse_image
+
+        sp = self.sp
+        for chunk in _batches(docs, self.o.batch_size):
+            prompts = [self.prompt(d) for d in chunk]
+            seeds = [self.o.seed + hash_key(d.key) for d in chunk]
+            results = self.generate(prompts, sp.image_tokens + 2, seeds, force=sp.boi, cfg=self.o.cfg)
+            grids = []
+            for res in results:
+                dec = self.b.stream.decode(res.tokens) if res is not None else None
+                img = [s for s in dec.segments if isinstance(s, Image)] if dec is not None else []
+                grids.append(img[0].codes if img else None)
+            pics = iter(decode_images([g for g in grids if g is not None], self.tok.image))
+            for d, g in zip(chunk, grids):
+                found = analyse_image(next(pics)) if g is not None else []
+                self.metrics.add_image(kind, image_check(d.meta["objects"], found), bool(d.meta.get("unseen")))
+            self._tick(len(chunk))
+
+    def text_task(self, kind: str, docs: list) -> None:
+        from ..data.checker import caption_correct, refer_correct
+
+        for chunk in _batches(docs, self.o.batch_size):
+            prompts = [self.prompt(d) for d in chunk]
+            results = self.generate(prompts, self.o.max_text_tokens, [self.o.seed] * len(chunk))
+            for d, res in zip(chunk, results):
+                text = self.text_of(res.tokens) if res is not None else ""
+                unseen = bool(d.meta.get("unseen"))
+                if kind == "i2t":
+                    self.metrics.add_caption(caption_correct(text, d.meta["objects"]), unseen)
+                elif kind == "refer":
+                    target = d.meta["objects"][int(d.meta["target"])]
+                    self.metrics.add_refer(refer_correct(text, target["colour"], target["shape"]), unseen)
+                else:  # asr
+                    self.metrics.add_wer("asr", d.meta.get("transcript") or _truth_text(d), text, unseen)
+            self._tick(len(chunk))
+
+    def ground_task(self, docs: list) -> None:
+        from ..data.checker import box_iou
+
+        sp = self.sp
+        for chunk in _batches(docs, self.o.batch_size):
+            prompts = [self.prompt(d) for d in chunk]
+            results = self.generate(prompts, 6, [self.o.seed] * len(chunk), force=sp.box)
+            for d, res in zip(chunk, results):
+                truth = [s["box"] for s in d.segments if "box" in s][-1]
+                boxes = [s for s in self.b.stream.decode(res.tokens).segments if isinstance(s, Box)] if res else []
+                iou = box_iou(boxes[0].as_tuple(), truth) if boxes else 0.0
+                self.metrics.add_ground(iou, bool(d.meta.get("unseen")))
+            self._tick(len(chunk))
+
+    def tts_task(self, docs: list) -> None:
+        sp = self.sp
+        for chunk in _batches(docs, self.o.batch_size):
+            prompts = [self.prompt(d) for d in chunk]
+            # Room for 1.5x the reference clip plus half a second before <eoa> is forced.
+            news = []
+            for d in chunk:
+                ref = [s["audio"] for s in d.segments if "audio" in s]
+                frames = math.ceil(len(ref[0]) / self.tok.audio.sample_rate * sp.audio_frame_rate) if ref else 50
+                news.append(sp.audio_n_q * (frames * 3 // 2 + int(sp.audio_frame_rate) // 2) + 2)
+            seeds = [self.o.seed + hash_key(d.key) for d in chunk]
+            results = self.generate(prompts, news, seeds, force=sp.boa, cfg=self.o.cfg)
+            # The model's own ASR on its speech: waveform -> codec -> `<s><boa>…<eoa>` -> text.
+            asr_prompts = []
+            for res in results:
+                clips = [s for s in self.b.stream.decode(res.tokens).segments if isinstance(s, Audio)] if res else []
+                if clips and clips[0].codes.shape[0] > 0:
+                    wave = decode_audio(clips[0].codes, self.tok.audio)
+                    codes = audio_codes(wave, self.tok.audio)
+                    ids, _ = self.b.stream.encode([Audio(codes)], bos=True, eos=False)
+                    asr_prompts.append([int(i) for i in ids])
+                else:
+                    asr_prompts.append(None)
+            live = [p for p in asr_prompts if p is not None]
+            texts = iter(self.generate(live, self.o.max_text_tokens, [self.o.seed] * len(live)))
+            for d, p in zip(chunk, asr_prompts):
+                res = next(texts) if p is not None else None
+                hyp = self.text_of(res.tokens) if res is not None else ""
+                self.metrics.add_wer("tts", d.meta.get("transcript") or "", hyp, bool(d.meta.get("unseen")))
+            self._tick(len(chunk))
+
+    @torch.inference_mode()
+    def bits_task(self, docs: list) -> None:
+        """Teacher-forced negative log-likelihood per modality, in bits per token."""
+        from ..model.loss import MODALITY_NAMES, lm_loss
+
+        model, max_len = self.b.model, self.engine.max_len
+        dev = self.b.device
+        for chunk in _batches(docs, self.o.batch_size):
+            seqs = []
+            for d in chunk:
+                ids, mod = self.b.stream.encode(self.segments(d), bos=True, eos=True)
+                seqs.append((ids[: max_len + 1], mod[: max_len + 1], bool(d.meta.get("unseen"))))
+            T = max(len(s[0]) for s in seqs) - 1
+            inp = torch.full((len(seqs), T), self.sp.pad, dtype=torch.long)
+            labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+            mods = torch.zeros((len(seqs), T), dtype=torch.long)
+            for i, (ids, mod, _) in enumerate(seqs):
+                n = len(ids) - 1
+                inp[i, :n] = torch.from_numpy(ids[:-1])
+                labels[i, :n] = torch.from_numpy(ids[1:])
+                mods[i, :n] = torch.from_numpy(mod[1:].astype(np.int64))
+            logits = model(inp.to(dev))  # right padding: causal attention never looks at it
+            for i, (_, _, unseen) in enumerate(seqs):
+                out = lm_loss(logits[i: i + 1].float(), labels[i: i + 1].to(dev), mods[i: i + 1].to(dev))
+                for name in MODALITY_NAMES:
+                    self.metrics.add_bits(name, float(out.per_modality_sum[name]), int(out.per_modality_count[name]),
+                                          unseen)
+                self.metrics.add_bits_document(unseen)
+            self._tick(len(chunk))
+
+    # ---- all ---------------------------------------------------------------------------------------
+    def run(self, data) -> dict:
+        from tqdm import tqdm
+
+        per_kind, bits, skipped = self.read(data)
+        total = sum(len(v) for v in per_kind.values()) + len(bits)
+        self.bar = tqdm(total=total, desc="eval", unit="doc", disable=not self.o.progress or None, file=sys.stderr)
+        try:
+            for kind in GEN_KINDS:
+                docs = per_kind[kind]
+                if not docs:
+                    continue
+                self.bar.set_postfix_str(kind)
+                if kind in ("t2i", "a2i"):
+                    self.image_task(kind, docs)
+                elif kind == "ground":
+                    self.ground_task(docs)
+                elif kind == "tts":
+                    self.tts_task(docs)
+                else:
+                    self.text_task(kind, docs)
+            if bits:
+                self.bar.set_postfix_str("bits")
+                self.bits_task(bits)
+        finally:
+            self.bar.close()
+        result = self.metrics.result()
+        result["n"]["skipped_records"] = int(skipped)
+        return result
+
+
+def hash_key(key: str) -> int:
+    """A stable per-document seed offset (Python's hash() is salted per process)."""
+    import zlib
+
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+def _truth_text(doc) -> str:
+    n = int(doc.meta.get("prompt_segments", 1))
+    return "".join(s.get("text", "") for s in doc.segments[n:])
+
+
+def evaluate(bundle, data, out: str | Path | None = None, opts: EvalOptions | None = None,
+             console=None) -> dict:
+    """Run every metric on `data`; write `out` (metrics.json) atomically; print the table."""
+    opts = opts or EvalOptions()
+    if opts.limit is not None and opts.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {opts.limit}")
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    result = Evaluator(bundle, opts).run(data)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(out)
+    print(format_table(result), file=console if console is not None else sys.stdout)
+    return result
+
+
+__all__ = ["EvalOptions", "Evaluator", "evaluate"]

@@ -1,0 +1,130 @@
+"""Media in and out of the token stream: prompt parsing, files -> segments, segments -> files.
+
+A prompt is text with inline references `<image:cat.png>` / `<audio:q.wav>`; `--image`/`--audio`
+flags add media before the text (the image → text layout the model is trained on). Images are fitted
+to the image tokenizer's resolution with its resize/letterbox mode, audio is resampled to the codec
+rate, and both are tokenized with the bundle's tokenizers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..tokenizers.stream import Audio, Image, Segment, Text
+
+MEDIA_REF = re.compile(r"<(image|audio):([^<>\n]+?)>")
+
+
+@dataclass
+class PromptPart:
+    kind: str  # 'text' | 'image' | 'audio'
+    value: str  # the text, or a file path
+
+
+def parse_prompt(text: str, images=(), audios=()) -> list[PromptPart]:
+    """Split a prompt into text and media references; flag media come first."""
+    parts = [PromptPart("image", p) for p in images] + [PromptPart("audio", p) for p in audios]
+    pos = 0
+    for m in MEDIA_REF.finditer(text):
+        if m.start() > pos:
+            parts.append(PromptPart("text", text[pos: m.start()]))
+        parts.append(PromptPart(m.group(1), m.group(2).strip()))
+        pos = m.end()
+    if pos < len(text):
+        parts.append(PromptPart("text", text[pos:]))
+    return parts
+
+
+def image_mode(image_tok) -> str:
+    cfg = getattr(image_tok, "cfg", None)
+    return getattr(getattr(cfg, "model", None), "image_mode", "resize")
+
+
+def read_image(path: str | Path, image_tok) -> np.ndarray:
+    """uint8 [S, S, 3] fitted to the tokenizer's resolution; UserError for a missing/bad file."""
+    from ..data.media import load_image
+
+    if not Path(path).is_file():
+        raise UserError(f"image file not found: {path}")
+    try:
+        return load_image(str(path), image_tok.resolution, mode=image_mode(image_tok))
+    except UserError:
+        raise
+    except Exception as e:  # BadRecord and friends: a user's file that is not an image
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def read_audio(path: str | Path, audio_tok) -> np.ndarray:
+    from ..data.media import load_audio
+
+    if not Path(path).is_file():
+        raise UserError(f"audio file not found: {path}")
+    try:
+        return load_audio(str(path), audio_tok.sample_rate)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read audio {path}: {e}") from None
+
+
+@torch.inference_mode()
+def image_codes(pixels: np.ndarray | list[np.ndarray], image_tok) -> list[np.ndarray]:
+    """uint8 [S, S, 3] (or a list) -> int64 code grids [h, w] (batched)."""
+    arrs = pixels if isinstance(pixels, list) else [pixels]
+    dev = next(image_tok.parameters()).device
+    x = torch.from_numpy(np.stack(arrs)).to(dev).permute(0, 3, 1, 2).float() / 255.0  # [B, 3, S, S]
+    return [c.cpu().numpy().astype(np.int64) for c in image_tok.encode(x)]
+
+
+@torch.inference_mode()
+def audio_codes(wave: np.ndarray, audio_tok) -> np.ndarray:
+    """float32 [T] -> int64 codes [frames, n_q]."""
+    dev = next(audio_tok.parameters()).device
+    return audio_tok.encode(torch.from_numpy(np.asarray(wave, dtype=np.float32))[None].to(dev))[0].cpu().numpy()
+
+
+@torch.inference_mode()
+def decode_images(codes: list[np.ndarray], image_tok) -> list[np.ndarray]:
+    """Code grids [h, w] -> uint8 [H, W, 3] pixels (batched)."""
+    if not codes:
+        return []
+    dev = next(image_tok.parameters()).device
+    x = image_tok.decode(torch.from_numpy(np.stack(codes)).to(dev))  # [B, 3, H, W] in [0, 1]
+    return list((x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+
+
+@torch.inference_mode()
+def decode_audio(codes: np.ndarray, audio_tok) -> np.ndarray:
+    """codes [frames, n_q] -> float32 wave [T]."""
+    dev = next(audio_tok.parameters()).device
+    return audio_tok.decode(torch.from_numpy(np.asarray(codes, dtype=np.int64))[None].to(dev))[0].float().cpu().numpy()
+
+
+def prompt_segments(parts: list[PromptPart], tok) -> tuple[list[Segment], list[np.ndarray | None]]:
+    """Prompt parts -> stream segments (media tokenized), plus the fitted pixels of each part."""
+    segments: list[Segment] = []
+    pixels: list[np.ndarray | None] = []
+    for p in parts:
+        if p.kind == "text":
+            if p.value:
+                segments.append(Text(p.value))
+                pixels.append(None)
+        elif p.kind == "image":
+            if tok.image is None:
+                raise UserError("this model has no image tokenizer, so prompts cannot hold images")
+            arr = read_image(p.value, tok.image)
+            segments.append(Image(image_codes(arr, tok.image)[0]))
+            pixels.append(arr)
+        else:
+            if tok.audio is None:
+                raise UserError("this model has no audio tokenizer, so prompts cannot hold audio")
+            wave = read_audio(p.value, tok.audio)
+            segments.append(Audio(audio_codes(wave, tok.audio)))
+            pixels.append(None)
+    return segments, pixels

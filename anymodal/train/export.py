@@ -1,0 +1,152 @@
+"""`anymodal export --run DIR --out BUNDLE`: a training run -> a self-contained model bundle.
+
+    BUNDLE/config.yaml          the ModelConfig (activation checkpointing off)
+    BUNDLE/model.safetensors    fp32 weights, consolidated from any ZeRO stage
+    BUNDLE/token_space.json     the run's token space (checked against the tokenizers copied)
+    BUNDLE/text/ image/ audio/  the tokenizer set the data was prepared with
+    BUNDLE/train_config.yaml    the run's TrainConfig, for reference
+    BUNDLE/export.json          which run and checkpoint step the bundle came from
+
+ZeRO-1/2/3 checkpoints (each rank holding a slice of the fp32 master weights) are merged with
+DeepSpeed's `zero_to_fp32` utilities; a stage-0 checkpoint already holds the whole module. The
+bundle is written next to its destination and renamed into place, so it appears complete or not
+at all. `load_bundle(dir)` gives back (model, cfg, tokenizers); weights are read with safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from ..errors import UserError
+
+
+class LoadedBundle(NamedTuple):
+    model: Any  # Transformer in eval mode
+    cfg: Any  # ModelConfig
+    tokenizers: Any  # anymodal.tokenizers.Tokenizers
+
+
+def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the model in one checkpoint folder (any ZeRO stage)."""
+    if any(ckpt.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-parameter progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise UserError(f"{ckpt} holds no DeepSpeed model states")
+        state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    return {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
+def _tokenizer_dir(run: Path, given: str | Path | None) -> Path:
+    if given:
+        return Path(given)
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    data = Path(cfg.get("data") or "")
+    manifest = data / "manifest.json"
+    if manifest.is_file():
+        tok = json.loads(manifest.read_text()).get("tokenizers") or ""
+        if tok and Path(tok).is_dir():
+            return Path(tok)
+    raise UserError(f"cannot find the tokenizer set of {run} (its data manifest names none, or it moved); "
+                    f"pass --tokenizers DIR")
+
+
+def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = None, step: int | None = None) -> Path:
+    """Write the bundle for the newest (or the given) checkpoint of `run`; returns its folder."""
+    from ..config import load_config, save_config
+    from ..model import ModelConfig, Transformer
+    from ..tokenizers import load_tokenizers
+    from ..tokenizers.token_space import TokenSpace
+    from .checkpoint import latest_checkpoint, list_checkpoints
+
+    run, out = Path(run), Path(out)
+    if not (run / "model.yaml").is_file():
+        raise UserError(f"{run} is not a training run (no model.yaml)")
+    if step is None:
+        found = latest_checkpoint(run)
+        if found is None:
+            raise UserError(f"{run} has no complete checkpoint to export")
+    else:
+        found = next(((s, p) for s, p in list_checkpoints(run) if s == step), None)
+        if found is None:
+            raise UserError(f"{run} has no complete checkpoint of step {step}")
+    ckpt_step, ckpt = found
+    cfg = load_config(ModelConfig, run / "model.yaml", ["activation_checkpointing=false"])
+    space = TokenSpace.load(run)
+    tok_dir = _tokenizer_dir(run, tokenizers)
+    toks = load_tokenizers(tok_dir)
+    toks.space.check_same(space, f"{tok_dir} vs the run {run}")
+
+    state = consolidate(ckpt)
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt} does not fit {run}/model.yaml: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_config(cfg, tmp / "config.yaml")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt", "step": str(ckpt_step)})
+    space.save(tmp / "token_space.json")
+    for name in ("text", "image", "audio"):
+        if (tok_dir / name).is_dir():
+            shutil.copytree(tok_dir / name, tmp / name, ignore=shutil.ignore_patterns("checkpoints", "*.tmp"))
+    if (run / "config.yaml").is_file():
+        shutil.copy(run / "config.yaml", tmp / "train_config.yaml")
+    (tmp / "export.json").write_text(json.dumps({"run": str(run.resolve()), "step": ckpt_step,
+                                                 "checkpoint": ckpt.name, "tokenizers": str(tok_dir.resolve()),
+                                                 "params": model.num_params()}, indent=1))
+    old = out.with_name(out.name + ".old-export")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.replace(old)
+    tmp.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"[export] {run} step {ckpt_step} -> {out} ({model.num_params():,} parameters)", file=sys.stderr)
+    return out
+
+
+def load_bundle(path: str | Path, device: str = "cpu") -> LoadedBundle:
+    """(model in eval mode on `device`, ModelConfig, Tokenizers) of a bundle folder."""
+    from safetensors.torch import load_file
+
+    from ..config import load_config
+    from ..model import ModelConfig, Transformer
+    from ..tokenizers import load_tokenizers
+    from ..tokenizers.token_space import TokenSpace
+
+    path = Path(path)
+    for name in ("config.yaml", "model.safetensors", "token_space.json"):
+        if not (path / name).is_file():
+            raise UserError(f"{path} is not a model bundle (missing {name})")
+    cfg = load_config(ModelConfig, path / "config.yaml")
+    toks = load_tokenizers(path, device=device)
+    TokenSpace.load(path).check_same(toks.space, f"{path}: model vs its tokenizers")
+    if cfg.vocab_size != toks.space.vocab_size:
+        raise UserError(f"{path}: model vocab {cfg.vocab_size} != token space {toks.space.vocab_size}")
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}/model.safetensors does not fit config.yaml: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    return LoadedBundle(model.to(device).eval(), cfg, toks)

@@ -1,0 +1,467 @@
+"""Train the image tokenizer (VQ autoencoder) on raw shards: `anymodal tokenizer train image ...`.
+
+One process:            anymodal tokenizer train image --config tokenizer/image_demo.yaml --out DIR
+Several (CPU or GPU):   torchrun --nproc_per_node N -m anymodal.cli tokenizer train image ... --out DIR
+(gloo on CPU, nccl on CUDA; each process sees its own share of the data, gradients are averaged by
+DDP and the VQ codebook's EMA statistics are all-reduced by vector-quantize-pytorch itself.)
+
+Data: `data.train_shards` / `data.val_shards` (any pattern the reader takes); when empty, the demo
+world is generated into `OUT/world/`. Bad records are skipped and counted by the reader.
+Small corpora are decoded once into RAM (`data.in_memory`, batches drawn by a per-epoch permutation
+that depends only on (seed, rank, step), so a resumed run sees exactly the batches it would have
+seen); large ones are streamed with a shuffle buffer.
+
+Every `train.val_every` steps: PSNR, SSIM, codebook usage and perplexity on the val images, the
+WORLD.md image check's agreement between original and reconstruction, and a reconstruction grid PNG
+(`OUT/val/step_*.png`: originals on top, reconstructions below). Checkpoints (`OUT/checkpoints/`) hold
+model, optimizer(s), step, elapsed time and RNG state, written atomically; `--resume` continues from
+the newest. At the end: `OUT/config.yaml`, `OUT/model.safetensors`, `OUT/metrics.json`.
+
+`train.max_minutes` turns the LR schedule into a time budget: progress = max(step / steps,
+elapsed / budget), so the cosine decay finishes when the budget does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import save_config, to_dict
+from ..errors import UserError
+from ..tokenizers.image import ImageTokenizer, ImageTokenizerConfig, load_image_config
+from ..tokenizers.image_losses import ImageLoss, hinge_d_loss, ssim
+from .common import atomic_torch_save, keep_last, latest_checkpoint, rng_state, set_rng_state
+
+# ----------------------------------------------------------------------------------------------
+# process group
+
+
+def _setup_distributed(device_kind: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but CUDA is not available")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def _world_shards(out: Path, cfg: ImageTokenizerConfig, rank: int) -> tuple[str, str]:
+    """Generate the demo world (images only: no speech) into OUT/world once; return shard globs."""
+    from ..data.world import generate_world
+
+    d = cfg.data
+    root = out / "world"
+    for split, docs in (("train", d.world_docs), ("val", max(64, d.world_docs // 5))):
+        if rank == 0 and not (root / split / f"{split}.json").is_file():
+            generate_world(root / split, split=split, docs=docs, seed=d.world_seed, audio=False, progress=False)
+        _barrier()
+    return str(root / "train" / "*.tar"), str(root / "val" / "*.tar")
+
+
+def _load_images(shards, cfg: ImageTokenizerConfig, limit: int, counter, rank=0, world=1) -> torch.Tensor:
+    """Decode images into one uint8 tensor [N, R, R, 3]."""
+    from ..data.reader import iter_images
+
+    m = cfg.model
+    out = []
+    for img in iter_images(shards, image_size=m.resolution, image_mode=m.image_mode, rank=rank,
+                           world_size=world, counter=counter):
+        out.append(torch.from_numpy(np.ascontiguousarray(img)))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise UserError(f"no readable images in {shards}")
+    return torch.stack(out)
+
+
+class MemoryBatches:
+    """Batches from images held in RAM; batch `step` depends only on (seed, rank, step)."""
+
+    def __init__(self, images: torch.Tensor, batch: int, seed: int, rank: int):
+        self.images, self.batch, self.seed, self.rank = images, min(batch, len(images)), seed, rank
+        self.per_epoch = max(1, len(images) // self.batch)
+        self._epoch, self._perm = -1, None
+
+    def get(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + epoch)
+            self._perm, self._epoch = torch.randperm(len(self.images), generator=g), epoch
+        return self.images[self._perm[i * self.batch:(i + 1) * self.batch]]  # [B, R, R, 3] uint8
+
+
+class _ImageStream(torch.utils.data.IterableDataset):
+    """One pass over this rank's images (the reader also splits by DataLoader worker)."""
+
+    def __init__(self, shards, cfg: ImageTokenizerConfig, rank: int, world: int, seed: int, counter):
+        super().__init__()
+        self.shards, self.cfg, self.rank, self.world, self.seed, self.counter = shards, cfg, rank, world, seed, counter
+
+    def __iter__(self):
+        from ..data.reader import iter_images
+
+        m = self.cfg.model
+        for img in iter_images(self.shards, image_size=m.resolution, image_mode=m.image_mode, rank=self.rank,
+                               world_size=self.world, counter=self.counter, shuffle=True, seed=self.seed,
+                               shuffle_buffer=self.cfg.data.shuffle_buffer):
+            yield torch.from_numpy(np.ascontiguousarray(img))  # [R, R, 3] uint8
+
+
+class StreamBatches:
+    """Batches streamed from shards; each epoch reshuffles shard order and a document buffer.
+
+    Resuming restarts the stream at a fresh epoch (seeded by the step), not at the exact record."""
+
+    def __init__(self, shards, cfg: ImageTokenizerConfig, rank: int, world: int, counter):
+        self.shards, self.cfg, self.rank, self.world, self.counter = shards, cfg, rank, world, counter
+        self._it = None
+
+    def _batches(self, start_step: int):
+        d, t = self.cfg.data, self.cfg.train
+        epoch = 0
+        while True:
+            ds = _ImageStream(self.shards, self.cfg, self.rank, self.world, t.seed + start_step + epoch,
+                              self.counter if d.workers == 0 else None)  # worker counts stay in the workers
+            loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, num_workers=d.workers, drop_last=True)
+            n = 0
+            for batch in loader:
+                n += 1
+                yield batch  # [B, R, R, 3] uint8
+            if n == 0:
+                raise UserError(f"fewer than batch_size={t.batch_size} readable images in {self.shards}")
+            epoch += 1
+
+    def get(self, step: int) -> torch.Tensor:
+        if self._it is None:
+            self._it = self._batches(step)
+        return next(self._it)
+
+
+def to_model_space(batch: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    """uint8 [B, R, R, 3] -> float [B, 3, R, R] in [-1, 1]."""
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+@torch.no_grad()
+def evaluate(tok: ImageTokenizer, images: torch.Tensor, batch: int = 64, image_check: bool = True) -> tuple[dict, torch.Tensor]:
+    """Metrics of tok on uint8 images [N, R, R, 3]; also returns the reconstructions (uint8, same shape)."""
+    was = tok.training
+    tok.eval()
+    dev = next(tok.parameters()).device
+    psnr, ss, recs, all_ids = [], [], [], []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(dev).permute(0, 3, 1, 2).float() / 255  # [b, 3, R, R]
+        ids = tok.encode(x)  # [b, h, w]
+        rec = tok.decode(ids)  # [b, 3, R, R] in [0, 1]
+        rec = (rec * 255).round() / 255  # measure what a PNG of it would hold
+        mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+        psnr.append(10 * torch.log10(1 / mse))
+        ss.append(ssim(rec * 2 - 1, x * 2 - 1))
+        recs.append((rec * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        all_ids.append(ids.flatten().cpu())
+    ids = torch.cat(all_ids)
+    counts = torch.bincount(ids, minlength=tok.codebook_size).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    rec_u8 = torch.cat(recs)
+    metrics = {
+        "psnr": float(torch.cat(psnr).mean()),
+        "ssim": float(torch.cat(ss).mean()),
+        "codebook_usage": float((counts > 0).double().mean()),
+        "perplexity": float(entropy.exp()),
+        "n_images": len(images),
+    }
+    if image_check:
+        metrics["image_check_agreement"] = image_check_agreement(images.numpy(), rec_u8.numpy())
+    tok.train(was)
+    return metrics, rec_u8
+
+
+def image_check_agreement(originals: np.ndarray, recons: np.ndarray) -> float:
+    """Share of images whose WORLD.md image check finds the same (colour, shape) objects in both."""
+    from ..data.checker import analyse_image, objects_match
+
+    same = [objects_match(analyse_image(b), analyse_image(a)) for a, b in zip(originals, recons)]
+    return float(np.mean(same)) if same else 0.0
+
+
+def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int = 8) -> None:
+    """PNG: n originals on the top row, their reconstructions below (uint8 [N, R, R, 3] inputs)."""
+    from ..data.media import save_png
+
+    n = min(n, len(originals))
+    top = torch.cat(list(originals[:n]), dim=1)  # [R, n*R, 3]
+    bottom = torch.cat(list(recons[:n]), dim=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(torch.cat([top, bottom], dim=0).numpy(), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def _lr_factor(progress: float, step: int, warmup: int, min_ratio: float) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warm * (min_ratio + (1 - min_ratio) * cos)
+
+
+def _last_conv_weight(tok: ImageTokenizer) -> torch.Tensor:
+    convs = [m for m in tok.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    return convs[-1].weight
+
+
+def train(cfg: ImageTokenizerConfig, out: str | Path, resume: bool = False, perceptual_net=None,
+          progress: bool = True) -> dict:
+    """Train, write OUT/{config.yaml, model.safetensors, metrics.json}; return the final metrics."""
+    out = Path(out)
+    t = cfg.train
+    rank, world, device = _setup_distributed(t.device)
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed + rank)
+    np.random.seed((t.seed + rank) % 2**32)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier()
+
+    from ..data.reader import RecordCounter
+
+    counter = RecordCounter()
+    if cfg.data.train_shards:
+        train_shards, val_shards = list(cfg.data.train_shards), list(cfg.data.val_shards)
+    else:
+        train_shards, val_shards = _world_shards(out, cfg, rank)
+    if cfg.data.in_memory:
+        batches = MemoryBatches(_load_images(train_shards, cfg, cfg.data.max_images, counter), t.batch_size,
+                                t.seed, rank)
+    else:
+        batches = StreamBatches(train_shards, cfg, rank, world, counter)
+    val_images = None
+    if rank == 0 and t.val_images > 0 and val_shards:
+        val_images = _load_images(val_shards, cfg, t.val_images, counter)
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    tok = ImageTokenizer(cfg).to(device)
+    if t.channels_last:
+        tok = tok.to(memory_format=torch.channels_last)
+    loss_fn = ImageLoss(cfg.loss, perceptual_net).to(device)
+    opt = torch.optim.AdamW(tok.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                            foreach=True)
+    d_opt = None
+    if loss_fn.disc is not None:
+        d_opt = torch.optim.AdamW(loss_fn.disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+
+    step, elapsed_before, history = 0, 0.0, []
+    ckpt_dir = out / "checkpoints"
+    if resume:
+        path = latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
+        state = torch.load(path, map_location=device, weights_only=True)
+        tok.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if d_opt is not None and "disc" in state:
+            loss_fn.disc.load_state_dict(state["disc"])
+            d_opt.load_state_dict(state["disc_opt"])
+        step, elapsed_before = int(state["step"]), float(state["elapsed"])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        history = json.loads(state.get("history", "[]"))
+
+    model = tok
+    disc = loss_fn.disc
+    if world > 1:
+        # the VQ syncs its own EMA buffers; broadcasting them from rank 0 would fight that
+        model = torch.nn.parallel.DistributedDataParallel(tok, broadcast_buffers=False)
+        if disc is not None:
+            disc = torch.nn.parallel.DistributedDataParallel(disc, broadcast_buffers=False)
+    last_layer = _last_conv_weight(tok)
+    amp = t.amp and device.type == "cuda"
+
+    budget = t.max_minutes * 60
+    t0 = time.time() - elapsed_before
+
+    def progress_now() -> float:
+        """Share of the run done; with a time budget, every rank uses rank 0's clock (same LR, same stop)."""
+        p = step / max(1, t.steps)
+        if budget > 0:
+            p = max(p, (time.time() - t0) / budget)
+            if world > 1:
+                p_t = torch.tensor([p], dtype=torch.float64, device=device)
+                dist.broadcast(p_t, 0)
+                p = float(p_t)
+        return p
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=step, desc="image tokenizer", dynamic_ncols=True, file=sys.stderr)
+    log_path = out / "train_log.jsonl"
+    metrics: dict = dict(history[-1]) if history else {}
+    parts: dict = {}
+    tok.train()
+    frac = progress_now()
+    while frac < 1.0:
+        lr_f = _lr_factor(frac, step, t.warmup_steps, t.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = t.lr * lr_f
+        x = to_model_space(batches.get(step), device, t.channels_last)  # [B, 3, R, R]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            rec, ids, aux = model(x)
+        rec = rec.float()
+        gan_on = loss_fn.gan_active(step)
+        if disc is not None:
+            disc.requires_grad_(False)
+        # the generator side calls the unwrapped discriminator (its weights are frozen here)
+        loss, parts = loss_fn.generator_loss(x, rec, aux, step, last_layer if gan_on else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(tok.parameters(), t.grad_clip))
+        opt.step()
+        if gan_on:
+            disc.requires_grad_(True)
+            logits = disc(torch.cat([x, rec.detach()]))  # one forward: DDP wants one per backward
+            d_loss = hinge_d_loss(logits[: len(x)], logits[len(x):])
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            parts["d_loss"] = float(d_loss)
+        step += 1
+        if not math.isfinite(parts["loss"]):
+            raise RuntimeError(f"image tokenizer loss became {parts['loss']} at step {step}")
+
+        if rank == 0:
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{t.lr * lr_f:.2e}")
+            if step % t.log_every == 0:
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step, "lr": t.lr * lr_f, "elapsed": time.time() - t0, **parts}) + "\n")
+        frac = progress_now()
+        done = frac >= 1.0
+        if rank == 0 and val_images is not None and (step % t.val_every == 0 or done):
+            metrics, rec_u8 = evaluate(tok, val_images, image_check=_have_checker())
+            metrics["step"] = step
+            history.append(metrics)
+            save_grid(val_images, rec_u8, out / "val" / f"step_{step:08d}.png")
+            with log_path.open("a") as f:
+                f.write(json.dumps({"val": metrics}) + "\n")
+            if bar is not None:
+                bar.set_postfix(psnr=f"{metrics['psnr']:.2f}", usage=f"{metrics['codebook_usage']:.2f}")
+        if (step % t.ckpt_every == 0 or done) and t.ckpt_every > 0:
+            _save_checkpoint(ckpt_dir, step, time.time() - t0, tok, opt, loss_fn, d_opt, history, rank, world, cfg)
+            if rank == 0:
+                keep_last(ckpt_dir, t.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+
+    result = {}
+    if rank == 0:
+        tok.save(out)
+        result = {
+            "final": metrics,
+            "history": history,
+            "steps": step,
+            "seconds": time.time() - t0,
+            "world_size": world,
+            "records": _counts(counter),
+        }
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out / "metrics.json")
+    _barrier()
+    return result
+
+
+def _counts(counter) -> dict:
+    return counter.as_dict()
+
+
+def _have_checker() -> bool:
+    try:
+        import anymodal.data.checker  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _save_checkpoint(ckpt_dir, step, elapsed, tok, opt, loss_fn, d_opt, history, rank, world, cfg) -> None:
+    """Rank 0 writes model + optimizers + every rank's RNG state (gathered) atomically."""
+    rngs = [rng_state()]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    if rank == 0:
+        state = {
+            "model": tok.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "elapsed": elapsed,
+            "rng": rngs,
+            "history": json.dumps(history),
+            "config": json.dumps(to_dict(cfg)),
+        }
+        if d_opt is not None:
+            state["disc"] = loss_fn.disc.state_dict()
+            state["disc_opt"] = d_opt.state_dict()
+        from .common import checkpoint_path
+
+        atomic_torch_save(state, checkpoint_path(ckpt_dir, step))
+    _barrier()
+
+
+def train_from_cli(config, overrides=(), out=None, resume: bool = False) -> dict:
+    """Entry point of `anymodal tokenizer train image --config C [k=v ...] --out DIR [--resume]`."""
+    if out is None:
+        raise UserError("--out is required")
+    cfg = load_image_config(config, overrides)
+    out = Path(out)
+    if resume and (out / "run_config.yaml").is_file():
+        saved = load_image_config(out / "run_config.yaml")
+        if to_dict(saved)["model"] != to_dict(cfg)["model"] or to_dict(saved)["quantizer"] != to_dict(cfg)["quantizer"]:
+            raise UserError(f"--resume: the model/quantizer config differs from the one {out} was started with")
+    if not resume and latest_checkpoint(out / "checkpoints") is not None:
+        raise UserError(f"{out} already holds checkpoints; pass --resume to continue or choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(cfg, out / "run_config.yaml")
+    result = train(cfg, out, resume=resume)
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        f = result.get("final", {})
+        if f:
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in f.items()}))
+    return result

@@ -1,0 +1,161 @@
+"""Decode speed of anymodal's sampling engine vs HF transformers' Chameleon `generate`; prints JSON.
+
+Both get the demo model's dimensions (configs/model/demo.yaml) and the same random weights (ours
+copied into HF's layout) and the same prompt. Measured, with repetitions alternating between the
+two so that load from other processes hits both alike, medians reported:
+
+- batch 1: new tokens per second (prefill included, greedy and sampled with top-k);
+- batch 8: new tokens per second over the whole batch;
+- image latency: seconds for one demo image (h·w codes + `<eoi>`) with classifier-free guidance on
+  (ours only: HF's Chameleon has no CFG for image spans).
+
+Ours runs the full engine (grammar masks, per-row samplers, stop conditions); HF runs
+`generate(min_new_tokens=N, max_new_tokens=N)` so both produce N tokens.
+
+    flock /tmp/anymodal-cpu.lock .venv/bin/python benchmarks/decode_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from anymodal.config import load_config
+from anymodal.model import ModelConfig, Transformer
+from anymodal.model.hf import hf_config_kwargs, to_hf_state_dict
+from anymodal.sample.engine import Engine, Request
+from anymodal.sample.sampling import ModalitySampling
+from anymodal.tokenizers.token_space import TokenSpace, round_up
+
+
+def demo_space(text_size=1200, loc_bins=64, image_k=1024, grid=(8, 8), n_q=4, audio_k=512) -> TokenSpace:
+    """A token space shaped like the demo world's (text 1200 with 64 loc bins, 8x8 images, 4x512 audio)."""
+    image_offset = text_size
+    audio_offset = image_offset + image_k
+    used = audio_offset + n_q * audio_k
+    return TokenSpace(text_size=text_size, unk=0, bos=1, eos=2, pad=3, boi=4, eoi=5, boa=6, eoa=7, box=8, ebox=9,
+                      ref=10, eref=11, loc_offset=12, loc_bins=loc_bins, image_offset=image_offset,
+                      image_codebook_size=image_k, image_grid=grid, audio_offset=audio_offset, audio_n_q=n_q,
+                      audio_codebook_size=audio_k, audio_frame_rate=50.0, audio_sample_rate=16000,
+                      vocab_size=round_up(used))
+
+
+def build_hf(cfg: ModelConfig, ours: Transformer, attn: str):
+    import transformers
+
+    tiny_vq = dict(embed_dim=4, num_embeddings=8, latent_channels=4, resolution=8, base_channels=32,
+                   channel_multiplier=[1], num_res_blocks=1, attn_resolutions=[])
+    hf_cfg = transformers.ChameleonConfig(**hf_config_kwargs(cfg), vq_config=tiny_vq)
+    hf_cfg._attn_implementation = attn
+    model = transformers.ChameleonForConditionalGeneration(hf_cfg)
+    model.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
+    model.generation_config.pad_token_id = 3
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128, help="new tokens per row")
+    ap.add_argument("--batch", type=int, default=8, help="the batched measurement's batch size")
+    ap.add_argument("--reps", type=int, default=7, help="alternating repetitions per measurement")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both (1: on a shared 2-core machine 2 threads made both 20x slower)")
+    ap.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the image-latency run")
+    ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("overrides", nargs="*", help="model config key=value overrides")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    space = demo_space()
+    cfg = load_config(ModelConfig, f"model/{args.preset}.yaml", [f"vocab_size={space.vocab_size}", *args.overrides])
+    ours = Transformer(cfg).eval()
+    hf = build_hf(cfg, ours, args.hf_attn)
+    engine = Engine(ours, space)
+    g = torch.Generator().manual_seed(1)
+    # Prompts of ordinary text ids (above the specials and loc pieces).
+    prompt = torch.randint(space.loc_offset + space.loc_bins, space.text_size, (args.batch, args.prompt_len), generator=g)
+    prompt[:, 0] = space.bos
+    N = args.new
+    greedy = ModalitySampling.uniform(0.0)
+    topk = ModalitySampling.uniform(1.0, top_k=50)
+
+    def ours_run(rows: int, sampling: ModalitySampling):
+        reqs = [Request(prompt[i].tolist(), N, sampling, seed=i) for i in range(rows)]
+        res = engine.generate(reqs)
+        return sum(len(r.tokens) for r in res)
+
+    def hf_run(rows: int, sample: bool):
+        kw = dict(do_sample=True, top_k=50, temperature=1.0) if sample else dict(do_sample=False)
+        with torch.inference_mode():
+            out = hf.generate(input_ids=prompt[:rows], attention_mask=torch.ones_like(prompt[:rows]),
+                              max_new_tokens=N, min_new_tokens=N, **kw)
+        return (out.shape[1] - args.prompt_len) * rows
+
+    def image_run():
+        caption = prompt[0, :20].tolist()
+        req = Request(caption, space.image_tokens + 2, ModalitySampling.default(), seed=0, cfg_scale=args.cfg,
+                      force=[space.boi], stop_after_span=True)
+        res = engine.generate([req])[0]
+        assert len(res.tokens) == space.image_tokens + 2 and res.tokens[-1] == space.eoi
+        return len(res.tokens)
+
+    cases = {
+        "batch1_greedy": (lambda: ours_run(1, greedy), lambda: hf_run(1, False)),
+        "batch1_topk": (lambda: ours_run(1, topk), lambda: hf_run(1, True)),
+        f"batch{args.batch}_greedy": (lambda: ours_run(args.batch, greedy), lambda: hf_run(args.batch, False)),
+    }
+    counts: dict[str, dict[str, int]] = {k: {} for k in cases}
+    times: dict[str, dict[str, list[float]]] = {k: {"ours": [], "hf": []} for k in cases}
+    for k, (o, h) in cases.items():  # warm-up (allocator, oneDNN primitives)
+        counts[k]["ours"], counts[k]["hf"] = o(), h()
+    image_times: list[float] = []
+    image_run()
+    for _ in range(args.reps):
+        for k, (o, h) in cases.items():
+            times[k]["ours"].append(timed(o))
+            times[k]["hf"].append(timed(h))
+        image_times.append(timed(image_run))
+
+    result = {
+        "benchmark": "decode_speed",
+        "preset": args.preset,
+        "params": ours.num_params(),
+        "vocab_size": space.vocab_size,
+        "prompt_len": args.prompt_len,
+        "new_tokens": N,
+        "threads": args.threads,
+        "reps": args.reps,
+        "hf_attn": args.hf_attn,
+        "dtype": "fp32",
+    }
+    for k in cases:
+        entry = {}
+        for who in ("ours", "hf"):
+            med = statistics.median(times[k][who])
+            entry[who] = {"s_median": round(med, 4), "s_reps": [round(t, 4) for t in times[k][who]],
+                          "new_tokens": counts[k][who], "tokens_per_s": round(counts[k][who] / med, 1)}
+        entry["speedup_vs_hf"] = round(entry["ours"]["tokens_per_s"] / entry["hf"]["tokens_per_s"], 2)
+        result[k] = entry
+    result["image_latency"] = {
+        "tokens": space.image_tokens + 2, "cfg": args.cfg, "s_median": round(statistics.median(image_times), 4),
+        "s_reps": [round(t, 4) for t in image_times],
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

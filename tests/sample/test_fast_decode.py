@@ -1,0 +1,71 @@
+"""The lean decode step computes what Transformer.decode computes (and the engine agrees either way)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anymodal.model import ModelConfig, Transformer
+from anymodal.model.kv_cache import KVCache
+from anymodal.sample.bundle import tiny_bundle
+from anymodal.sample.engine import Engine, Request
+from anymodal.sample.fast import FastDecoder
+from anymodal.sample.sampling import ModalitySampling
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("placement,kv_heads", [("pre", 4), ("swin", 2)])
+def test_fast_step_matches_model_decode(placement, kv_heads):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=kv_heads, norm_placement=placement,
+                      init_std=0.1, max_seq_len=64)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # non-trivial norm weights and biases, so a permutation mix-up shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    fast = FastDecoder(model)
+    # Left-padded prompts of different lengths, as the engine builds them.
+    ids = torch.randint(4, 128, (3, 9))
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[1, :4] = False
+    valid[2, :7] = False
+    ids[~valid] = 0
+    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+    caches = [KVCache.empty(cfg, 3, 30) for _ in range(2)]
+    ref = [model.prefill(ids, caches[0], positions=pos, attention_mask=valid)]
+    got = [model.prefill(ids, caches[1], positions=pos, attention_mask=valid)]
+    tok = ref[0].argmax(-1, keepdim=True)
+    with torch.inference_mode():  # as in the engine
+        for step in range(12):
+            ref.append(model.decode(tok, caches[0]))
+            got.append(fast.step(tok, caches[1]))
+            if step == 5:  # a CFG-style edit: row 2 forgets two slots and rewinds its position
+                for c in caches:
+                    c.valid[2, 9:11] = False
+                    c.next_pos[2] -= 2
+            tok = ref[-1].argmax(-1, keepdim=True)
+    torch.testing.assert_close(torch.stack(got), torch.stack(ref), atol=2e-5, rtol=1e-5)
+    assert torch.equal(caches[0].next_pos, caches[1].next_pos) and caches[0].length == caches[1].length
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=2e-5, rtol=1e-5)
+
+
+def test_engine_fast_and_plain_paths_agree():
+    b = tiny_bundle(max_seq_len=256)
+    sp = b.space
+    reqs = [Request([sp.bos] + b.tok.text.encode(t), 40, ModalitySampling.uniform(1.0, top_k=20), seed=i,
+                    cfg_scale=(1.0, 3.0)[i % 2], force=[sp.boi] if i == 1 else ())
+            for i, t in enumerate(["a small red circle", "there is", "say: hello"])]
+    fast = Engine(b.model, sp)
+    plain = Engine(b.model, sp, fast=False)
+    assert fast.fast is not None and plain.fast is None
+    for r1, r2 in zip(fast.generate(reqs), plain.generate(reqs)):
+        assert r1.tokens == r2.tokens
+        assert torch.allclose(torch.tensor(r1.probs), torch.tensor(r2.probs), atol=1e-4)

@@ -1,0 +1,267 @@
+"""Audio codec: shapes, eval path == encode/decode, chunking, training, resume, CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.io.wavfile
+import torch
+
+from anymodal.cli import main as cli_main
+from anymodal.config import load_config
+from anymodal.errors import UserError
+from anymodal.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+from anymodal.train.audio_tokenizer import AudioTrainConfig, Trainer, lr_at
+
+warnings.filterwarnings("ignore", message=".*k-means init.*")
+
+TINY = dict(
+    sample_rate=8000, channels=8, max_channels=32, strides=[4, 4, 5], stem=False, plain_stages=1,
+    res_dilations=[1], latent_dim=16, n_q=3, codebook_size=32, kmeans_iters=2,
+)
+
+
+def tiny_model(**kw) -> AudioTokenizer:
+    torch.manual_seed(0)
+    return AudioTokenizer(AudioTokenizerConfig(**{**TINY, **kw}))
+
+
+def tones(n: int, seconds: float, sr: int, seed: int = 0) -> list[np.ndarray]:
+    """Harmonic 'vowels' with a gliding pitch and an on/off envelope: speech-like, deterministic."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    out = []
+    for _ in range(n):
+        f0 = rng.uniform(90, 220) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
+        phase = 2 * np.pi * np.cumsum(f0) / sr
+        wave = sum(np.sin(k * phase) / k for k in range(1, 6))
+        env = (np.sin(2 * np.pi * rng.uniform(1, 3) * t) > -0.3).astype(np.float64)
+        out.append((0.2 * wave * env).astype(np.float32))
+    return out
+
+
+def train_cfg(**kw) -> AudioTrainConfig:
+    data = {"model": TINY, "data": {"crop_seconds": 0.25, "val_clips": 2}, "loss": {"mel_scales": [128, 256]},
+            "batch_size": 4, "steps": 40, "lr": 3e-3, "warmup_steps": 2, "kmeans_batches": 2}
+    return load_config(AudioTrainConfig, data=data, overrides=[f"{k}={v}" for k, v in kw.items()])
+
+
+def test_shapes_and_properties():
+    m = tiny_model().eval()
+    assert (m.sample_rate, m.frame_rate, m.n_q, m.codebook_size, m.hop) == (8000, 100, 3, 32, 80)
+    x = torch.randn(2, 1000) * 0.1  # not a whole number of frames: padded up
+    ids = m.encode(x)
+    assert ids.shape == (2, math.ceil(1000 / 80), 3) and ids.dtype == torch.long
+    assert int(ids.min()) >= 0 and int(ids.max()) < 32
+    y = m.decode(ids)
+    assert y.shape == (2, ids.shape[1] * 80) and torch.isfinite(y).all()
+    assert m.encode(torch.zeros(1, 0)).shape == (1, 0, 3)
+
+
+def test_decode_encode_equals_forward_path():
+    m = tiny_model()
+    m.train()
+    m(torch.randn(4, 800) * 0.1)  # k-means init + an EMA update, so codebooks are data-shaped
+    m.eval()
+    x = torch.randn(3, 800) * 0.1
+    with torch.no_grad():
+        out = m(x)  # eval forward: no dropout, no EMA update
+    ids = m.encode(x)
+    assert torch.equal(ids, out.codes)
+    torch.testing.assert_close(m.decode(ids), out.recon, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_channels", [0, 8])  # 8: a full-rate output conv widens the context
+def test_chunked_equals_single_pass(out_channels):
+    m = tiny_model(out_channels=out_channels)
+    m.train()
+    m(torch.randn(16, 8000) * 0.1)  # k-means on many vectors: no duplicate codes, so no exact ties
+    m.eval()
+    x = torch.randn(1, 8000 * 3) * 0.1
+    ids = m.encode(x)
+    y = m.decode(ids)
+    m.cfg.chunk_seconds = 0.3  # 30 frames per chunk -> many chunks with overlapping context
+    assert torch.equal(m.encode(x), ids)
+    torch.testing.assert_close(m.decode(ids), y, rtol=1e-5, atol=1e-6)
+
+
+def test_fewer_levels_decode():
+    m = tiny_model()
+    m.train()
+    m(torch.randn(4, 800) * 0.1)
+    m.eval()
+    ids = m.encode(torch.randn(1, 1600) * 0.1)
+    books = m.quantizer.codebooks  # [n_q, K, d]
+    for k in (1, 2):
+        y = m.decode(ids[..., :k])
+        assert y.shape == (1, ids.shape[1] * m.hop) and torch.isfinite(y).all()
+        # the missing levels contribute nothing: same as decoding the summed first k code vectors
+        z = sum(books[q][ids[0, :, q]] for q in range(k))  # [N, d]
+        want = m.decoder(m.quantizer.project_out(z)[None].transpose(1, 2))[0, 0]
+        torch.testing.assert_close(y[0], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(m.decode(ids[..., :1]), m.decode(ids))
+
+
+def test_bad_ids_raise_user_error():
+    m = tiny_model().eval()
+    with pytest.raises(UserError, match="out of range"):
+        m.decode(torch.full((1, 5, 3), 32))
+    with pytest.raises(UserError, match="out of range"):
+        m.decode(torch.full((1, 5, 3), -1))
+    with pytest.raises(UserError, match="shape"):
+        m.decode(torch.zeros(1, 5, 4, dtype=torch.long))  # more levels than n_q
+
+
+def test_training_lowers_mel_loss(tmp_path):
+    cfg = train_cfg(steps=40, lr=1e-3)
+    clips = tones(8, 1.0, 8000)
+    tr = Trainer(cfg, tmp_path, clips, clips[:2])
+    mels = [tr.train_step()["mel"] for _ in range(cfg.steps)]
+    first, last = np.mean(mels[:3]), np.mean(mels[-5:])
+    assert last < 0.8 * first, (first, last)
+    assert last < 2.8, last  # floor: an untrained codec sits near 3.4
+    # the quantizer is in use: every level uses several codes on held-out audio
+    tr.model.eval()
+    ids = tr.model.encode(torch.from_numpy(clips[0])[None])
+    assert all(len(torch.unique(ids[0, :, q])) >= 4 for q in range(3))
+
+
+def test_resume_gives_same_next_loss(tmp_path):
+    cfg = train_cfg(steps=6, ckpt_every=0)
+    clips = tones(6, 1.0, 8000, seed=1)
+    a = Trainer(cfg, tmp_path / "a", clips, clips[:2])
+    for _ in range(3):
+        a.train_step()
+    path = a.save_checkpoint()
+    want = [a.train_step()["loss"] for _ in range(2)]
+    b = Trainer(cfg, tmp_path / "b", clips, clips[:2])
+    b.load_checkpoint(path)
+    assert b.step == 3
+    got = [b.train_step()["loss"] for _ in range(2)]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_lr_schedule():
+    cfg = train_cfg(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(cfg.lr / 10)
+    assert lr_at(10, cfg) == pytest.approx(cfg.lr)
+    assert lr_at(100, cfg) == pytest.approx(0.1 * cfg.lr)
+    # with a wall-clock budget the cosine ends with whichever of steps / minutes runs out first
+    cfg = train_cfg(steps=10**6, warmup_steps=10, min_lr_ratio=0.1, max_minutes=2)
+    assert lr_at(20, cfg, elapsed_s=0.0) == pytest.approx(cfg.lr, rel=1e-3)
+    assert lr_at(20, cfg, elapsed_s=60.0) == pytest.approx(cfg.lr * (0.1 + 0.9 * 0.5))
+    assert lr_at(20, cfg, elapsed_s=120.0) == pytest.approx(0.1 * cfg.lr)
+    assert lr_at(20, cfg, elapsed_s=500.0) == pytest.approx(0.1 * cfg.lr)
+
+
+def test_output_conv_and_stft_loss(tmp_path):
+    from anymodal.tokenizers.audio_losses import MultiResSTFTLoss
+
+    m = tiny_model(out_channels=8)
+    assert isinstance(m.decoder.net[-1], torch.nn.Conv1d) and m.decoder.net[-1].in_channels == 8
+    loss = MultiResSTFTLoss([64, 128])
+    x = torch.from_numpy(np.stack(tones(2, 0.25, 8000)))  # [2, 2000]
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6)
+    # a blurred copy (harmonics smeared) is closer than noise, and both are penalised
+    blur = torch.nn.functional.avg_pool1d(x[:, None], 9, 1, 4)[:, 0]
+    assert 0 < float(loss(blur, x)) < float(loss(torch.randn_like(x) * 0.1, x))
+    cfg = train_cfg(steps=3, **{"model.out_channels": 8, "loss.stft_weight": 1.0, "loss.stft_scales": "[64,128]"})
+    tr = Trainer(cfg, tmp_path, tones(4, 1.0, 8000, seed=3), [])
+    logs = [tr.train_step() for _ in range(3)]
+    assert all(np.isfinite(r["stft"]) and r["stft"] > 0 for r in logs)
+    assert tr.state()["elapsed_s"] > 0  # saved so a resumed run keeps its place in a timed schedule
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("audio_tok")
+    m = tiny_model()
+    m.train()
+    m(torch.from_numpy(np.stack(tones(4, 0.2, 8000))))
+    m.eval().save(d)
+    return d
+
+
+def test_save_load_round_trip(tok_dir):
+    a = AudioTokenizer.load(tok_dir)
+    b = AudioTokenizer.load(tok_dir)
+    x = torch.from_numpy(tones(1, 0.5, 8000)[0])[None]
+    assert torch.equal(a.encode(x), b.encode(x))
+    assert a.cfg == b.cfg
+
+
+def test_cli_round_trip(tok_dir, tmp_path):
+    # stereo 16-bit WAV at 22.05 kHz: resampled to 8 kHz and down-mixed on the way in
+    sr_in, secs = 22050, 0.75
+    t = np.arange(int(sr_in * secs)) / sr_in
+    left = 0.3 * np.sin(2 * np.pi * 220 * t)
+    stereo = (np.stack([left, 0.5 * left], 1) * 32767).astype(np.int16)
+    wav = tmp_path / "in.wav"
+    scipy.io.wavfile.write(wav, sr_in, stereo)
+    js, out = tmp_path / "codes.json", tmp_path / "out.wav"
+    assert cli_main(["tokenizer", "encode", "audio", "--tokenizer", str(tok_dir), str(wav), str(js)]) == 0
+    doc = json.loads(js.read_text())
+    n = round(secs * 8000)
+    assert doc["num_samples"] == n and doc["sample_rate"] == 8000
+    assert np.array(doc["codes"]).shape == (math.ceil(n / 80), 3)
+    assert cli_main(["tokenizer", "decode", "audio", "--tokenizer", str(tok_dir), str(js), str(out)]) == 0
+    sr, y = scipy.io.wavfile.read(out)
+    assert sr == 8000 and y.shape == (n,) and y.dtype == np.int16
+    # the same codes through the Python API give the same samples
+    tok = AudioTokenizer.load(tok_dir)
+    want = tok.decode(torch.tensor(doc["codes"])[None])[0, :n].numpy()
+    np.testing.assert_allclose(y / 32767.0, np.clip(want, -1, 1), atol=2e-4)
+
+
+def test_cli_bad_input_exits_2(tok_dir, tmp_path, capsys):
+    def run(*args):
+        return cli_main(["tokenizer", *args])
+
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio")
+    empty = tmp_path / "empty.wav"
+    scipy.io.wavfile.write(empty, 8000, np.zeros(0, np.int16))
+    bad_ids = tmp_path / "bad.json"
+    bad_ids.write_text(json.dumps({"codes": [[0, 1, 99]]}))
+    ragged = tmp_path / "ragged.json"
+    ragged.write_text(json.dumps({"codes": [[0, 1, 2], [3]]}))
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{nope")
+    out = str(tmp_path / "o")
+    cases = [
+        ("encode", "audio", "--tokenizer", str(tok_dir), str(tmp_path / "missing.wav"), out),
+        ("encode", "audio", "--tokenizer", str(tok_dir), str(not_audio), out),
+        ("encode", "audio", "--tokenizer", str(tok_dir), str(empty), out),
+        ("encode", "audio", "--tokenizer", str(tmp_path), str(not_audio), out),  # not a tokenizer dir
+        ("decode", "audio", "--tokenizer", str(tok_dir), str(bad_ids), out),
+        ("decode", "audio", "--tokenizer", str(tok_dir), str(ragged), out),
+        ("decode", "audio", "--tokenizer", str(tok_dir), str(garbage), out),
+    ]
+    for case in cases:
+        assert run(*case) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("anymodal: error:") and "\n" not in err and "Traceback" not in err, err
+
+
+def test_silent_and_clipped_input(tok_dir, tmp_path):
+    tok = AudioTokenizer.load(tok_dir)
+    for wave in (np.zeros(4000, np.float32), np.clip(tones(1, 0.5, 8000)[0] * 50, -1, 1)):
+        ids = tok.encode(torch.from_numpy(wave)[None])
+        y = tok.decode(ids)
+        assert torch.isfinite(y).all() and y.shape[1] >= wave.size
+
+
+def test_discriminator_step(tmp_path):
+    cfg = train_cfg(steps=2, **{"loss.disc": "true", "loss.disc_start": 1, "loss.disc_channels": 4,
+                                "loss.disc_scales": "[128,64]"})
+    clips = tones(4, 1.0, 8000, seed=2)
+    tr = Trainer(cfg, tmp_path, clips, clips[:1])
+    first = tr.train_step()
+    assert "adv" not in first  # before disc_start: reconstruction losses only
+    second = tr.train_step()
+    assert all(np.isfinite(second[k]) for k in ("adv", "feat", "disc"))
+    assert second["disc"] > 0
