@@ -101,18 +101,19 @@ class Demo:
             "tokenizer", "train", "text", "--config", c.text_tokenizer, f"input={train_shards}",
             "--out", str(toks / "text")))
         self.stage("image_tokenizer", lambda: self.anymodal(
-            "tokenizer", "train", "image", "--config", c.image_tokenizer, f"data.shards={train_shards}",
-            f"data.val_shards={val_shards}", *c.image_tokenizer_overrides, "--out", str(toks / "image"), "--resume"))
+            "tokenizer", "train", "image", "--config", c.image_tokenizer, f"data.train_shards=[{train_shards}]",
+            f"data.val_shards=[{val_shards}]", *c.image_tokenizer_overrides, "--out", str(toks / "image"), *_resume_flag(toks / "image")))
         self.stage("audio_tokenizer", lambda: self.anymodal(
-            "tokenizer", "train", "audio", "--config", c.audio_tokenizer, f"data.shards={train_shards}",
-            f"data.val_shards={val_shards}", *c.audio_tokenizer_overrides, "--out", str(toks / "audio"), "--resume"))
+            "tokenizer", "train", "audio", "--config", c.audio_tokenizer, f"data.train={train_shards}",
+            f"data.val={val_shards}", *c.audio_tokenizer_overrides, "--out", str(toks / "audio"), *_resume_flag(toks / "audio")))
         self.stage("tokenizer_set", lambda: _assemble(toks))
         self.stage("prepare", lambda: (
             self.anymodal("prepare", "--tokenizers", str(toks), "--input", train_shards, "--out", str(tokens / "train")),
             self.anymodal("prepare", "--tokenizers", str(toks), "--input", val_shards, "--out", str(tokens / "val")),
         ))
         run_dir = o / "run"
-        train_over = [f"run_dir={run_dir}", f"data={tokens / 'train'}", *c.train_overrides]
+        train_over = [f"run_dir={run_dir}", f"data={tokens / 'train'}", f"val_data={tokens / 'val'}",
+                      *c.train_overrides]
         if self.cuda:
             train_over += c.gpu_train_overrides
         self.stage("train", lambda: self.anymodal("train", "--config", c.train, *train_over, "--resume"))
@@ -133,7 +134,7 @@ class Demo:
         c, show = self.cfg, self.out / "showcase"
         for i, prompt in enumerate(c.prompts):
             self.anymodal("sample", "--model", str(bundle), "--prompt", prompt + "<boi>", "--out",
-                          str(show / f"t2i_{i}"), "--seed", "0", "--cfg", "3", "--max-new-tokens", "200")
+                          str(show / f"t2i_{i}"), "--seed", "0", "--cfg", "3", "--max-new-tokens", "200", "--stop-after-span")
         example = _first_val_image(world, show)
         if example is not None:
             for i, q in enumerate(c.ground_queries):
@@ -141,7 +142,13 @@ class Demo:
                               "--out", str(show / f"ground_{i}.png"))
         for i, prompt in enumerate(c.speech_prompts):
             self.anymodal("sample", "--model", str(bundle), "--prompt", prompt + "<boa>", "--out",
-                          str(show / f"tts_{i}"), "--seed", "0", "--max-new-tokens", "400")
+                          str(show / f"tts_{i}"), "--seed", "0", "--max-new-tokens", "400", "--stop-after-span")
+
+
+def _resume_flag(out: Path) -> list[str]:
+    """Tokenizer trainers refuse `--resume` without a checkpoint and a fresh start over one."""
+    ckpts = out / "checkpoints"
+    return ["--resume"] if ckpts.is_dir() and any(ckpts.iterdir()) else []
 
 
 def _cuda_available() -> bool:

@@ -13,6 +13,7 @@ from ..config import check_choice
 from ..errors import ConfigError
 
 NORM_PLACEMENTS = ("pre", "swin")
+ATTENTION_IMPLS = ("auto", "sdpa")
 
 
 @dataclass
@@ -34,9 +35,13 @@ class ModelConfig:
     init_std: float = 0.02
     z_loss_weight: float = 1e-5
     activation_checkpointing: bool = False  # recompute each block in backward (training only)
+    # 'auto': on CPU, full-sequence passes of moderate size use blocked matmul attention (faster than
+    # SDPA's CPU flash kernel); everything else uses F.scaled_dot_product_attention. 'sdpa': always SDPA.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        check_choice("attention", self.attention, ATTENTION_IMPLS)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"config key '{name}' must be positive, got {getattr(self, name)}")

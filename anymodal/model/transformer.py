@@ -20,6 +20,7 @@ positions at each document start, so a packed row computes exactly what its docu
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,49 @@ def positions_from_docs(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - first
 
 
+class AttnMask(NamedTuple):
+    """How a forward pass masks attention (built once per forward, shared by all layers)."""
+
+    mask: torch.Tensor | None  # bool [B or 1, 1, T, S] for SDPA (True = may attend), or None
+    causal: bool  # SDPA is_causal (only with mask None and no cached keys)
+    blocked: bool  # use `blocked_attention` instead of SDPA
+    bias: torch.Tensor | None  # additive fp [B or 1, 1, T, T] (0 / -inf) for blocked_attention with doc/padding masks
+
+
+ATTN_BLOCK = 128  # query rows per block in blocked_attention
+BLOCKED_MAX_SCORES = 1 << 25  # B·H·T² above this: SDPA (the blocked path keeps probabilities for backward)
+
+
+def blocked_attention(q, k, v, bias: torch.Tensor | None) -> torch.Tensor:
+    """Exact causal softmax attention from plain batched matmuls, one block of query rows at a time.
+
+    q [B, H, T, hd], k/v [B, Hkv, T, hd] → y [B, H, T, hd]. Query block i only multiplies the keys up
+    to its own last row, so causal attention costs (n+1)/2n of the full T² work for n blocks, at
+    the speed of large GEMMs; on CPU this trains ~25% faster than SDPA's flash kernel at T ≈ 512
+    (its backward runs far below matmul peak). It stores the probabilities for backward, so it is
+    only used for moderate B·H·T². `bias` [B or 1, 1, T, T] (0 / -inf) adds document or padding
+    masking on top of causality; every row must keep at least its diagonal.
+    """
+    b, h, t, hd = q.shape
+    if k.shape[1] != h:  # grouped-query: repeat each kv head for its group of query heads
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+        v = v.repeat_interleave(h // v.shape[1], dim=1)
+    qq = (q * hd**-0.5).reshape(b * h, t, hd)  # [BH, T, hd]
+    kt = k.reshape(b * h, t, hd).transpose(1, 2)  # [BH, hd, T]
+    vv = v.reshape(b * h, t, hd)  # [BH, T, hd]
+    tri = torch.full((ATTN_BLOCK, ATTN_BLOCK), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
+    outs = []
+    for r0 in range(0, t, ATTN_BLOCK):
+        r1 = min(t, r0 + ATTN_BLOCK)
+        s = torch.bmm(qq[:, r0:r1], kt[:, :, :r1])  # [BH, r, r1] scores against keys 0..r1
+        if bias is not None:
+            s.view(-1, h, r1 - r0, r1).add_(bias[:, :, r0:r1, :r1])
+        else:
+            s[:, :, r0:r1].add_(tri[: r1 - r0, : r1 - r0])  # causal part of the diagonal block
+        outs.append(torch.bmm(torch.softmax(s, dim=-1), vv[:, :r1]))  # [BH, r, hd]
+    return torch.cat(outs, dim=1).view(b, h, t, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -103,7 +147,7 @@ class Attention(nn.Module):
         # QK-Norm of the q heads and the k heads in one call: heads [0, H) are q, [H, H + Hkv) are k
         self.qk_norm = HeadLayerNorm(cfg.n_heads + cfg.n_kv_heads, cfg.head_dim) if cfg.qk_norm else None
 
-    def forward(self, x, rot, mask, causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, rot, am: AttnMask, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(b, t, h + 2 * hkv, hd)
@@ -114,9 +158,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, hd]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, S, hd]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=hkv != h
-        )  # [B, H, T, hd]
+        if am.blocked:
+            y = blocked_attention(q, k, v, am.bias)  # [B, H, T, hd]
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=am.mask, is_causal=am.causal, enable_gqa=hkv != h
+            )  # [B, H, T, hd]
         return self.wo(y.transpose(1, 2).reshape(b, t, h * hd))
 
 
@@ -142,11 +189,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # HF: post_attention_layernorm
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x, rope, mask, causal: bool, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, rope, am: AttnMask, cache: KVCache | None = None) -> torch.Tensor:
         if self.swin:  # Chameleon-34B: normalize the branch output, not its input
-            h = x + self.drop(self.attn_norm(self.attn(x, rope, mask, causal, cache)))
+            h = x + self.drop(self.attn_norm(self.attn(x, rope, am, cache)))
             return h + self.drop(self.mlp_norm(self.mlp(h)))
-        h = x + self.drop(self.attn(self.attn_norm(x), rope, mask, causal, cache))
+        h = x + self.drop(self.attn(self.attn_norm(x), rope, am, cache))
         return h + self.drop(self.mlp(self.mlp_norm(h)))
 
 
@@ -215,15 +262,25 @@ class Transformer(nn.Module):
             if cache is not None:
                 positions = positions + cache.next_pos[:, None]
         mask, causal = self._attention_mask(b, t, past, doc_ids, attention_mask, cache)
+        blocked = (
+            self.cfg.attention == "auto"
+            and cache is None
+            and ids.device.type == "cpu"
+            and b * self.cfg.n_heads * t * t <= BLOCKED_MAX_SCORES
+        )
 
         x = self.tok_emb(ids)  # [B, T, D]
+        bias = None
+        if blocked and mask is not None:  # additive form, once for all layers
+            bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        am = AttnMask(mask, causal, blocked, bias)
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [B, T, 1, hd/2]
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if ckpt:
-                x = checkpoint(layer, x, rope, mask, causal, None, use_reentrant=False)
+                x = checkpoint(layer, x, rope, am, None, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, causal, cache)
+                x = layer(x, rope, am, cache)
         if cache is not None:
             valid = attention_mask if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
             if attention_mask is not None and not cache.padded:
