@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and sample a unified early-fusion any-to-any model from scratch.",
     )
     parser.add_argument("--version", action="version", version=_version())
+    # The `deepspeed` launcher puts --local_rank=N before the subcommand; LOCAL_RANK is read from env.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -107,34 +107,82 @@ ATTN_BLOCK = 128  # query rows per block in blocked_attention
 BLOCKED_MAX_SCORES = 1 << 25  # B·H·T² above this: SDPA (the blocked path keeps probabilities for backward)
 
 
-def blocked_attention(q, k, v, bias: torch.Tensor | None) -> torch.Tensor:
-    """Exact causal softmax attention from plain batched matmuls, one block of query rows at a time.
+class _BlockedAttention(torch.autograd.Function):
+    """Exact causal softmax attention from batched matmuls, one block of query rows at a time.
 
-    q [B, H, T, hd], k/v [B, Hkv, T, hd] → y [B, H, T, hd]. Query block i only multiplies the keys up
-    to its own last row, so causal attention costs (n+1)/2n of the full T² work for n blocks, at
-    the speed of large GEMMs; on CPU this trains ~25% faster than SDPA's flash kernel at T ≈ 512
-    (its backward runs far below matmul peak). It stores the probabilities for backward, so it is
-    only used for moderate B·H·T². `bias` [B or 1, 1, T, T] (0 / -inf) adds document or padding
-    masking on top of causality; every row must keep at least its diagonal.
+    Inputs are the post-RoPE heads qk [B, T, H + Hkv, hd] (q heads first) and v [B, T, Hkv, hd];
+    the output is y [B, T, H·hd], ready for the output projection. Query block i only multiplies
+    the keys up to its own last row, so causal attention costs (n+1)/2n of the full T² work for n
+    blocks, at GEMM speed; on CPU this trains clearly faster than SDPA's flash kernel at T ≈ 512
+    (whose backward runs far below matmul peak). Backward is written out by hand so gradients are
+    accumulated in place (no zero-padded slice gradients, no concatenations). The softmax
+    probabilities are kept for backward, so this is only used for moderate B·H·T².
+    `bias` [B or 1, 1, T, T] (0 / -inf) adds document or padding masks; every row keeps its diagonal.
     """
-    b, h, t, hd = q.shape
-    if k.shape[1] != h:  # grouped-query: repeat each kv head for its group of query heads
-        k = k.repeat_interleave(h // k.shape[1], dim=1)
-        v = v.repeat_interleave(h // v.shape[1], dim=1)
-    qq = (q * hd**-0.5).reshape(b * h, t, hd)  # [BH, T, hd]
-    kt = k.reshape(b * h, t, hd).transpose(1, 2)  # [BH, hd, T]
-    vv = v.reshape(b * h, t, hd)  # [BH, T, hd]
-    tri = torch.full((ATTN_BLOCK, ATTN_BLOCK), float("-inf"), device=q.device, dtype=q.dtype).triu_(1)
-    outs = []
-    for r0 in range(0, t, ATTN_BLOCK):
-        r1 = min(t, r0 + ATTN_BLOCK)
-        s = torch.bmm(qq[:, r0:r1], kt[:, :, :r1])  # [BH, r, r1] scores against keys 0..r1
-        if bias is not None:
-            s.view(-1, h, r1 - r0, r1).add_(bias[:, :, r0:r1, :r1])
+
+    @staticmethod
+    def forward(ctx, qk, v, n_heads: int, bias):
+        b, t, hq, hd = qk.shape
+        h, hkv = n_heads, hq - n_heads
+        g = h // hkv
+        scale = hd**-0.5
+        # head-major contiguous copies [B·H, T, hd] (k/v repeated for grouped-query heads)
+        q = torch.empty(b, h, t, hd, dtype=qk.dtype, device=qk.device)
+        torch.mul(qk[:, :, :h].transpose(1, 2), scale, out=q)  # scale folded into the copy
+        q = q.view(b * h, t, hd)
+        k = qk[:, :, h:].transpose(1, 2)  # [B, Hkv, T, hd]
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.transpose(1, 2).repeat_interleave(g, dim=1)
         else:
-            s[:, :, r0:r1].add_(tri[: r1 - r0, : r1 - r0])  # causal part of the diagonal block
-        outs.append(torch.bmm(torch.softmax(s, dim=-1), vv[:, :r1]))  # [BH, r, hd]
-    return torch.cat(outs, dim=1).view(b, h, t, hd)
+            v = v.transpose(1, 2)
+        k, v = k.reshape(b * h, t, hd), v.reshape(b * h, t, hd)
+        y = torch.empty(b * h, t, hd, dtype=qk.dtype, device=qk.device)
+        tri = torch.full((ATTN_BLOCK, ATTN_BLOCK), float("-inf"), device=qk.device, dtype=qk.dtype).triu_(1)
+        probs = []
+        for r0 in range(0, t, ATTN_BLOCK):
+            r1 = min(t, r0 + ATTN_BLOCK)
+            s = torch.bmm(q[:, r0:r1], k[:, :r1].transpose(1, 2))  # [BH, r, r1] vs keys 0..r1
+            if bias is not None:
+                s.view(-1, h, r1 - r0, r1).add_(bias[:, :, r0:r1, :r1])
+            else:
+                s[:, :, r0:r1].add_(tri[: r1 - r0, : r1 - r0])  # causal part of the diagonal block
+            p = torch.softmax(s, dim=-1)
+            torch.bmm(p, v[:, :r1], out=y[:, r0:r1])
+            probs.append(p)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.dims = (b, t, h, hkv, hd)
+        return y.view(b, h, t, hd).transpose(1, 2).reshape(b, t, h * hd)
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, *probs = ctx.saved_tensors
+        b, t, h, hkv, hd = ctx.dims
+        dy = dy.view(b, t, h, hd).transpose(1, 2).reshape(b * h, t, hd)  # [BH, T, hd]
+        dq = torch.empty_like(q)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        for i, p in enumerate(probs):
+            r0 = i * ATTN_BLOCK
+            r1 = r0 + p.shape[1]
+            do = dy[:, r0:r1]  # [BH, r, hd]
+            dv[:, :r1].baddbmm_(p.transpose(1, 2), do)
+            dp = torch.bmm(do, v[:, :r1].transpose(1, 2))  # [BH, r, r1]
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # d scores
+            torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
+            dk[:, :r1].baddbmm_(ds.transpose(1, 2), q[:, r0:r1])
+        scale = hd**-0.5
+        dqk = torch.empty(b, t, h + hkv, hd, dtype=dq.dtype, device=dq.device)
+        torch.mul(dq.view(b, h, t, hd).transpose(1, 2), scale, out=dqk[:, :, :h])  # q was pre-scaled
+        g = h // hkv
+        dk = dk.view(b, hkv, g, t, hd).sum(2) if g > 1 else dk.view(b, h, t, hd)  # sum over each group
+        dv = dv.view(b, hkv, g, t, hd).sum(2) if g > 1 else dv.view(b, h, t, hd)
+        dqk[:, :, h:] = dk.transpose(1, 2)
+        return dqk, dv.transpose(1, 2), None, None
+
+
+def blocked_attention(qk: torch.Tensor, v: torch.Tensor, n_heads: int, bias: torch.Tensor | None = None):
+    """y [B, T, H·hd] from post-RoPE qk [B, T, H + Hkv, hd] and v [B, T, Hkv, hd] (see _BlockedAttention)."""
+    return _BlockedAttention.apply(qk, v, n_heads, bias)
 
 
 class Attention(nn.Module):
@@ -154,17 +202,40 @@ class Attention(nn.Module):
         qk, v = qkv.split([h + hkv, hkv], dim=2)  # [B, T, H + Hkv, hd], [B, T, Hkv, hd]
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
-        q, k = apply_rope(qk, rot).split([h, hkv], dim=2)
+        qk = apply_rope(qk, rot)  # [B, T, H + Hkv, hd]
+        if am.blocked:
+            return self.wo(blocked_attention(qk, v, h, am.bias))  # [B, T, D]
+        q, k = qk.split([h, hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H(kv), T, hd]
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # [B, Hkv, S, hd]
-        if am.blocked:
-            y = blocked_attention(q, k, v, am.bias)  # [B, H, T, hd]
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=am.mask, is_causal=am.causal, enable_gqa=hkv != h
-            )  # [B, H, T, hd]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=am.mask, is_causal=am.causal, enable_gqa=hkv != h
+        )  # [B, H, T, hd]
         return self.wo(y.transpose(1, 2).reshape(b, t, h * hd))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) · up on the fused projection h = [gate | up] [..., 2F] → [..., F].
+
+    Same math as autograd's, but the gradient of h is written into one buffer (no concatenation
+    of the two halves' gradients in backward)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor):
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate, up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up, act = ctx.saved_tensors
+        f = gate.shape[-1]
+        dh = torch.empty(*gate.shape[:-1], 2 * f, dtype=g.dtype, device=g.device)
+        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=dh[..., :f])
+        torch.mul(g, act, out=dh[..., f:])
+        return dh
 
 
 class MLP(nn.Module):
@@ -175,8 +246,7 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, hidden] each
-        return self.w2(F.silu(gate) * up)
+        return self.w2(_SwiGLU.apply(self.w13(x)))  # w13 → [B, T, 2·hidden] → [B, T, hidden]
 
 
 class Block(nn.Module):

@@ -170,3 +170,21 @@ def test_blocked_attention_matches_sdpa_values_and_grads(with_docs):
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads,with_bias", [(4, False), (2, True)])
+def test_custom_autograd_functions_pass_gradcheck(monkeypatch, kv_heads, with_bias):
+    from anymodal.model import transformer as tr
+
+    monkeypatch.setattr(tr, "ATTN_BLOCK", 4)  # several blocks (the last one partial) on a tiny input
+    torch.manual_seed(0)
+    qk = torch.randn(2, 10, 4 + kv_heads, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 10, kv_heads, 6, dtype=torch.float64, requires_grad=True)
+    bias = None
+    if with_bias:
+        docs = torch.tensor([[0] * 6 + [1] * 4, [0] * 3 + [1] * 7])
+        allowed = (docs[:, :, None] == docs[:, None, :]) & torch.ones(10, 10, dtype=torch.bool).tril()
+        bias = torch.zeros(2, 1, 10, 10, dtype=torch.float64).masked_fill_(~allowed[:, None], float("-inf"))
+    assert torch.autograd.gradcheck(lambda a, b: tr.blocked_attention(a, b, 4, bias), (qk, v))
+    h = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(tr._SwiGLU.apply, (h,))
