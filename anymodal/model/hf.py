@@ -29,7 +29,9 @@ def check_exportable(cfg: ModelConfig) -> None:
     if not cfg.qk_norm:
         raise ValueError("HF Chameleon always applies QK-Norm; a model with qk_norm=false cannot be exported")
     if cfg.head_dim * cfg.n_heads != cfg.dim:
-        raise ValueError(f"HF Chameleon needs head_dim · n_heads == dim (got {cfg.head_dim}·{cfg.n_heads} != {cfg.dim})")
+        raise ValueError(
+            f"HF Chameleon needs head_dim · n_heads == dim (got {cfg.head_dim}·{cfg.n_heads} != {cfg.dim})"
+        )
 
 
 def hf_config_kwargs(cfg: ModelConfig) -> dict:
@@ -108,7 +110,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         for n in ("weight", "bias"):
             both = torch.cat([hf[a + "q_norm." + n], hf[a + "k_norm." + n]])  # [H + Hkv, hd]
             out[dst + "attn.qk_norm." + n] = _heads_from_hf(both, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim)
-        out[dst + "mlp.w13.weight"] = torch.cat([hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]])
+        out[dst + "mlp.w13.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]]
+        )
         out[dst + "mlp.w2.weight"] = hf[src + "mlp.down_proj.weight"]
         out[dst + "attn_norm.weight"] = hf[src + "input_layernorm.weight"]
         out[dst + "mlp_norm.weight"] = hf[src + "post_attention_layernorm.weight"]

@@ -34,7 +34,9 @@ class LossOutput:
     def per_modality_mean(self) -> dict[str, float]:
         """Mean CE per modality that has labels (for logging)."""
         return {
-            k: float(self.per_modality_sum[k]) / int(c) for k, c in self.per_modality_count.items() if int(c) > 0
+            k: float(self.per_modality_sum[k]) / int(c)
+            for k, c in self.per_modality_count.items()
+            if int(c) > 0
         }
 
 
@@ -52,7 +54,8 @@ class _CrossEntropyAndLSE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor):
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, inplace: bool = False):
+        ctx.inplace = inplace
         n = logits.shape[0]
         chunk = _chunk_rows(logits)
         ce = torch.empty(n, dtype=torch.float32, device=logits.device)
@@ -70,7 +73,8 @@ class _CrossEntropyAndLSE(torch.autograd.Function):
         chunk = _chunk_rows(logits)
         g_ce = torch.zeros(n, device=logits.device) if g_ce is None else g_ce.float()
         scale = g_ce if g_lse is None else g_ce + g_lse.float()  # d/dx of both terms carries softmax(x)
-        grad = torch.empty_like(logits)
+        # inplace: the gradient overwrites the logits' own storage (no second [N, V] buffer)
+        grad = logits if ctx.inplace else torch.empty_like(logits)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             p = torch.softmax(logits[s:e].float(), dim=-1)  # [c, V]
@@ -80,7 +84,7 @@ class _CrossEntropyAndLSE(torch.autograd.Function):
             else:  # finish in fp32, round once
                 p.mul_(scale[s:e, None]).scatter_add_(1, target[s:e, None], -g_ce[s:e, None])
                 grad[s:e] = p
-        return grad, None
+        return grad, None, None
 
 
 def lm_loss(
@@ -89,18 +93,24 @@ def lm_loss(
     modality: torch.Tensor | None = None,
     z_loss_weight: float = 1e-5,
     ignore_index: int = -100,
+    inplace_backward: bool = False,
 ) -> LossOutput:
     """Loss of logits [B, T, V] against labels [B, T] (already shifted: labels[t] is the token after t).
 
     modality [B, T]: modality id (0 text, 1 image, 2 audio, 3 loc) of each label; None = all text.
     Positions whose label is `ignore_index` count nowhere. Sum over modalities of
     per_modality_sum / total count equals `ce`.
+    inplace_backward: backward writes d loss/d logits into the logits tensor itself, saving a whole
+    [B, T, V] buffer. Only for when this loss is the last use of `logits` (read metrics before
+    backward); another autograd use of the same logits then fails loudly, it is never silently wrong.
     """
     v = logits.shape[-1]
     x = logits.reshape(-1, v)  # [N, V] (a view for contiguous logits)
     y = labels.reshape(-1)
     keep = y != ignore_index  # [N]
-    ce_all, lse = _CrossEntropyAndLSE.apply(x, torch.where(keep, y, torch.zeros_like(y)))  # [N] each
+    ce_all, lse = _CrossEntropyAndLSE.apply(
+        x, torch.where(keep, y, torch.zeros_like(y)), inplace_backward
+    )  # [N] each
     keep_f = keep.float()
     count = keep.sum()
     denom = count.clamp(min=1).float()

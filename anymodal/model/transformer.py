@@ -33,6 +33,32 @@ from .kv_cache import KVCache
 QK_NORM_EPS = 1e-5  # Chameleon's QK LayerNorm uses a fixed eps
 
 
+class _RMSNormCPU(torch.autograd.Function):
+    """fp32 RMSNorm w · x / sqrt(mean(x²) + eps) with a hand-written backward.
+
+    PyTorch's CPU rms_norm is a composite of ~6 elementwise ops whose autograd backward makes about
+    twelve passes over x; this one makes seven (two of them plain reductions)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        d = x.shape[-1]
+        var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(d)  # [..., 1]
+        rstd = var.add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.mul(x, rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        d = x.shape[-1]
+        xhat = x * rstd
+        gx = g * xhat  # [..., D]
+        dw = gx.reshape(-1, d).sum(0)  # [D]
+        dot = (gx.reshape(-1, d) @ weight).view(rstd.shape).mul_(-1.0 / d)  # −mean(g·w·xhat) [..., 1]
+        dx = torch.addcmul(g * weight, xhat, dot).mul_(rstd)
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -40,9 +66,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            return _RMSNormCPU.apply(x, self.weight, self.eps)
         # normalize in fp32, cast back, then scale (the order HF Chameleon/Llama use)
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -62,7 +88,9 @@ class HeadLayerNorm(nn.Module):
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """Unit complex rotations [B, T, 1, hd/2] (complex64) for integer positions [B, T]."""
     # same expression as HF's default rope init, so the angles agree bit for bit
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim)
+    )
     angles = positions[..., None].float() * inv_freq  # [B, T, hd/2]
     return torch.polar(torch.ones_like(angles), angles)[:, :, None]
 
@@ -100,7 +128,9 @@ class AttnMask(NamedTuple):
     mask: torch.Tensor | None  # bool [B or 1, 1, T, S] for SDPA (True = may attend), or None
     causal: bool  # SDPA is_causal (only with mask None and no cached keys)
     blocked: bool  # use `blocked_attention` instead of SDPA
-    bias: torch.Tensor | None  # additive fp [B or 1, 1, T, T] (0 / -inf) for blocked_attention with doc/padding masks
+    bias: (
+        torch.Tensor | None
+    )  # additive fp [B or 1, 1, T, T] (0 / -inf) for blocked_attention with doc/padding masks
 
 
 ATTN_BLOCK = 128  # query rows per block in blocked_attention
@@ -332,14 +362,14 @@ class Transformer(nn.Module):
             if cache is not None:
                 positions = positions + cache.next_pos[:, None]
         mask, causal = self._attention_mask(b, t, past, doc_ids, attention_mask, cache)
-        blocked = (
+        x = self.tok_emb(ids)  # [B, T, D]
+        blocked = (  # CPU fp32 full-sequence passes of moderate size: matmul attention (see above)
             self.cfg.attention == "auto"
             and cache is None
-            and ids.device.type == "cpu"
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
             and b * self.cfg.n_heads * t * t <= BLOCKED_MAX_SCORES
         )
-
-        x = self.tok_emb(ids)  # [B, T, D]
         bias = None
         if blocked and mask is not None:  # additive form, once for all layers
             bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
@@ -368,14 +398,22 @@ class Transformer(nn.Module):
                 return None, True  # plain causal training / first prefill: SDPA's fast path
             if t == 1:
                 return None, False  # one new token attends to everything cached
-        dev = doc_ids.device if doc_ids is not None else (attention_mask if attention_mask is not None else cache.valid).device
+        dev = (
+            doc_ids.device
+            if doc_ids is not None
+            else (attention_mask if attention_mask is not None else cache.valid).device
+        )
         q_idx = torch.arange(past, past + t, device=dev)
         k_idx = torch.arange(past + t, device=dev)
         allowed = (k_idx[None, :] <= q_idx[:, None])[None]  # [1, T, S] causal
         if doc_ids is not None:
             allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])  # [B, T, T]
         if padded:
-            new_valid = attention_mask if attention_mask is not None else torch.ones(b, t, dtype=torch.bool, device=dev)
+            new_valid = (
+                attention_mask
+                if attention_mask is not None
+                else torch.ones(b, t, dtype=torch.bool, device=dev)
+            )
             key_valid = new_valid if cache is None else torch.cat([cache.valid[:, :past], new_valid], dim=1)
             # a padding query still sees itself, so its row is never empty (no NaN from softmax)
             allowed = (allowed & key_valid[:, None, :]) | (k_idx[None, :] == q_idx[:, None])[None]
@@ -390,7 +428,9 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run a (left-padded) prompt batch ids [B, T] into the cache; logits of the last position [B, V]."""
-        return self.forward(ids, positions=positions, cache=cache, attention_mask=attention_mask, last_only=True)[:, -1]
+        return self.forward(
+            ids, positions=positions, cache=cache, attention_mask=attention_mask, last_only=True
+        )[:, -1]
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

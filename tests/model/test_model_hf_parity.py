@@ -9,8 +9,14 @@ from anymodal.model.hf import from_hf_state_dict, hf_config_kwargs, to_hf_state_
 transformers = pytest.importorskip("transformers")
 
 TINY_VQ = dict(
-    embed_dim=4, num_embeddings=8, latent_channels=4, resolution=8, base_channels=32,
-    channel_multiplier=[1], num_res_blocks=1, attn_resolutions=[],
+    embed_dim=4,
+    num_embeddings=8,
+    latent_channels=4,
+    resolution=8,
+    base_channels=32,
+    channel_multiplier=[1],
+    num_res_blocks=1,
+    attn_resolutions=[],
 )
 
 
@@ -23,8 +29,16 @@ def _hf_model(cfg: ModelConfig):
 @pytest.mark.parametrize("placement,kv_heads", [("pre", 4), ("swin", 2)])
 def test_logits_match_hf_chameleon(placement, kv_heads):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, n_kv_heads=kv_heads,
-                      norm_placement=placement, rope_theta=500.0, init_std=0.1)
+    cfg = ModelConfig(
+        vocab_size=96,
+        dim=64,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=kv_heads,
+        norm_placement=placement,
+        rope_theta=500.0,
+        init_std=0.1,
+    )
     ours = Transformer(cfg).eval()
     with torch.no_grad():  # non-trivial QK-Norm and RMSNorm weights, so a mix-up shows
         for name, p in ours.named_parameters():

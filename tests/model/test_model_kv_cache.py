@@ -8,8 +8,15 @@ from anymodal.model import KVCache, ModelConfig, Transformer
 
 def _model(kv_heads=2, placement="pre"):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=80, dim=48, n_layers=2, n_heads=4, n_kv_heads=kv_heads,
-                      norm_placement=placement, init_std=0.1)
+    cfg = ModelConfig(
+        vocab_size=80,
+        dim=48,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=kv_heads,
+        norm_placement=placement,
+        init_std=0.1,
+    )
     return Transformer(cfg).eval()
 
 
@@ -43,8 +50,8 @@ def test_left_padded_batch_matches_each_prompt_alone():
     ids = torch.full((3, t), pad)
     mask = torch.zeros(3, t, dtype=torch.bool)
     for i, p in enumerate(prompts):
-        ids[i, t - len(p):] = p
-        mask[i, t - len(p):] = True
+        ids[i, t - len(p) :] = p
+        mask[i, t - len(p) :] = True
     cache = KVCache.empty(model.cfg, batch=3, max_len=t + 4)
     batched = [model.prefill(ids, cache, attention_mask=mask)]
     for j in range(4):

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anymodal.model import loss as loss_mod
 from anymodal.model import lm_loss
+from anymodal.model import loss as loss_mod
 
 
 def _reference(logits, labels, w, ignore=-100):
@@ -84,3 +84,37 @@ def test_no_labels_gives_zero_not_nan():
     assert out.ce.item() == 0.0 and out.z_loss.item() == 0.0
     out.loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_gives_same_grads_through_the_head(dtype):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 16)
+    labels = torch.randint(0, 50, (2, 6))
+    grads = []
+    for inplace in (False, True):
+        head = torch.nn.Linear(16, 50, bias=False).to(dtype)
+        torch.manual_seed(1)
+        torch.nn.init.normal_(head.weight)
+        out = lm_loss(head(hidden.to(dtype)), labels, z_loss_weight=1e-3, inplace_backward=inplace)
+        out.loss.backward()
+        grads.append(head.weight.grad.float())
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+
+
+def test_inplace_backward_with_a_second_use_of_the_logits_is_right_or_loud():
+    torch.manual_seed(0)
+    base = torch.randn(1, 4, 10)
+    labels = torch.randint(0, 10, (1, 4))
+    grads = []
+    for inplace in (False, True):
+        leaf = base.clone().requires_grad_()
+        logits = leaf * 1.0  # non-leaf, like a head output
+        total = lm_loss(logits, labels, inplace_backward=inplace).loss + (logits**2).mean()
+        try:
+            total.backward()
+        except RuntimeError as e:  # the other use needed logits after they were overwritten
+            assert inplace and "modified by an inplace operation" in str(e)
+            return
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])

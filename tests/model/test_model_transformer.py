@@ -55,7 +55,7 @@ def test_qk_norm_normalizes_each_head():
         model(torch.randint(0, 64, (2, 9)))
     raw_qk, out_qk = seen["qk"]
     assert out_qk.shape == (2, 9, 4 + 2, 12)  # 4 q heads then 2 k heads
-    for name, heads in (("q", slice(0, 4)), ("k", slice(4, 6))):
+    for heads in (slice(0, 4), slice(4, 6)):  # q heads, k heads
         raw, out = raw_qk[:, :, heads], out_qk[:, :, heads]
         n = out.shape[2]
         z = (out - norm.bias[heads]) / norm.weight[heads]  # undo the per-head affine
@@ -159,7 +159,11 @@ def test_blocked_attention_matches_sdpa_values_and_grads(with_docs):
     torch.manual_seed(0)
     t = 300  # 3 blocks of 128, the last one partial
     ids = torch.randint(0, 64, (2, t))
-    doc_ids = torch.cat([torch.zeros(2, 100), torch.ones(2, 150), torch.full((2, 50), 2)], dim=1) if with_docs else None
+    doc_ids = (
+        torch.cat([torch.zeros(2, 100), torch.ones(2, 150), torch.full((2, 50), 2)], dim=1)
+        if with_docs
+        else None
+    )
     results = []
     for attention in ("auto", "sdpa"):
         torch.manual_seed(1)
@@ -188,3 +192,18 @@ def test_custom_autograd_functions_pass_gradcheck(monkeypatch, kv_heads, with_bi
     assert torch.autograd.gradcheck(lambda a, b: tr.blocked_attention(a, b, 4, bias), (qk, v))
     h = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(tr._SwiGLU.apply, (h,))
+
+
+def test_cpu_rmsnorm_matches_reference_and_gradcheck():
+    from anymodal.model.transformer import RMSNorm, _RMSNormCPU
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormCPU.apply(a, b, 1e-5), (x, w))
+    norm = RMSNorm(16, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(w.float())
+    xf = x.detach().float()
+    ref = w.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))  # HF's formula
+    torch.testing.assert_close(norm(xf), ref, atol=1e-6, rtol=1e-5)
