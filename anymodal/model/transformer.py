@@ -188,18 +188,23 @@ class _BlockedAttention(torch.autograd.Function):
         q, k, v, *probs = ctx.saved_tensors
         b, t, h, hkv, hd = ctx.dims
         dy = dy.view(b, t, h, hd).transpose(1, 2).reshape(b * h, t, hd)  # [BH, T, hd]
-        dq = torch.empty_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        for i, p in enumerate(probs):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # last block first: it sees every key, so it initializes dk/dv; earlier blocks add to a prefix
+        # (through a contiguous temporary: in-place baddbmm on a strided prefix falls back to a slow loop)
+        for i in reversed(range(len(probs))):
+            p = probs[i]
             r0 = i * ATTN_BLOCK
             r1 = r0 + p.shape[1]
             do = dy[:, r0:r1]  # [BH, r, hd]
-            dv[:, :r1].baddbmm_(p.transpose(1, 2), do)
             dp = torch.bmm(do, v[:, :r1].transpose(1, 2))  # [BH, r, r1]
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # d scores
             torch.bmm(ds, k[:, :r1], out=dq[:, r0:r1])
-            dk[:, :r1].baddbmm_(ds.transpose(1, 2), q[:, r0:r1])
+            if r1 == t:
+                torch.bmm(p.transpose(1, 2), do, out=dv)
+                torch.bmm(ds.transpose(1, 2), q[:, r0:r1], out=dk)
+            else:
+                dv[:, :r1] += torch.bmm(p.transpose(1, 2), do)
+                dk[:, :r1] += torch.bmm(ds.transpose(1, 2), q[:, r0:r1])
         scale = hd**-0.5
         dqk = torch.empty(b, t, h + hkv, hd, dtype=dq.dtype, device=dq.device)
         torch.mul(dq.view(b, h, t, hd).transpose(1, 2), scale, out=dqk[:, :, :h])  # q was pre-scaled
