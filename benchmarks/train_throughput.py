@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=10, help="alternating repetitions per model")
+    ap.add_argument("--reps", type=int, default=12, help="alternating repetitions per model")
     ap.add_argument("--steps", type=int, default=1, help="timed steps per repetition (median)")
     ap.add_argument(
         "--optim", default="fused", choices=["fused", "foreach", "loop"], help="AdamW variant (both)"
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument(
         "--variants",
-        default="ours,hf",
+        default="ours,ours_inplace,hf",
         help="comma list of: ours, ours_inplace (lm_loss inplace_backward=True), ours_sdpa, hf",
     )
     ap.add_argument("overrides", nargs="*", help="model config key=value overrides")

@@ -7,11 +7,14 @@ to `ChameleonForConditionalGeneration` and give the same logits (see `hf.py`):
 - MLP: SwiGLU;
 - norm placement 'pre' (Llama: x + attn(norm(x))) or 'swin' (Chameleon: x + norm(attn(x))).
 
-For speed, q/k/v and gate/up are fused into single matmuls (`wqkv`, `w13`), the attention mask is
-built once per forward (and not at all for plain causal training, where SDPA's `is_causal` is used),
-and RoPE is one complex multiply. For the latter, the q/k head dimensions are stored in pair order
-(HF's dims i and i + hd/2 side by side) rather than HF's half order; attention scores and QK-Norm do
-not depend on the order of head dims, and `hf.py` permutes the q/k rows when converting.
+For speed: q/k/v and gate/up are fused into single matmuls (`wqkv`, `w13`); the attention mask is
+built once per forward (not at all for plain causal passes, where SDPA's `is_causal` is used); RoPE
+is one complex multiply, for which the q/k head dimensions are stored in pair order (HF's dims i and
+i + hd/2 side by side) rather than HF's half order (attention scores and QK-Norm do not depend on
+the order of head dims; `hf.py` permutes the q/k rows when converting). On CPU in fp32, full-sequence
+passes use `blocked_attention` (causal attention from large GEMMs, hand-written backward) instead of
+SDPA's flash kernel, and RMSNorm / SwiGLU use hand-written backward passes with fewer memory passes.
+On GPU everything goes through SDPA and PyTorch's fused kernels.
 
 Packed sequences: `doc_ids [B, T]` restricts attention to tokens of the same document and resets
 positions at each document start, so a packed row computes exactly what its documents would alone.

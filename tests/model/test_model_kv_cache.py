@@ -89,3 +89,20 @@ def test_cache_select_and_overflow():
     torch.testing.assert_close(only, both[[2, 0]], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="KV cache full"):
         model.decode(nxt, cache)
+
+
+def test_bf16_model_runs_and_caches_like_fp32():
+    """The GPU dtype path (SDPA, HF-order RMSNorm cast, bf16 cache) on CPU: close to fp32."""
+    model = _model()
+    ids = torch.randint(0, 80, (2, 9))
+    with torch.no_grad():
+        ref = model(ids)
+    model16 = _model().to(torch.bfloat16)
+    with torch.no_grad():
+        full = model16(ids)
+    assert full.dtype == torch.bfloat16
+    torch.testing.assert_close(full.float(), ref, atol=0.05, rtol=0.05)
+    cache = KVCache.empty(model16.cfg, batch=2, max_len=9, dtype=torch.bfloat16)
+    model16.prefill(ids[:, :8], cache)
+    last = model16.decode(ids[:, 8:], cache)
+    torch.testing.assert_close(last.float(), full[:, -1].float(), atol=0.05, rtol=0.05)
