@@ -88,7 +88,6 @@ class Demo:
         c, o = self.cfg, self.out
         o.mkdir(parents=True, exist_ok=True)
         world, toks, tokens = o / "world", o / "tokenizers", o / "tokens"
-        t_start = time.time()
         self.stage("world", lambda: (
             self.anymodal("world", "--out", str(world), "--split", "train", "--docs", str(c.world.train_docs),
                           "--seed", str(c.world.train_seed)),
@@ -123,26 +122,72 @@ class Demo:
                                                  "--out", str(o / "metrics.json"), "--limit", str(c.eval_limit)))
         self.stage("showcase", lambda: self.showcase(bundle, world))
         report = write_report(o, self.cfg)
-        total = time.time() - t_start
+        total = sum(stage_seconds(o).values())
         metrics = json.loads((o / "metrics.json").read_text())
         print_metrics(metrics)
-        print(f"\n[demo] finished in {total / 60:.1f} min (budget {c.budget_minutes:.0f} min); report: {report}")
+        print(f"\n[demo] stages took {total / 60:.1f} min in all (budget {c.budget_minutes:.0f} min); report: {report}")
         return metrics
 
-    def showcase(self, bundle: Path, world: Path) -> None:
-        """Fixed prompts for the report: text→image (seen and unseen), grounding, speech."""
+    def showcase(self, bundle_dir: Path, world: Path) -> None:
+        """Fixed prompts for the report: draw (seen and unseen pairs), describe, ground, hear, speak.
+
+        Runs in this process with the library calls behind `anymodal sample` / `ground`, so the
+        bundle loads once instead of once per prompt.
+        """
+        from .sample.bundle import load_bundle, set_threads
+        from .sample.ground import ground_image
+        from .sample.session import SampleOptions, run_sample
+
         c, show = self.cfg, self.out / "showcase"
-        for i, prompt in enumerate(c.prompts):
-            self.anymodal("sample", "--model", str(bundle), "--prompt", prompt + "<boi>", "--out",
-                          str(show / f"t2i_{i}"), "--seed", "0", "--cfg", "3", "--max-new-tokens", "200", "--stop-after-span")
-        example = _first_val_image(world, show)
-        if example is not None:
+        bundle = load_bundle(bundle_dir)
+        set_threads(bundle, "auto")
+        span = dict(seed=0, stop_after_span=True)
+        greedy_text = SampleOptions(seed=0, temperature="0", max_new_tokens=48)
+        jobs = [(f"t2i_{i}", p + "<boi>", (), (), SampleOptions(cfg=3.0, max_new_tokens=80, **span))
+                for i, p in enumerate(c.prompts)]
+        picture, clip = _showcase_inputs(world, show)
+        if picture is not None:
+            jobs.append(("describe", "", (str(picture),), (), greedy_text))
+        if clip is not None:
+            jobs.append(("hear", "", (), (str(clip),), greedy_text))
+            jobs.append(("a2i", "<boi>", (), (str(clip),), SampleOptions(cfg=3.0, max_new_tokens=80, **span)))
+        jobs += [(f"tts_{i}", p + "<boa>", (), (), SampleOptions(cfg=3.0, max_new_tokens=1200, **span))
+                 for i, p in enumerate(c.speech_prompts)]
+        with open(os.devnull, "w") as quiet:
+            for name, prompt, images, audios, opts in tqdm_iter(jobs, "showcase"):
+                run_sample(bundle, prompt, show / name, images=images, audios=audios, opts=opts, console=quiet)
+        if picture is not None:
+            results = {}
             for i, q in enumerate(c.ground_queries):
-                self.anymodal("ground", "--model", str(bundle), "--image", str(example), "--query", q,
-                              "--out", str(show / f"ground_{i}.png"))
-        for i, prompt in enumerate(c.speech_prompts):
-            self.anymodal("sample", "--model", str(bundle), "--prompt", prompt + "<boa>", "--out",
-                          str(show / f"tts_{i}"), "--seed", "0", "--max-new-tokens", "400", "--stop-after-span")
+                results[q] = ground_image(bundle, picture, q, out=show / f"ground_{i}.png")
+            (show / "ground.json").write_text(json.dumps(results, indent=1))
+
+
+def tqdm_iter(items: list, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="prompt", file=sys.stderr)
+
+
+def _showcase_inputs(world: Path, show: Path) -> tuple[Path | None, Path | None]:
+    """The first val image with two or more objects (PNG) and the first val speech clip (WAV)."""
+    from .data.media import save_png, save_wav
+    from .data.reader import iter_documents
+
+    picture = clip = None
+    show.mkdir(parents=True, exist_ok=True)
+    for doc in iter_documents(sorted(str(p) for p in world.glob("val-*.tar"))):
+        for seg in doc.segments:
+            if picture is None and "image" in seg and len(doc.meta.get("objects", [])) >= 2:
+                picture = show / "input_image.png"
+                save_png(seg["image"], picture)
+            if clip is None and "audio" in seg and doc.meta.get("transcript"):
+                clip = show / "input_speech.wav"
+                save_wav(seg["audio"], 16000, clip)  # the reader's default rate
+                (show / "input_speech.txt").write_text(doc.meta["transcript"])
+        if picture is not None and clip is not None:
+            break
+    return picture, clip
 
 
 def _resume_flag(out: Path) -> list[str]:
@@ -164,20 +209,6 @@ def _assemble(toks: Path) -> None:
     from .tokenizers import assemble_tokenizer_set
 
     assemble_tokenizer_set(toks, toks / "text", toks / "image", toks / "audio")
-
-
-def _first_val_image(world: Path, show: Path) -> Path | None:
-    """Save the first image of the val split as a PNG to ground phrases in."""
-    from .data.media import save_png
-    from .data.reader import iter_documents
-
-    for doc in iter_documents(sorted(str(p) for p in world.glob("val-*.tar"))):
-        for seg in doc.segments:
-            if "image" in seg:
-                show.mkdir(parents=True, exist_ok=True)
-                save_png(seg["image"], show / "ground_input.png")
-                return show / "ground_input.png"
-    return None
 
 
 METRIC_ROWS = [
@@ -205,40 +236,88 @@ def print_metrics(m: dict) -> None:
         print(f"{'bits/token ' + mod:<22}{_fmt(v):>10}")
 
 
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Wall-clock seconds of every finished stage, from the `.done` markers (earlier runs too)."""
+    times = {}
+    for marker in sorted((out / ".done").glob("*")):
+        try:
+            times[marker.name] = float(json.loads(marker.read_text())["seconds"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return times
+
+
+def _sample_text(d: Path) -> str:
+    try:
+        return json.loads((d / "tokens.json").read_text())["samples"][0].get("text", "")
+    except (OSError, ValueError, KeyError, IndexError):
+        return ""
+
+
 def write_report(out: Path, cfg: DemoConfig) -> Path:
-    """runs/demo/report.html: metrics, loss curves, tokenizer reconstructions, generations."""
+    """runs/demo/report.html: metrics, timings, loss curves, tokenizer reconstructions, generations."""
     m = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     unseen = m.get("unseen", {})
+    show = out / "showcase"
+    esc = html.escape
 
     def rel(p: Path) -> str:
-        return html.escape(os.path.relpath(p, out))
+        return esc(os.path.relpath(p, out), quote=True)
 
-    def imgs(paths, width=192):
-        return "".join(f'<figure><img src="{rel(p)}" width="{width}"><figcaption>{html.escape(p.parent.name)}'
-                       f"</figcaption></figure>" for p in paths)
+    def img(p: Path, width=192, caption="") -> str:
+        cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+        return f'<figure><img src="{rel(p)}" width="{width}">{cap}</figure>' if p.is_file() else ""
+
+    def audio(p: Path, caption="") -> str:
+        return (f'<p>{esc(caption)} <audio controls src="{rel(p)}"></audio></p>' if p.is_file() else "")
 
     parts = ["<!doctype html><meta charset='utf-8'><title>anymodal demo</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}figure{display:inline-block;"
-             "margin:4px}td,th{padding:2px 10px;text-align:right}img{image-rendering:pixelated}</style>",
-             "<h1>anymodal demo report</h1><h2>Metrics (val split)</h2><table><tr><th>metric</th><th>all</th>"
-             "<th>unseen</th><th>goal</th></tr>"]
+             "margin:4px;vertical-align:top}td,th{padding:2px 10px;text-align:right}td:first-child{text-align:left}"
+             "img{image-rendering:pixelated;border:1px solid #999}q{font-style:italic}</style>",
+             "<h1>anymodal demo report</h1><h2>Metrics (val split, <code>anymodal eval</code>)</h2>"
+             "<table><tr><th>metric</th><th>all</th><th>unseen</th><th>goal</th></tr>"]
     for label, key, goal in METRIC_ROWS:
         parts.append(f"<tr><td>{label}</td><td>{_fmt(m.get(key))}</td><td>{_fmt(unseen.get(key))}</td>"
-                     f"<td>{html.escape(goal)}</td></tr>")
+                     f"<td>{esc(goal)}</td></tr>")
+    for mod, v in (m.get("bits_per_token") or {}).items():
+        parts.append(f"<tr><td>bits/token {esc(mod)}</td><td>{_fmt(v)}</td><td></td><td></td></tr>")
     parts.append("</table>")
-    curves = sorted((out / "run").glob("*.png"))
-    parts.append("<h2>Loss curves</h2>" + imgs(curves, 480))
-    recon = sorted((out / "tokenizers").glob("*/*.png"))
-    parts.append("<h2>Tokenizer reconstructions</h2>" + imgs(recon, 480))
-    show = out / "showcase"
+    times = stage_seconds(out)
+    if times:
+        rows = "".join(f"<tr><td>{esc(k)}</td><td>{v / 60:.1f}</td></tr>" for k, v in times.items())
+        parts.append(f"<h2>Stages</h2><table><tr><th>stage</th><th>minutes</th></tr>{rows}"
+                     f"<tr><th>total</th><th>{sum(times.values()) / 60:.1f}</th></tr></table>")
+    parts.append("<h2>Loss curves</h2>" + "".join(img(p, 420) for p in sorted((out / "run").glob("*.png"))))
+    toks = out / "tokenizers"
+    grids = sorted((toks / "image" / "val").glob("*.png"))
+    parts.append("<h2>Image tokenizer: originals and reconstructions</h2>" + (img(grids[-1], 640) if grids else ""))
+    parts.append("<h2>Audio codec: originals and reconstructions</h2>")
+    for spec in sorted((toks / "audio" / "samples").glob("final_*_spec.png")):
+        stem = spec.name[: -len("_spec.png")]
+        parts.append(img(spec, 480) + audio(spec.with_name(stem + "_orig.wav"), "original")
+                     + audio(spec.with_name(stem + "_recon.wav"), "reconstruction"))
+    parts.append("<h2>Draw: text → image (fixed seed, CFG 3)</h2>")
     for i, prompt in enumerate(cfg.prompts):
-        parts.append(f"<h3>t2i: {html.escape(prompt)}</h3>" + imgs(sorted((show / f"t2i_{i}").glob("image_*.png"))))
-    parts.append("<h2>Grounding</h2>" + imgs(sorted(show.glob("ground_*.png"))))
-    parts.append("<h2>Speech</h2>")
-    for wav in sorted(show.glob("tts_*/audio_*.wav")):
-        parts.append(f'<p>{html.escape(wav.parent.name)} <audio controls src="{rel(wav)}"></audio></p>')
+        for p in sorted((show / f"t2i_{i}").glob("image_*.png")):
+            parts.append(img(p, 160, prompt))
+    parts.append("<h2>Describe: image → text</h2>" + img(show / "input_image.png", 160)
+                 + f"<p>model: <q>{esc(_sample_text(show / 'describe'))}</q></p>")
+    g = json.loads((show / "ground.json").read_text()) if (show / "ground.json").is_file() else {}
+    parts.append("<h2>Ground: phrase → box</h2>" + "".join(
+        img(show / f"ground_{i}.png", 192, f"{q}: {g.get(q, {}).get('box')}") for i, q in enumerate(cfg.ground_queries)))
+    truth = (show / "input_speech.txt").read_text() if (show / "input_speech.txt").is_file() else ""
+    parts.append("<h2>Hear: speech → text, speech → image</h2>" + audio(show / "input_speech.wav", "input")
+                 + f"<p>spoken: <q>{esc(truth)}</q><br>model: <q>{esc(_sample_text(show / 'hear'))}</q></p>"
+                 + "".join(img(p, 160, "drawn from the speech") for p in sorted((show / "a2i").glob("image_*.png"))))
+    parts.append("<h2>Speak: text → speech</h2>")
+    for i, prompt in enumerate(cfg.speech_prompts):
+        for wav in sorted((show / f"tts_{i}").glob("audio_*.wav")):
+            parts.append(audio(wav, prompt))
     report = out / "report.html"
-    report.write_text("\n".join(parts))
+    tmp = report.with_name(report.name + ".tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    tmp.replace(report)
     return report
 
 

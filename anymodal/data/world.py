@@ -71,8 +71,11 @@ class WorldConfig:
     val_unseen_fraction: float = 0.3  # share of val scene documents built around an unseen pair
     sample_rate: int = 16000
     voices: list[str] = field(default_factory=lambda: list(DEFAULT_VOICES))
-    speed_min: int = 130  # words per minute
-    speed_max: int = 190
+    speed_min: int = 150  # words per minute
+    speed_max: int = 210
+    # Spoken captions describe at most this many objects: a 3-object caption takes ~8 s (1,600
+    # audio tokens at 200/s), more than a training row and far more than its image.
+    speech_max_objects: int = 2
     pitch_min: int = 35
     pitch_max: int = 65
     instruction_fraction: float = 0.4  # asr/tts texts that are short instructions, not captions
@@ -96,6 +99,8 @@ class WorldConfig:
             raise ConfigError(f"config key 'image_size' is {self.image_size}; it must be at least 24")
         if not 1 <= self.max_objects <= 3:
             raise ConfigError("config key 'max_objects' must be 1, 2 or 3")
+        if self.speech_max_objects < 1:
+            raise ConfigError("config key 'speech_max_objects' must be at least 1")
         if not 0.0 <= self.val_unseen_fraction <= 1.0 or not 0.0 <= self.instruction_fraction <= 1.0:
             raise ConfigError("fractions in the world config must lie in [0, 1]")
         if not self.voices:
@@ -178,8 +183,8 @@ class _Planner:
             raise ConfigError("config key 'unseen' holds out every colour+shape pair")
 
     # a scene that respects the split: train never shows an unseen pair; val shows one when asked
-    def scene(self, rng, unseen: bool, n_objects=None) -> S.Scene:
-        sz, mo = self.cfg.image_size, self.cfg.max_objects
+    def scene(self, rng, unseen: bool, n_objects=None, max_objects=None) -> S.Scene:
+        sz, mo = self.cfg.image_size, min(self.cfg.max_objects, max_objects or self.cfg.max_objects)
         if unseen:
             forced = self.unseen_list[int(rng.integers(len(self.unseen_list)))]
             allowed = self.all_pairs if self.split == "val" else self.seen_pairs
@@ -250,7 +255,7 @@ class _Planner:
             tpl = INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))]
             return tpl.format(colour=o.colour, shape=o.shape, size=o.size), \
                 [{"colour": o.colour, "shape": o.shape, "size": o.size}]
-        sc = self.scene(rng, unseen)
+        sc = self.scene(rng, unseen, max_objects=self.cfg.speech_max_objects)
         return self.caption(rng, sc), sc.to_dicts()
 
     def _asr(self, rng, unseen):
@@ -266,7 +271,7 @@ class _Planner:
             {"objects": objs, "transcript": text, "voice": u.voice, "speed": u.speed, "prompt_segments": 1}
 
     def _a2i(self, rng, unseen):
-        sc = self.scene(rng, unseen)
+        sc = self.scene(rng, unseen, max_objects=self.cfg.speech_max_objects)
         text = self.caption(rng, sc)
         u = self.utterance(rng, text)
         return [{"audio": u}, {"image": sc}], \

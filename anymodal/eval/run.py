@@ -72,6 +72,7 @@ class Evaluator:
         self.metrics = Metrics()
         self.sampling = eval_sampling()
         self.bar = None
+        self.over_context = 0  # documents whose prompt leaves no room for the answer
 
     # ---- reading -----------------------------------------------------------------------------
     def read(self, data) -> tuple[dict[str, list], list, int]:
@@ -145,11 +146,18 @@ class Evaluator:
         return max(0, min(new, self.engine.max_len - len(prompt)))
 
     def generate(self, prompts: list[list[int]], new: int | list[int], seeds: list[int], force=None,
-                 cfg: float = 1.0) -> list:
+                 cfg: float = 1.0, min_new: int = 1) -> list:
+        """One result per prompt; None where fewer than `min_new` tokens fit after the prompt."""
         news = new if isinstance(new, list) else [new] * len(prompts)
         reqs, idx = [], []
         for i, (p, n, s) in enumerate(zip(prompts, news, seeds)):
-            n = self._fits(p, n)
+            room = self._fits(p, n)
+            # An answer that cannot fit (an image needs all its tokens) is not generated at all: the
+            # document scores as a failure and is counted under n.over_context.
+            if room < max(1, min_new):
+                self.over_context += 1
+                continue
+            n = room
             if n > 0:
                 reqs.append(Request(p, n, self.sampling, seed=s, cfg_scale=cfg,
                                     force=[force] if force is not None else (), stop_after_span=force is not None))
@@ -176,7 +184,8 @@ class Evaluator:
         for chunk in _batches(docs, self.o.batch_size):
             prompts = [self.prompt(d) for d in chunk]
             seeds = [self.o.seed + hash_key(d.key) for d in chunk]
-            results = self.generate(prompts, sp.image_tokens + 2, seeds, force=sp.boi, cfg=self.o.cfg)
+            results = self.generate(prompts, sp.image_tokens + 2, seeds, force=sp.boi, cfg=self.o.cfg,
+                                    min_new=sp.image_tokens + 2)
             grids = []
             for res in results:
                 dec = self.b.stream.decode(res.tokens) if res is not None else None
@@ -212,7 +221,7 @@ class Evaluator:
         sp = self.sp
         for chunk in _batches(docs, self.o.batch_size):
             prompts = [self.prompt(d) for d in chunk]
-            results = self.generate(prompts, 6, [self.o.seed] * len(chunk), force=sp.box)
+            results = self.generate(prompts, 6, [self.o.seed] * len(chunk), force=sp.box, min_new=6)
             for d, res in zip(chunk, results):
                 truth = [s["box"] for s in d.segments if "box" in s][-1]
                 boxes = [s for s in self.b.stream.decode(res.tokens).segments if isinstance(s, Box)] if res else []
@@ -231,7 +240,7 @@ class Evaluator:
                 frames = math.ceil(len(ref[0]) / self.tok.audio.sample_rate * sp.audio_frame_rate) if ref else 50
                 news.append(sp.audio_n_q * (frames * 3 // 2 + int(sp.audio_frame_rate) // 2) + 2)
             seeds = [self.o.seed + hash_key(d.key) for d in chunk]
-            results = self.generate(prompts, news, seeds, force=sp.boa, cfg=self.o.cfg)
+            results = self.generate(prompts, news, seeds, force=sp.boa, cfg=self.o.cfg, min_new=sp.audio_n_q + 2)
             # The model's own ASR on its speech: waveform -> codec -> `<s><boa>…<eoa>` -> text.
             asr_prompts = []
             for res in results:
@@ -258,11 +267,13 @@ class Evaluator:
 
         model, max_len = self.b.model, self.engine.max_len
         dev = self.b.device
-        for chunk in _batches(docs, self.o.batch_size):
-            seqs = []
-            for d in chunk:
-                ids, mod = self.b.stream.encode(self.segments(d), bos=True, eos=True)
-                seqs.append((ids[: max_len + 1], mod[: max_len + 1], bool(d.meta.get("unseen"))))
+        encoded = []
+        for d in docs:
+            ids, mod = self.b.stream.encode(self.segments(d), bos=True, eos=True)
+            encoded.append((ids[: max_len + 1], mod[: max_len + 1], bool(d.meta.get("unseen"))))
+        # Batches of similar length: a short caption padded to a long speech document is wasted work.
+        encoded.sort(key=lambda s: len(s[0]))
+        for seqs in _batches(encoded, self.o.batch_size):
             T = max(len(s[0]) for s in seqs) - 1
             inp = torch.full((len(seqs), T), self.sp.pad, dtype=torch.long)
             labels = torch.full((len(seqs), T), -100, dtype=torch.long)
@@ -279,7 +290,7 @@ class Evaluator:
                     self.metrics.add_bits(name, float(out.per_modality_sum[name]), int(out.per_modality_count[name]),
                                           unseen)
                 self.metrics.add_bits_document(unseen)
-            self._tick(len(chunk))
+            self._tick(len(seqs))
 
     # ---- all ---------------------------------------------------------------------------------------
     def run(self, data) -> dict:
@@ -309,6 +320,7 @@ class Evaluator:
             self.bar.close()
         result = self.metrics.result()
         result["n"]["skipped_records"] = int(skipped)
+        result["n"]["over_context"] = int(self.over_context)
         return result
 
 

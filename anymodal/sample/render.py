@@ -103,7 +103,8 @@ def write_page(out: Path, prompt_text: str, prompt_parts: list[Part], samples: l
     tokens = {
         "prompt_text": prompt_text,
         "prompt": prompt_ids,
-        "samples": [{"seed": s.seed, "finish": s.finish, "tokens": s.tokens,
+        "samples": [{"seed": s.seed, "finish": s.finish, "text": "".join(p.text for p in s.parts if p.kind == "text"),
+                     "tokens": s.tokens,
                      "probs": [round(p, 6) for p in s.probs], "problems": s.problems} for s in samples],
         **meta,
     }

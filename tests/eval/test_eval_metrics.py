@@ -11,7 +11,7 @@ import torch
 from anymodal.cli import main
 from anymodal.data.world import generate_world
 from anymodal.eval.metrics import Metrics, edit_distance, format_table, image_check, word_errors
-from anymodal.eval.run import EvalOptions, Evaluator, evaluate
+from anymodal.eval.run import EvalOptions, Evaluator
 from anymodal.sample.bundle import save_bundle_layout, tiny_bundle
 
 WORLD_KEYS = {"t2i_accuracy", "t2i_position_accuracy", "t2i_size_accuracy", "a2i_accuracy", "caption_accuracy",
@@ -172,4 +172,16 @@ def test_eval_scores_a_perfect_model_as_perfect(bundle, world):
     r = ev.metrics.result()
     assert r["caption_accuracy"] == 1.0 and r["refer_accuracy"] == 1.0 and r["asr_wer"] == 0.0, (r["caption_accuracy"], r["refer_accuracy"], r["asr_wer"], r["n"])
     assert r["grounding_acc50"] == 1.0 and r["grounding_miou"] > 0.7  # boxes are quantized to 32 bins
-    assert evaluate is not None
+
+
+def test_answers_that_cannot_fit_score_as_failures_and_are_counted(world):
+    """A spoken prompt longer than the context leaves no room for its image: no crash, a miss."""
+    short = tiny_bundle(max_seq_len=80)
+    ev = Evaluator(short, EvalOptions(limit=2, batch_size=2, progress=False))
+    per_kind, _, _ = ev.read(world)
+    docs = per_kind["a2i"]
+    assert docs and all(len(ev.prompt(d)) > 80 - short.space.image_tokens - 2 for d in docs)
+    ev.image_task("a2i", docs)
+    r = ev.metrics.result()
+    assert r["a2i_accuracy"] == 0.0 and r["n"]["a2i"] == len(docs)
+    assert ev.over_context == len(docs)

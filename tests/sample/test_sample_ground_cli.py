@@ -68,7 +68,8 @@ def test_html_escapes_generated_text(tmp_path):
     page = (tmp_path / "index.html").read_text()
     assert "<script>" not in page and "<img src=x" not in page and "<b>prompt" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp;" in page
-    assert json.loads((tmp_path / "tokens.json").read_text())["samples"][0]["tokens"] == [1]
+    sample = json.loads((tmp_path / "tokens.json").read_text())["samples"][0]
+    assert sample["tokens"] == [1] and sample["text"].startswith("<script>alert")
 
 
 def test_sample_command_writes_every_output(bundle_dir, picture, tmp_path, capsys):
