@@ -72,6 +72,10 @@ class TrainConfig:
     micro_batch: int = 8  # rows per process per forward
     grad_accum: int = 1  # micro-batches per optimizer step
     steps: int = 1000  # optimizer steps in total
+    # Wall-clock budget of the training loop in minutes (0 = none; resumed runs count earlier time):
+    # from the measured step time the run is cut to the steps that fit, and the LR decay is
+    # re-aimed at that last step, so a slower or busier machine trains less but still anneals.
+    max_minutes: float = 0.0
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the decay ends at lr · min_lr_ratio
     warmup: int = 100  # linear warmup steps
@@ -110,6 +114,8 @@ class TrainConfig:
                      "eval_batches", "lookahead"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes < 0:
+            raise ConfigError(f"config key 'max_minutes' must be >= 0, got {self.max_minutes}")
         if self.lr <= 0 or self.warmup < 0 or self.keep_last < 1 or self.clip < 0 or self.max_nan_skips < 0:
             raise ConfigError("config keys lr > 0, warmup >= 0, keep_last >= 1, clip >= 0, max_nan_skips >= 0")
         if not 0.0 <= self.cond_dropout <= 1.0:
@@ -360,10 +366,15 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
         val_loader = PackedLoader(val, cfg.seq_len, cfg.micro_batch, rank, world, seed=cfg.seed,
                                   shuffle=False, loop=False, lookahead=cfg.lookahead)
 
-    step, skipped_total, tokens_seen = 0, 0, 0
+    step, skipped_total, tokens_seen, spent = 0, 0, 0, 0.0
+    total = cfg.steps  # the last step: cfg.steps, or fewer when max_minutes cuts the run
     if ckpt is not None:
         meta, rank_state = load_checkpoint(engine, ckpt[1], rank)
         step, skipped_total, tokens_seen = meta["step"], meta.get("skipped_total", 0), meta.get("tokens_seen", 0)
+        spent = float(meta.get("train_seconds", 0.0))
+        if cfg.max_minutes and meta.get("budget_steps"):
+            total = max(step, min(cfg.steps, int(meta["budget_steps"])))
+            schedule.total = total
         loader.load_state_dict(meta["loader"])
         # the schedule follows the current config (e.g. more steps), not the saved one
         scheduler.lr_lambdas[0].__dict__.update(schedule.__dict__)
@@ -384,7 +395,7 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
     metrics = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if ckpt else None, enabled=rank == 0)
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0, disable=rank != 0 or not cfg.progress)
     z_weight = model_cfg.z_loss_weight if cfg.z_loss_weight is None else cfg.z_loss_weight
     n_mod = len(MODALITY_NAMES)
@@ -394,16 +405,22 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
     tokens_per_step = cfg.micro_batch * cfg.seq_len * cfg.grad_accum * world
     engine.train()
 
+    step_times: list[float] = []  # this process's step times (for the max_minutes budget)
+    run_t0 = time.perf_counter()
+
     def save(at_step: int) -> None:
         meta = {"loader": loader.state_dict(), "skipped_total": skipped_total, "tokens_seen": tokens_seen,
-                "world_size": world, "seq_len": cfg.seq_len}
+                "world_size": world, "seq_len": cfg.seq_len,
+                "train_seconds": spent + time.perf_counter() - run_t0,
+                "budget_steps": total if cfg.max_minutes else None}
         save_checkpoint(engine, run_dir, at_step, {"rng": rng_state()}, meta, cfg.keep_last, rank, barrier)
 
     with StopFlag() as stop:
-        while step < cfg.steps:
+        while step < total:
             t0 = time.perf_counter()
-            # on the device: ce, z-loss, per-modality CE sums, per-modality counts, stop flag
-            acc = torch.zeros(2 + 2 * n_mod + 1, dtype=torch.float64, device=device)
+            # on the device: ce, z-loss, per-modality CE sums, per-modality counts, budgeted last
+            # step (rank 0's, others add 0), stop flag
+            acc = torch.zeros(2 + 2 * n_mod + 2, dtype=torch.float64, device=device)
             skipped_before = engine.skipped_steps
             lr = scheduler.get_last_lr()[0]  # the lr this step's update uses
             for _ in range(cfg.grad_accum):
@@ -417,10 +434,13 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
                     loss = loss * float("nan")  # NaN gradients everywhere: the update is skipped
                 engine.backward(loss)
                 engine.step()
-                acc[:-1] += torch.cat([out.ce.detach()[None], out.z_loss.detach()[None],
+                acc[:-2] += torch.cat([out.ce.detach()[None], out.z_loss.detach()[None],
                                        *(out.per_modality_sum[m].detach()[None] for m in MODALITY_NAMES),
                                        *(out.per_modality_count[m][None] for m in MODALITY_NAMES)]).double()
             acc[-1] = 1.0 if stop.signal else 0.0
+            if rank == 0 and cfg.max_minutes:
+                acc[-2] = _budget_steps(step_times, step + 1, total, cfg.max_minutes * 60.0
+                                        - spent - (time.perf_counter() - run_t0))
             if world > 1:  # one small all-reduce: losses of all ranks and whether any rank must stop
                 dist.all_reduce(acc)
             acc = acc.cpu()
@@ -437,8 +457,13 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
                 nan_streak = 0
                 losses[step] = ce
             dt = time.perf_counter() - t0
+            step_times.append(dt)
             tps = tokens_per_step / dt
-            if step % cfg.log_every == 0 or step == cfg.steps or skipped:
+            if cfg.max_minutes and 0 < int(acc[-2]) < total:
+                total = max(step, int(acc[-2]))
+                schedule.total = scheduler.lr_lambdas[0].total = total
+                bar.total = total
+            if step % cfg.log_every == 0 or step == total or skipped:
                 gn = engine.get_global_grad_norm()
                 rec = {"step": step, "loss": ce, "z_loss": float(acc[1]) / (cfg.grad_accum * world),
                        "lr": lr, "grad_norm": None if gn is None else float(gn),
@@ -463,7 +488,7 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
             if val_loader is not None and step % cfg.eval_every == 0:
                 metrics.write({"step": step, **_evaluate(engine, val_loader, cfg, device, z_weight, world, dist)})
             stopping = float(acc[-1]) > 0
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+            if step % cfg.checkpoint_every == 0 or step == total or stopping:
                 save(step)
                 last_saved = step
             if stopping:
@@ -476,10 +501,25 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
         from .plot import plot_run
 
         plot_run(run_dir)
-    interrupted = stop.signal if step < cfg.steps else None
+    interrupted = stop.signal if step < total else None
+    if rank == 0 and total < cfg.steps:
+        print(f"[train] max_minutes={cfg.max_minutes:g}: trained {total} of {cfg.steps} steps", file=sys.stderr)
     if rank == 0 and interrupted:
         print(f"[train] stopped at step {step} by {interrupted}; continue with --resume", file=sys.stderr)
     return TrainResult(step, losses, engine.module, run_dir, interrupted, skipped_total)
+
+
+def _budget_steps(step_times: list[float], done: int, total: int, seconds_left: float) -> int:
+    """The last step that fits the time left (never above `total`, never below `done`).
+
+    The first step of a process (allocation, thread-pool start) is left out of the estimate; the
+    median of the recent steps follows a machine that slows down without chasing one slow step.
+    """
+    recent = step_times[1:][-20:]
+    if not recent:
+        return total
+    per_step = sorted(recent)[len(recent) // 2]
+    return max(done, min(total, done + int(max(0.0, seconds_left) // per_step)))
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, space, resuming: bool) -> None:
