@@ -39,6 +39,7 @@ from ..tokenizers.audio_losses import (
 )
 from ..tokenizers.audio_metrics import evaluate_codec, line_plot_png, spectrogram_png
 from .common import (
+    BudgetBar,
     atomic_torch_save,
     checkpoint_path,
     keep_last,
@@ -396,8 +397,6 @@ def _log(out: Path, record: dict) -> None:
 
 def train(cfg: AudioTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Trainer:
     """Train (or continue) a codec into `out`; returns the trainer (its model is the result)."""
-    from tqdm import tqdm
-
     out = Path(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -414,14 +413,13 @@ def train(cfg: AudioTrainConfig, out: str | Path, resume: bool = False, progress
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
     trainer.start = time.time()
-    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="audio codec", disable=not progress, dynamic_ncols=True)
+    bar = BudgetBar(cfg.steps, cfg.max_minutes, trainer.step, trainer.elapsed(), "audio codec", disable=not progress)
     while trainer.step < cfg.steps:
         logs = trainer.train_step()
-        bar.update(1)
         trainer.history["loss"].append((trainer.step, logs["loss"]))
         trainer.history["mel"].append((trainer.step, logs["mel"]))
+        bar.update(trainer.step, trainer.elapsed(), mel=f"{logs['mel']:.3f}")
         if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
-            bar.set_postfix(mel=f"{logs['mel']:.3f}", commit=f"{logs['commit']:.3f}")
             _log(out, {"step": trainer.step, **logs, "elapsed_s": round(trainer.elapsed(), 1)})
         if cfg.val_every and trainer.step % cfg.val_every == 0 and trainer.step < cfg.steps:
             _log(out, {"val": trainer.validate()})

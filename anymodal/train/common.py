@@ -88,3 +88,45 @@ def keep_last(ckpt_dir: str | Path, k: int) -> None:
         return
     for _, p in list_checkpoints(ckpt_dir)[:-k]:
         p.unlink(missing_ok=True)
+
+
+class BudgetBar:
+    """A tqdm bar over steps, or over the time budget when one is set.
+
+    With `max_minutes` the wall clock ends training (the step count is only a cap), so the bar
+    counts seconds of the budget and shows the step in its postfix: no "27:41:04" ETAs computed
+    from a step cap the run will never reach.
+    """
+
+    def __init__(self, steps: int, max_minutes: float, step: int, elapsed: float, desc: str,
+                 disable: bool = False):
+        import sys
+
+        from tqdm import tqdm
+
+        self.budget = float(max_minutes) * 60.0
+        self.extra: dict = {}  # postfix fields that stay until replaced (e.g. the last val PSNR)
+        if self.budget > 0:
+            self.bar = tqdm(total=round(self.budget), initial=min(round(elapsed), round(self.budget)), desc=desc,
+                            unit="s", disable=disable, dynamic_ncols=True, file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]")
+        else:
+            self.bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=disable, dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def update(self, step: int, elapsed: float, **postfix) -> None:
+        if self.budget > 0:
+            self.bar.update(max(0, min(round(elapsed), round(self.budget)) - self.bar.n))
+            postfix = {"step": step, **postfix}
+        else:
+            self.bar.update(max(0, step - self.bar.n))
+        self.bar.set_postfix(ordered_dict={**postfix, **self.extra}, refresh=False)
+
+    def set_postfix(self, **fields) -> None:
+        self.extra.update(fields)
+
+    def write(self, msg: str) -> None:
+        self.bar.write(msg)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from ..config import save_config, to_dict
 from ..errors import UserError
 from ..tokenizers.image import ImageTokenizer, ImageTokenizerConfig, load_image_config
 from ..tokenizers.image_losses import ImageLoss, hinge_d_loss, ssim
-from .common import atomic_torch_save, keep_last, latest_checkpoint, rng_state, set_rng_state
+from .common import BudgetBar, atomic_torch_save, keep_last, latest_checkpoint, rng_state, set_rng_state
 
 # ----------------------------------------------------------------------------------------------
 # process group
@@ -324,9 +323,7 @@ def train(cfg: ImageTokenizerConfig, out: str | Path, resume: bool = False, perc
 
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.steps, initial=step, desc="image tokenizer", dynamic_ncols=True, file=sys.stderr)
+        bar = BudgetBar(t.steps, t.max_minutes, step, elapsed_before, "image tokenizer")
     log_path = out / "train_log.jsonl"
     metrics: dict = dict(history[-1]) if history else {}
     parts: dict = {}
@@ -364,9 +361,7 @@ def train(cfg: ImageTokenizerConfig, out: str | Path, resume: bool = False, perc
 
         if rank == 0:
             if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{t.lr * lr_f:.2e}")
+                bar.update(step, time.time() - t0, loss=f"{parts['loss']:.4f}", lr=f"{t.lr * lr_f:.2e}")
             if step % t.log_every == 0:
                 with log_path.open("a") as f:
                     f.write(json.dumps({"step": step, "lr": t.lr * lr_f, "elapsed": time.time() - t0, **parts}) + "\n")
