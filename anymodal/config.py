@@ -35,11 +35,13 @@ def configs_root() -> Path:
 
 
 def resolve_config_path(path: str | Path, relative_to: Path | None = None) -> Path:
-    """Find a config file: as given, next to `relative_to`, or inside the shipped configs."""
+    """Find a config file: next to `relative_to` (a `_base_` include), as given, or inside the
+    shipped configs. An include looks beside its own file first, so a same-named file in the
+    working directory cannot capture it."""
     p = Path(path)
     candidates = [p]
     if relative_to is not None and not p.is_absolute():
-        candidates.append(relative_to / p)
+        candidates.insert(0, relative_to / p)
     if not p.is_absolute():
         rel = Path(*p.parts[1:]) if p.parts and p.parts[0] == "configs" else p
         candidates.append(CONFIGS_ROOT / rel)

@@ -1,6 +1,11 @@
 """Audio codec figures on held-out speech; prints one JSON object.
 
     flock /tmp/anymodal-cpu.lock .venv/bin/python benchmarks/audio_codec.py --tokenizer runs/audio_demo
+    flock /tmp/anymodal-cpu.lock .venv/bin/python benchmarks/audio_codec.py --train \
+        --config tokenizer/audio_demo.yaml --out /tmp/aud-exp1 [--set loss.stft_weight=0.25 ...]
+
+With --train the codec is first trained with --config (+ --set overrides) into --out (as
+`anymodal tokenizer train audio` does), then measured; the JSON adds the training steps and minutes.
 
 Speech: the demo world's val split (generated into --work on first use; espeak-ng captions with a
 different seed when the world generator is not available) or any raw shards given with --val.
@@ -12,6 +17,7 @@ figures with fewer quantizer levels, and the CPU real-time factor of encode + de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -32,7 +38,11 @@ from anymodal.train.audio_tokenizer import AudioTrainConfig, get_clips  # noqa: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokenizer", required=True, help="audio tokenizer dir (config.yaml + model.safetensors)")
+    ap.add_argument("--tokenizer", default="", help="audio tokenizer dir (config.yaml + model.safetensors)")
+    ap.add_argument("--train", action="store_true", help="train a codec with --config into --out first")
+    ap.add_argument("--config", default="tokenizer/audio_demo.yaml", help="training config (with --train)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (with --train)")
+    ap.add_argument("--out", default="", help="training output dir (with --train; must not hold a run)")
     ap.add_argument("--val", default="", help="raw shards with speech (default: demo world val split)")
     ap.add_argument("--clips", type=int, default=48)
     ap.add_argument("--work", default="/tmp/anymodal-audio-bench", help="where the demo world val split is cached")
@@ -43,6 +53,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    trained = {}
+    if args.train:
+        if not args.out:
+            ap.error("--train needs --out")
+        from anymodal.train.audio_tokenizer import train
+
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the final JSON
+            trainer = train(load_config(AudioTrainConfig, args.config, args.set), args.out, progress=False)
+        trained = {"config": args.config, "overrides": args.set, "train_steps": trainer.step,
+                   "train_minutes": round(trainer.elapsed() / 60, 2), "train_wall_minutes": round((time.perf_counter() - t0) / 60, 2)}
+        args.tokenizer = args.out
+    elif not args.tokenizer:
+        ap.error("give --tokenizer DIR, or --train --out DIR")
+
     tok = AudioTokenizer.load(args.tokenizer)
     cfg = load_config(
         AudioTrainConfig,
@@ -51,7 +76,7 @@ def main() -> None:
     )
     clips = get_clips(cfg, Path(args.work), "val")[: args.clips]
 
-    result = {"tokenizer": args.tokenizer, "device": "cpu", "threads": torch.get_num_threads()}
+    result = {"tokenizer": args.tokenizer, "device": "cpu", "threads": torch.get_num_threads(), **trained}
     result.update(evaluate_codec(tok, clips, with_stoi=True))
     result["frame_rate"] = tok.frame_rate
     result["n_q"] = tok.n_q

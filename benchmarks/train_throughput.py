@@ -139,7 +139,8 @@ def main() -> None:
         "threads": args.threads,
         "compile": args.compile,
         "dtype": "fp32",
-        "flops_per_token": fpt,
+        "flops_per_token": fpt,  # causal attention counted over (T+1)/2 keys (see model/flops.py)
+        "flops_per_token_palm": flops_per_token(cfg, args.seq, causal=False),  # every key counted
         "optimizer": f"AdamW ({args.optim})",
         "cpu_fp32_matmul_peak_gflops": {
             "startup": peak / 1e9,

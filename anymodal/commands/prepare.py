@@ -13,8 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="token-shard folder to write (resumes per shard)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    parser.add_argument("--image-mode", choices=("resize", "letterbox"), default="resize",
-                        help="how images are fitted to the image tokenizer's square resolution")
+    parser.add_argument("--image-mode", choices=("resize", "letterbox"), default=None,
+                        help="how images are fitted to the image tokenizer's square resolution "
+                             "(default: the image tokenizer's own model.image_mode)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     parser.add_argument("--device", default="auto", help="where the image/audio tokenizers run: auto (CUDA when "
                         "present), cpu, cuda")

@@ -316,28 +316,33 @@ def prepare(
     out: str | Path,
     workers: int | None = None,
     strict: bool = False,
-    image_mode: str = "resize",
+    image_mode: str | None = None,
     batch_docs: int = 64,
     progress: bool = True,
     threads: int | None = None,
     device: str = "auto",
 ) -> dict:
     """Tokenize every raw shard of `input` into the token-shard folder `out`; returns stats.json's dict."""
-    from ..tokenizers import load_tokenizers
-
     import torch
+
+    from ..tokenizers import load_tokenizers
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device here")
-    if image_mode not in ("resize", "letterbox"):
-        raise UserError(f"--image-mode must be resize or letterbox, got {image_mode!r}")
     from .reader import expand_shards
 
     sources = expand_shards(input)
     tok_dir = Path(tokenizers)
-    space = load_tokenizers(tok_dir).space  # validates the set (and its token_space.json) up front
+    toks = load_tokenizers(tok_dir)  # validates the set (and its token_space.json) up front
+    space = toks.space
+    if image_mode is None:  # fit images the way the image tokenizer (and sample/eval) does
+        from ..sample.media import image_mode as tokenizer_image_mode
+
+        image_mode = tokenizer_image_mode(toks.image) if toks.image is not None else "resize"
+    if image_mode not in ("resize", "letterbox"):
+        raise UserError(f"--image-mode must be resize or letterbox, got {image_mode!r}")
     out = Path(out)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)

@@ -42,16 +42,18 @@ def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
     return None
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token (the PaLM / nanoGPT convention behind "MFU").
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, causal: bool = True) -> float:
+    """Model FLOPs per token, for MFU.
 
-    forward = 2·N + 4·L·T·(H·hd)
+    forward = 2·N + 4·L·K·(H·hd)
       2·N        one multiply-add per weight of every matmul: N counts the attention and MLP
                  projections of all L blocks and the output head; the token embedding is a lookup,
                  not a matmul, and norm weights are negligible, so neither is counted.
-      4·L·T·Hhd  attention scores q·kᵀ (2·T·H·hd per token per layer) plus the weighted sum of
-                 values (another 2·T·H·hd), counted over the full T keys as PaLM does (a causal
-                 kernel that skips the upper triangle does about half of this term).
+      4·L·K·Hhd  attention scores q·kᵀ (2·K·H·hd per token per layer) plus the weighted sum of
+                 values (another 2·K·H·hd), where K is the number of keys a query attends to:
+                 (T+1)/2 on average under a causal mask (causal=True, the work a causal kernel
+                 must do), or all T keys (causal=False, the PaLM paper's convention, which counts
+                 the masked half too and lets MFU pass 100% for a kernel that skips it).
     training = 3 × forward (the backward pass costs two matmuls per forward matmul: grads of the
     inputs and of the weights); activation recomputation is not counted (it is not model work).
     """
@@ -59,7 +61,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     attn = d * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * d  # wqkv + wo
     mlp = 3 * d * cfg.mlp_hidden  # w13 (gate, up) + w2
     n = cfg.n_layers * (attn + mlp) + d * cfg.vocab_size  # + output head
-    forward = 2 * n + 4 * cfg.n_layers * seq_len * cfg.n_heads * hd
+    keys = (seq_len + 1) / 2 if causal else seq_len
+    forward = 2 * n + 4 * cfg.n_layers * keys * cfg.n_heads * hd
     return float(3 * forward if training else forward)
 
 

@@ -1,15 +1,13 @@
 """Loading a model bundle for sampling, grounding and eval, plus tiny random bundles for tests.
 
 A bundle is `config.yaml` (the ModelConfig), `model.safetensors`, `token_space.json` and the three
-tokenizers (`text/`, `image/`, `audio/`, directly or under `tokenizers/`). The export side owns the
-format; `load_bundle` uses its loader when it is importable and otherwise reads that layout itself.
-Weights are read with safetensors only.
+tokenizers (`text/`, `image/`, `audio/`, directly or under `tokenizers/`), as written by
+`anymodal export` (`train/export.py`). `load_bundle` is the one reader of that layout; weights are
+read with safetensors only.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,45 +71,8 @@ def set_threads(bundle: Bundle, threads: int | str = "auto") -> int:
     return n
 
 
-def _adapt(obj, path: Path) -> Bundle:
-    """Whatever the export helper's loader returns, as a Bundle (duck-typed)."""
-    if isinstance(obj, Bundle):
-        return obj
-    model = getattr(obj, "model", None)
-    tok = getattr(obj, "tokenizers", None) or getattr(obj, "tok", None)
-    if tok is None and hasattr(obj, "space"):
-        from ..tokenizers import Stream, Tokenizers
-
-        tok = Tokenizers(obj.text, getattr(obj, "image", None), getattr(obj, "audio", None), obj.space,
-                         getattr(obj, "stream", None) or Stream(obj.space, obj.text))
-    if model is None or tok is None:
-        raise TypeError(f"cannot read the bundle object {type(obj).__name__}")
-    return Bundle(model.eval(), tok, path)
-
-
 def load_bundle(path: str | Path, device: str | None = None) -> Bundle:
     """Load a bundle dir onto `device` ('auto' = CUDA when present). UserError if it is not one."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"model bundle not found: {path}")
-    device = pick_device(device)
-    for modname in ("anymodal.bundle", "anymodal.train.export"):
-        try:
-            found = importlib.util.find_spec(modname) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            mod = importlib.import_module(modname)
-            if hasattr(mod, "load_bundle"):
-                try:
-                    obj = mod.load_bundle(path, device=device)
-                except TypeError:
-                    obj = mod.load_bundle(path)
-                return _adapt(obj, path)
-    return _load_layout(path, device)
-
-
-def _load_layout(path: Path, device: str) -> Bundle:
     from safetensors.torch import load_file
 
     from ..config import load_config
@@ -120,6 +81,10 @@ def _load_layout(path: Path, device: str) -> Bundle:
     from ..tokenizers import load_tokenizers
     from ..tokenizers.token_space import TokenSpace
 
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model bundle not found: {path}")
+    device = pick_device(device)
     cfg_path, weights = path / "config.yaml", path / "model.safetensors"
     for p in (cfg_path, weights, path / "token_space.json"):
         if not p.is_file():
@@ -131,6 +96,8 @@ def _load_layout(path: Path, device: str) -> Bundle:
     tok_dir = path / "tokenizers" if (path / "tokenizers").is_dir() else path
     tok = load_tokenizers(tok_dir, device=device)
     TokenSpace.load(path).check_same(tok.space, f"{path}: model vs its tokenizers")
+    if cfg.vocab_size != tok.space.vocab_size:
+        raise UserError(f"{path}: model vocab {cfg.vocab_size} != token space {tok.space.vocab_size}")
     model = Transformer(cfg)
     state = load_file(str(weights), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -140,7 +107,7 @@ def _load_layout(path: Path, device: str) -> Bundle:
 
 
 def save_bundle_layout(bundle: Bundle, out: str | Path) -> Path:
-    """Write `bundle` in the layout `_load_layout` reads (used for tiny test/benchmark bundles)."""
+    """Write `bundle` in the layout ``load_bundle`` reads (used for tiny test/benchmark bundles)."""
     from safetensors.torch import save_file
 
     from ..config import save_config

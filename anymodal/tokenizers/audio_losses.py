@@ -48,12 +48,17 @@ class MultiScaleMelLoss(nn.Module):
 class MultiResSTFTLoss(nn.Module):
     """Parallel-WaveGAN's multi-resolution STFT loss: spectral convergence (linear magnitude, so loud
     harmonics dominate, as they do in STOI's band envelopes) + L1 of log magnitude, averaged over
-    FFT sizes. Finer frequency resolution than the mel loss: it penalises blurred harmonics."""
+    FFT sizes. Finer frequency resolution than the mel loss: it penalises blurred harmonics.
 
-    def __init__(self, n_ffts: list[int], eps: float = 1e-5):
+    `log_eps` floors the log magnitude (default: `eps`). The tiny default lets digital silence and
+    near-empty bins dominate the log term (log(1e-5) vs the codec's noise floor); 1e-2, like the
+    mel loss, keeps the log term on audible structure."""
+
+    def __init__(self, n_ffts: list[int], eps: float = 1e-5, log_eps: float | None = None):
         super().__init__()
         self.n_ffts = list(n_ffts)
         self.eps = eps
+        self.log_eps = eps if log_eps is None else log_eps
         for n in self.n_ffts:
             self.register_buffer(f"win{n}", torch.hann_window(n), persistent=False)
 
@@ -65,7 +70,7 @@ class MultiResSTFTLoss(nn.Module):
             se = torch.stft(est, n, n // 4, window=win, return_complex=True).abs()  # [B, F, frames]
             sr = torch.stft(ref, n, n // 4, window=win, return_complex=True).abs()
             sc = torch.linalg.vector_norm(sr - se) / (torch.linalg.vector_norm(sr) + self.eps)
-            logmag = F.l1_loss(torch.log(se + self.eps), torch.log(sr + self.eps))
+            logmag = F.l1_loss(torch.log(se + self.log_eps), torch.log(sr + self.log_eps))
             total = total + sc + logmag
         return total / max(len(self.n_ffts), 1)
 

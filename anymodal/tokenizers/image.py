@@ -97,6 +97,8 @@ class ImageLossConfig:
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     edge_weight: float = 0.0  # extra L1 on pixels next to a colour change (sharp corners and tips)
+    corner_weight: float = 0.0  # extra L1 near corners, tips, diagonal and curved edges (see corner_mask)
+    corner_window: int = 5  # corner_mask's window (odd): how far from a corner the extra weight reaches
     ssim_weight: float = 0.0  # (1 - SSIM) term
     perceptual_weight: float = 0.0  # needs a feature network injected into the trainer
     gan_weight: float = 0.0  # PatchGAN hinge loss; 0 turns the discriminator off
@@ -105,6 +107,10 @@ class ImageLossConfig:
     disc_layers: int = 3
     disc_lr: float = 2e-4
     adaptive_gan_weight: bool = True  # VQGAN's balance of the GAN gradient against the reconstruction
+
+    def __post_init__(self) -> None:
+        if self.corner_window < 3 or self.corner_window % 2 == 0:
+            raise ConfigError(f"loss.corner_window must be an odd number >= 3, got {self.corner_window}")
 
 
 @dataclass

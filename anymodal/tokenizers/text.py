@@ -33,7 +33,7 @@ class TextTokenizerConfig:
     character_coverage: float = 1.0
     max_sentences: int = 200_000  # sentences sampled for training
     max_sentence_length: int = 8192
-    input: str = ""  # raw shards (path/glob/brace) or .txt files; empty = the demo world's text
+    input: str = ""  # raw shards (path/glob/brace) or .txt files, comma-separated (required)
     seed: int = 0
 
 

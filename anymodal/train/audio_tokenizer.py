@@ -69,6 +69,7 @@ class AudioLossConfig:
     l1_weight: float = 0.1
     stft_weight: float = 0.0  # multi-resolution STFT loss (spectral convergence + log magnitude)
     stft_scales: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    stft_log_eps: float = 1e-5  # floor of the STFT loss's log magnitude (1e-2: silence does not dominate)
     commit_weight: float = 1.0
     disc: bool = False
     disc_start: int = 0  # step from which the adversarial losses apply
@@ -258,7 +259,7 @@ class Trainer:
         self.mel_loss = MultiScaleMelLoss(
             cfg.model.sample_rate, cfg.loss.mel_scales, cfg.loss.mel_log_eps, cfg.loss.mel_linear_weight
         ).to(self.device)
-        self.stft_loss = MultiResSTFTLoss(cfg.loss.stft_scales).to(self.device)
+        self.stft_loss = MultiResSTFTLoss(cfg.loss.stft_scales, log_eps=cfg.loss.stft_log_eps).to(self.device)
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
         )

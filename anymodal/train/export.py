@@ -10,7 +10,7 @@
 ZeRO-1/2/3 checkpoints (each rank holding a slice of the fp32 master weights) are merged with
 DeepSpeed's `zero_to_fp32` utilities; a stage-0 checkpoint already holds the whole module. The
 bundle is written next to its destination and renamed into place, so it appears complete or not
-at all. `load_bundle(dir)` gives back (model, cfg, tokenizers); weights are read with safetensors.
+at all. `anymodal.sample.bundle.load_bundle` reads it back.
 """
 
 from __future__ import annotations
@@ -21,17 +21,10 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 
 from ..errors import UserError
-
-
-class LoadedBundle(NamedTuple):
-    model: Any  # Transformer in eval mode
-    cfg: Any  # ModelConfig
-    tokenizers: Any  # anymodal.tokenizers.Tokenizers
 
 
 def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -124,29 +117,3 @@ def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = Non
     shutil.rmtree(old, ignore_errors=True)
     print(f"[export] {run} step {ckpt_step} -> {out} ({model.num_params():,} parameters)", file=sys.stderr)
     return out
-
-
-def load_bundle(path: str | Path, device: str = "cpu") -> LoadedBundle:
-    """(model in eval mode on `device`, ModelConfig, Tokenizers) of a bundle folder."""
-    from safetensors.torch import load_file
-
-    from ..config import load_config
-    from ..model import ModelConfig, Transformer
-    from ..tokenizers import load_tokenizers
-    from ..tokenizers.token_space import TokenSpace
-
-    path = Path(path)
-    for name in ("config.yaml", "model.safetensors", "token_space.json"):
-        if not (path / name).is_file():
-            raise UserError(f"{path} is not a model bundle (missing {name})")
-    cfg = load_config(ModelConfig, path / "config.yaml")
-    toks = load_tokenizers(path, device=device)
-    TokenSpace.load(path).check_same(toks.space, f"{path}: model vs its tokenizers")
-    if cfg.vocab_size != toks.space.vocab_size:
-        raise UserError(f"{path}: model vocab {cfg.vocab_size} != token space {toks.space.vocab_size}")
-    model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}/model.safetensors does not fit config.yaml: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    return LoadedBundle(model.to(device).eval(), cfg, toks)

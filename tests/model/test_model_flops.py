@@ -11,9 +11,11 @@ def test_flops_count_matches_the_model():
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "norm" not in n)
     matmul_params -= model.tok_emb.weight.numel()  # a lookup, not a matmul
     t = 100
-    fwd = flops_per_token(cfg, t, training=False)
-    assert fwd == 2 * matmul_params + 4 * cfg.n_layers * t * cfg.n_heads * cfg.head_dim
+    fwd = flops_per_token(cfg, t, training=False)  # causal: a query sees (t + 1) / 2 keys on average
+    assert fwd == 2 * matmul_params + 4 * cfg.n_layers * (t + 1) / 2 * cfg.n_heads * cfg.head_dim
     assert flops_per_token(cfg, t) == 3 * fwd
+    palm = flops_per_token(cfg, t, training=False, causal=False)  # every key counted
+    assert palm == 2 * matmul_params + 4 * cfg.n_layers * t * cfg.n_heads * cfg.head_dim
 
 
 def test_peak_table_lookup():

@@ -176,6 +176,25 @@ def test_output_conv_and_stft_loss(tmp_path):
     assert tr.state()["elapsed_s"] > 0  # saved so a resumed run keeps its place in a timed schedule
 
 
+
+def test_stft_log_eps_keeps_silence_from_dominating(tmp_path):
+    from anymodal.tokenizers.audio_losses import MultiResSTFTLoss
+
+    x = torch.from_numpy(np.stack(tones(2, 0.25, 8000, seed=1)))  # [2, 2000]
+    x[:, 1000:] = 0  # digital silence, as espeak pads
+    hiss = x.clone()
+    hiss[:, 1000:] = 1e-4 * torch.randn(2, 1000, generator=torch.Generator().manual_seed(0))  # inaudible
+    default, floored = MultiResSTFTLoss([64, 128]), MultiResSTFTLoss([64, 128], log_eps=1e-2)
+    assert default.log_eps == 1e-5  # old behaviour unless asked for
+    # inaudible hiss in the silence costs a lot with the tiny floor, next to nothing with 1e-2 ...
+    assert float(default(hiss, x)) > 1.0 and float(floored(hiss, x)) < 0.05
+    # ... while an audible change (the voiced half 3x quieter) still costs with 1e-2
+    assert float(floored(x * 0.33, x)) > 0.5
+    cfg = train_cfg(steps=2, **{"loss.stft_weight": 0.25, "loss.stft_log_eps": 1e-2, "loss.stft_scales": "[64,128]"})
+    tr = Trainer(cfg, tmp_path, tones(4, 1.0, 8000, seed=3), [])
+    assert tr.stft_loss.log_eps == 1e-2 and AudioTrainConfig().loss.stft_log_eps == 1e-5
+    assert np.isfinite(tr.train_step()["stft"])
+
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("audio_tok")

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from anymodal.cli import main as cli
 from anymodal.config import load_config
 from anymodal.errors import UserError
 from anymodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, read_ids_json
-from anymodal.tokenizers.image_losses import ImageLoss, PatchDiscriminator, ssim
+from anymodal.tokenizers.image_losses import ImageLoss, PatchDiscriminator, corner_mask, edge_mask, ssim
 from anymodal.train.image_tokenizer import evaluate, train
 
 TINY = {
@@ -97,6 +98,37 @@ def test_losses_ssim_gan_perceptual():
     d = loss_fn.discriminator_loss(a, rec)
     d.backward()
     assert all(p.grad is not None for p in loss_fn.disc.parameters())
+
+
+def test_edge_and_corner_masks_and_corner_loss():
+    img = -torch.ones(1, 3, 32, 32)  # white-ish background in [-1, 1]
+    img[:, :, 8:20, 8:20] = 0.5  # a 12 px square
+    edge = edge_mask(img)[0, 0]
+    ref = F.max_pool2d(img, 3, 1, 1) + F.max_pool2d(-img, 3, 1, 1)  # the plain 3x3 definition
+    assert torch.equal(edge, (ref.amax(1)[0] > 0.1).float())
+    assert edge[7:9, 12].tolist() == [1.0, 1.0] and edge[12, 12] == 0 and edge[3, 3] == 0
+    corner = corner_mask(img, window=5)[0, 0]
+    # every corner is marked (both sides of it), the middle of each straight side and the inside are not
+    for y, x in [(7, 7), (8, 8), (19, 19), (20, 20), (8, 19), (19, 8)]:
+        assert corner[y, x] == 1, (y, x)
+    for y, x in [(8, 14), (19, 14), (14, 8), (14, 19), (14, 14), (2, 2)]:
+        assert corner[y, x] == 0, (y, x)
+    assert float(corner_mask(img, window=3).sum()) < float(corner.sum())
+    # the loss term: off by default (old configs train as before), on when weighted
+    rec = img.clone()
+    rec[:, :, 8:10, 8:10] = -1  # round one corner off
+    plain = ImageLoss(tiny_cfg().loss)
+    _, p0 = plain.generator_loss(img, rec, torch.zeros(()), step=0)
+    assert "corner_l1" not in p0
+    with_c = ImageLoss(tiny_cfg(loss={"corner_weight": 2.0}).loss)
+    loss, p1 = with_c.generator_loss(img, rec, torch.zeros(()), step=0)
+    assert p1["corner_l1"] > 0 and p1["loss"] == pytest.approx(p0["loss"] + 2.0 * p1["corner_l1"], rel=1e-5)
+    rec2 = img.clone()
+    rec2[:, :, 13:15, 13:15] = -1  # the same error in the middle of the square
+    _, p2 = with_c.generator_loss(img, rec2, torch.zeros(()), step=0)
+    assert p2["corner_l1"] == 0 and p2["l1"] == pytest.approx(p1["l1"])
+    with pytest.raises(UserError):
+        tiny_cfg(loss={"corner_window": 4})
 
 
 def test_training_raises_psnr_and_resume_matches(world, tmp_path):
