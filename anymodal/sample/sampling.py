@@ -64,6 +64,12 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     logits [B, V] (already divided by temperature), top_k [B] long (0 = off), top_p [B] (1 = off).
     """
     V = logits.shape[-1]
+    if bool((top_p >= 1.0).all()):
+        # top-k alone: the k-th largest value of each row is its threshold, no full sort needed
+        # (ties at the threshold are all kept, as the sort path would keep them in some order).
+        k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # [B]
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])  # [B, 1]
+        return logits.masked_fill(logits < kth, float("-inf"))
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
     rank = torch.arange(V, device=logits.device)[None]  # [1, V]
     k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # [B]

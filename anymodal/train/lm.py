@@ -428,7 +428,10 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
                 ids = batch["ids"].to(device, non_blocking=True)  # [B, T]
                 labels = batch["labels"].to(device, non_blocking=True)  # [B, T]
                 logits = engine(ids, positions=batch["positions"].to(device), doc_ids=batch["doc_ids"].to(device))
-                out = lm_loss(logits, labels, batch["modality"].to(device), z_loss_weight=z_weight)
+                # The loss is the logits' last use: its backward may overwrite them with their
+                # gradient instead of allocating another [B, T, V] buffer.
+                out = lm_loss(logits, labels, batch["modality"].to(device), z_loss_weight=z_weight,
+                              inplace_backward=True)
                 loss = out.loss
                 if not torch.isfinite(loss):
                     loss = loss * float("nan")  # NaN gradients everywhere: the update is skipped

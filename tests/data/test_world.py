@@ -102,8 +102,8 @@ def test_speech_is_16k_mono_and_says_the_transcript(corpus):
             assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
             seconds = w.getnframes() / 16000
         words = len(rec["meta"]["transcript"].split())
-        # espeak speaks at 130-190 words per minute, plus pauses
-        assert words * 60 / 260 < seconds < words * 60 / 100 + 1.5, (words, seconds)
+        # espeak is asked for 150-210 words per minute (short template words come out faster), plus pauses
+        assert words * 60 / 320 < seconds < words * 60 / 110 + 1.5, (words, seconds)
         n += 1
     assert n > 10
 

@@ -131,6 +131,22 @@ def test_filter_logits_by_hand():
     assert torch.equal(out[kept], logits[kept])
 
 
+def test_top_k_alone_keeps_each_rows_k_largest():
+    """The top-k-only path (no sort) keeps the same ids the sorting path keeps."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 300, generator=g)
+    logits[3, 10:] = float("-inf")  # a constrained row with fewer allowed ids than k
+    k = torch.tensor([1, 7, 0, 50, 300])
+    out = filter_logits(logits, k, torch.ones(5))
+    for row, kk in enumerate(k.tolist()):
+        finite = torch.isfinite(logits[row])
+        want = logits[row].topk(min(kk or 300, int(finite.sum()))).indices
+        assert set(torch.isfinite(out[row]).nonzero()[:, 0].tolist()) == set(want.tolist()), row
+    assert torch.equal(out[torch.isfinite(out)], logits[torch.isfinite(out)])
+    mixed = filter_logits(logits[:2], k[:2], torch.tensor([1.0, 0.999]))  # a top-p row: the sort path
+    assert torch.equal(torch.isfinite(mixed[0]), torch.isfinite(out[0]))
+
+
 def test_sampling_greedy_topk1_and_seeds():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
