@@ -26,7 +26,7 @@ import torch
 
 from anymodal.config import load_config
 from anymodal.model import ModelConfig, Transformer
-from anymodal.model.hf import hf_config_kwargs, to_hf_state_dict
+from anymodal.model.hf import hf_chameleon, to_hf_state_dict
 from anymodal.sample.engine import Engine, Request
 from anymodal.sample.sampling import ModalitySampling
 from anymodal.tokenizers.token_space import TokenSpace, round_up
@@ -45,13 +45,7 @@ def demo_space(text_size=1200, loc_bins=64, image_k=1024, grid=(8, 8), n_q=4, au
 
 
 def build_hf(cfg: ModelConfig, ours: Transformer, attn: str):
-    import transformers
-
-    tiny_vq = dict(embed_dim=4, num_embeddings=8, latent_channels=4, resolution=8, base_channels=32,
-                   channel_multiplier=[1], num_res_blocks=1, attn_resolutions=[])
-    hf_cfg = transformers.ChameleonConfig(**hf_config_kwargs(cfg), vq_config=tiny_vq)
-    hf_cfg._attn_implementation = attn
-    model = transformers.ChameleonForConditionalGeneration(hf_cfg)
+    model = hf_chameleon(cfg, attn)
     model.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     model.generation_config.pad_token_id = 3
     model.generation_config.eos_token_id = None

@@ -24,25 +24,11 @@ import torch
 
 from anymodal.config import load_config
 from anymodal.model import ModelConfig, Transformer, flops_per_token, lm_loss, measure_cpu_matmul_peak
-from anymodal.model.hf import hf_config_kwargs, to_hf_state_dict
+from anymodal.model.hf import hf_chameleon, to_hf_state_dict
 
 
 def build_hf(cfg: ModelConfig, ours: Transformer, attn: str):
-    import transformers
-
-    tiny_vq = dict(
-        embed_dim=4,
-        num_embeddings=8,
-        latent_channels=4,
-        resolution=8,
-        base_channels=32,
-        channel_multiplier=[1],
-        num_res_blocks=1,
-        attn_resolutions=[],
-    )
-    hf_cfg = transformers.ChameleonConfig(**hf_config_kwargs(cfg), vq_config=tiny_vq)
-    hf_cfg._attn_implementation = attn
-    model = transformers.ChameleonForConditionalGeneration(hf_cfg)
+    model = hf_chameleon(cfg, attn)
     model.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     for p in model.model.vqmodel.parameters():  # the image encoder takes no part in text training
         p.requires_grad_(False)

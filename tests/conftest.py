@@ -10,6 +10,17 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: thread hand-offs cost more than the math."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 CAPTIONS = [
     "a small red circle at the top left",
     "a large blue square in the center and a small green triangle at the bottom right",
@@ -41,3 +52,19 @@ def stream(token_space, text_tokenizer):
     from anymodal.tokenizers.stream import Stream
 
     return Stream(token_space, text_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokset(tmp_path_factory):
+    """A real tokenizer set folder (tiny, untrained image/audio codecs: codes are still
+    deterministic) and the Tokenizers loaded back from it."""
+    from anymodal.sample.bundle import tiny_bundle
+    from anymodal.tokenizers import load_tokenizers
+
+    t = tiny_bundle().tok
+    out = tmp_path_factory.mktemp("tokset")
+    t.text.save(out / "text")
+    t.image.save(out / "image")
+    t.audio.save(out / "audio")
+    t.space.save(out / "token_space.json")
+    return out, load_tokenizers(out)

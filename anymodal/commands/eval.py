@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .bundle_args import add_runtime_arguments, open_bundle
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model bundle directory")
@@ -18,16 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale for generated images/audio")
     parser.add_argument("--max-text-tokens", type=int, default=160, help="cap on generated captions/transcripts")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--threads", default="auto", help="CPU threads (auto: 1 per ~25M parameters)")
+    add_runtime_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.run import EvalOptions, evaluate
-    from ..sample.bundle import load_bundle, set_threads
 
-    bundle = load_bundle(args.model, device=args.device)
-    set_threads(bundle, args.threads)
+    bundle = open_bundle(args)
     opts = EvalOptions(limit=args.limit, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
                        max_text_tokens=args.max_text_tokens)
     evaluate(bundle, args.data, out=args.out, opts=opts)

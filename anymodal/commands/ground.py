@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import argparse
 
+from .bundle_args import add_runtime_arguments, open_bundle
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model bundle directory")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--query", required=True, help='the phrase to find, e.g. "the red circle"')
     parser.add_argument("--out", default=None, help="write the image with the box drawn here")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--threads", default="auto", help="CPU threads (auto: 1 per ~25M parameters)")
+    add_runtime_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sample.bundle import load_bundle, set_threads
     from ..sample.ground import format_result, ground_image
 
-    bundle = load_bundle(args.model, device=args.device)
-    set_threads(bundle, args.threads)
+    bundle = open_bundle(args)
     print(format_result(ground_image(bundle, args.image, args.query, out=args.out)))
     return 0

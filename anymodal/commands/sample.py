@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .bundle_args import add_runtime_arguments, open_bundle
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model bundle directory (from `anymodal export`)")
@@ -26,16 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-audio-seconds", type=float, default=10.0, help="a generated clip ends by then")
     parser.add_argument("--stop-after-span", action="store_true",
                         help="end each sample as soon as its first image, audio clip or box is complete")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--threads", default="auto", help="CPU threads (auto: 1 per ~25M parameters)")
+    add_runtime_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sample.bundle import load_bundle, set_threads
     from ..sample.session import SampleOptions, run_sample
 
-    bundle = load_bundle(args.model, device=args.device)
-    set_threads(bundle, args.threads)
+    bundle = open_bundle(args)
     opts = SampleOptions(seed=args.seed, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
                          max_audio_seconds=args.max_audio_seconds, stop_after_span=args.stop_after_span)

@@ -157,11 +157,9 @@ class Evaluator:
             if room < max(1, min_new):
                 self.over_context += 1
                 continue
-            n = room
-            if n > 0:
-                reqs.append(Request(p, n, self.sampling, seed=s, cfg_scale=cfg,
-                                    force=[force] if force is not None else (), stop_after_span=force is not None))
-                idx.append(i)
+            reqs.append(Request(p, room, self.sampling, seed=s, cfg_scale=cfg,
+                                force=[force] if force is not None else (), stop_after_span=force is not None))
+            idx.append(i)
         results = [None] * len(prompts)
         for chunk in _batches(list(zip(idx, reqs)), self.o.batch_size):
             for (i, _), res in zip(chunk, self.engine.generate([r for _, r in chunk])):

@@ -1,6 +1,7 @@
 """Mapping to Hugging Face `transformers` Chameleon (text path): config keys and weight names.
 
-Pure torch (does not import transformers). Our fused projections are split back into HF's:
+Pure torch: transformers is imported only inside `hf_chameleon`, which builds the HF model the
+parity test and the benchmarks compare against. Our fused projections are split back into HF's:
 `wqkv` → q_proj | k_proj | v_proj, `w13` → gate_proj | up_proj, `qk_norm` → q_norm | k_norm. Our q/k
 head dims are stored in RoPE pair order (see transformer.py); they are permuted to HF's half order
 here (and back in `from_hf_state_dict`). Used by the parity test and by a later HF export.
@@ -117,3 +118,21 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         out[dst + "attn_norm.weight"] = hf[src + "input_layernorm.weight"]
         out[dst + "mlp_norm.weight"] = hf[src + "post_attention_layernorm.weight"]
     return out
+
+
+# The smallest VQ HF's Chameleon accepts: the comparisons use its text path only.
+_TINY_VQ = dict(embed_dim=4, num_embeddings=8, latent_channels=4, resolution=8, base_channels=32,
+                channel_multiplier=[1], num_res_blocks=1, attn_resolutions=[])
+
+
+def hf_chameleon(cfg: ModelConfig, attn: str = "sdpa"):
+    """An HF `ChameleonForConditionalGeneration` (random weights) with our model's dimensions.
+
+    attn: HF's attention implementation ("eager" = plain softmax(qkᵀ)v, "sdpa"). Load our weights
+    with `model.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)`.
+    """
+    import transformers
+
+    hf_cfg = transformers.ChameleonConfig(**hf_config_kwargs(cfg), vq_config=_TINY_VQ)
+    hf_cfg._attn_implementation = attn
+    return transformers.ChameleonForConditionalGeneration(hf_cfg)

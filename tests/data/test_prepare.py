@@ -20,18 +20,8 @@ from anymodal.tokenizers.stream import Audio, Box, Image, Text
 
 
 @pytest.fixture(scope="module")
-def tokset(tmp_path_factory):
-    """A real tiny tokenizer set (untrained image/audio codecs: codes are still deterministic)."""
-    from anymodal.sample.bundle import tiny_bundle
-    from anymodal.tokenizers import load_tokenizers
-
-    t = tiny_bundle().tok
-    out = tmp_path_factory.mktemp("tokset")
-    t.text.save(out / "text")
-    t.image.save(out / "image")
-    t.audio.save(out / "audio")
-    t.space.save(out / "token_space.json")
-    return out, load_tokenizers(out)
+def tokset(tiny_tokset):
+    return tiny_tokset  # tests/conftest.py
 
 
 def _bad_shard(path):

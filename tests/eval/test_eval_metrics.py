@@ -19,12 +19,7 @@ WORLD_KEYS = {"t2i_accuracy", "t2i_position_accuracy", "t2i_size_accuracy", "a2i
               "unseen"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- metric code by hand ----------------------------------------------------------------------------------

@@ -1,12 +1,8 @@
 """Tiny models run fastest on one thread (and do not fight the other test processes for cores)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # the shared fixture of tests/conftest.py, for every model test
     yield
-    torch.set_num_threads(old)

@@ -4,27 +4,9 @@ import pytest
 import torch
 
 from anymodal.model import ModelConfig, Transformer
-from anymodal.model.hf import from_hf_state_dict, hf_config_kwargs, to_hf_state_dict
+from anymodal.model.hf import from_hf_state_dict, hf_chameleon, hf_config_kwargs, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
-
-TINY_VQ = dict(
-    embed_dim=4,
-    num_embeddings=8,
-    latent_channels=4,
-    resolution=8,
-    base_channels=32,
-    channel_multiplier=[1],
-    num_res_blocks=1,
-    attn_resolutions=[],
-)
-
-
-def _hf_model(cfg: ModelConfig):
-    hf_cfg = transformers.ChameleonConfig(**hf_config_kwargs(cfg), vq_config=TINY_VQ)
-    hf_cfg._attn_implementation = "eager"  # the reference: plain softmax(qkᵀ)v
-    return transformers.ChameleonForConditionalGeneration(hf_cfg).eval()
-
 
 @pytest.mark.parametrize("placement,kv_heads", [("pre", 4), ("swin", 2)])
 def test_logits_match_hf_chameleon(placement, kv_heads):
@@ -44,7 +26,7 @@ def test_logits_match_hf_chameleon(placement, kv_heads):
         for name, p in ours.named_parameters():
             if "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
-    hf = _hf_model(cfg)
+    hf = hf_chameleon(cfg, attn="eager").eval()  # the reference: plain softmax(qkᵀ)v
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     assert not unexpected
     assert all(k.startswith("model.vqmodel.") for k in missing), missing

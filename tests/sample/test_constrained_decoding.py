@@ -12,14 +12,7 @@ from anymodal.sample.engine import Engine, Request, cfg_mix
 from anymodal.sample.sampling import ModalitySampling, filter_logits, make_generators, sample
 from anymodal.tokenizers.stream import Audio, Box, Image
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: thread hand-offs cost more than the math.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from anymodal.sample.engine import Engine, Request
 from anymodal.sample.fast import FastDecoder
 from anymodal.sample.sampling import ModalitySampling
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("placement,kv_heads", [("pre", 4), ("swin", 2)])

@@ -17,13 +17,7 @@ from anymodal.sample.media import parse_prompt
 from anymodal.sample.render import Part, RenderedSample, write_page
 from anymodal.sample.session import SampleOptions, run_sample, sampling_from_flags
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -47,23 +47,6 @@ def tiny_corpus(tok, n: int = 240, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def tiny_tokset(tmp_path_factory):
-    """A real tokenizer set (tiny, untrained image/audio codecs) saved as a folder."""
-    from anymodal.sample.bundle import tiny_bundle
-
-    b = tiny_bundle()
-    t = b.tok
-    out = tmp_path_factory.mktemp("tokset")
-    t.text.save(out / "text")
-    t.image.save(out / "image")
-    t.audio.save(out / "audio")
-    t.space.save(out / "token_space.json")
-    from anymodal.tokenizers import load_tokenizers
-
-    return out, load_tokenizers(out)
-
-
-@pytest.fixture(scope="session")
 def tiny_tokens(tiny_tokset, tmp_path_factory):
     """Token shards of the tiny corpus, prepared with the tiny tokenizer set."""
     from anymodal.data.prepare import write_token_dataset
