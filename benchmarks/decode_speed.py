@@ -10,7 +10,10 @@ two so that load from other processes hits both alike, medians reported:
   (ours only: HF's Chameleon has no CFG for image spans).
 
 Ours runs the full engine (grammar masks, per-row samplers, stop conditions); HF runs
-`generate(min_new_tokens=N, max_new_tokens=N)` so both produce N tokens.
+`generate(min_new_tokens=N, max_new_tokens=N)` so both produce N tokens. `batch1_greedy_torch_step`
+is ours with the PyTorch decode step instead of the native kernel (anymodal/sample/native.py).
+Every case is measured at each thread count of `--threads` (default: 1 and all cores), both
+implementations with the same count.
 
     flock /tmp/anymodal-cpu.lock .venv/bin/python benchmarks/decode_speed.py
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -28,6 +32,7 @@ from anymodal.config import load_config
 from anymodal.model import ModelConfig, Transformer
 from anymodal.model.hf import hf_chameleon, to_hf_state_dict
 from anymodal.sample.engine import Engine, Request
+from anymodal.sample.fast import FastDecoder
 from anymodal.sample.sampling import ModalitySampling
 from anymodal.tokenizers.token_space import TokenSpace, round_up
 
@@ -58,6 +63,35 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def measure(cases, image_run, reps: int, image_tokens: int, cfg: float) -> dict:
+    """Alternating repetitions of every case (ours, then HF), then the image-latency run; medians."""
+    counts: dict[str, dict[str, int]] = {k: {} for k in cases}
+    times: dict[str, dict[str, list[float]]] = {k: {"ours": [], "hf": []} for k in cases}
+    for k, (o, h) in cases.items():  # warm-up (allocator, oneDNN primitives, thread pool)
+        counts[k]["ours"], counts[k]["hf"] = o(), h()
+    image_times: list[float] = []
+    image_run()
+    for _ in range(reps):
+        for k, (o, h) in cases.items():
+            times[k]["ours"].append(timed(o))
+            times[k]["hf"].append(timed(h))
+        image_times.append(timed(image_run))
+    result = {}
+    for k in cases:
+        entry = {}
+        for who in ("ours", "hf"):
+            med = statistics.median(times[k][who])
+            entry[who] = {"s_median": round(med, 4), "s_reps": [round(t, 4) for t in times[k][who]],
+                          "new_tokens": counts[k][who], "tokens_per_s": round(counts[k][who] / med, 1)}
+        entry["speedup_vs_hf"] = round(entry["ours"]["tokens_per_s"] / entry["hf"]["tokens_per_s"], 2)
+        result[k] = entry
+    result["image_latency"] = {
+        "tokens": image_tokens, "cfg": cfg, "s_median": round(statistics.median(image_times), 4),
+        "s_reps": [round(t, 4) for t in image_times],
+    }
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="demo")
@@ -65,20 +99,24 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128, help="new tokens per row")
     ap.add_argument("--batch", type=int, default=8, help="the batched measurement's batch size")
     ap.add_argument("--reps", type=int, default=7, help="alternating repetitions per measurement")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for both (1: on a shared 2-core machine 2 threads made both 20x slower)")
+    ap.add_argument("--threads", default="1,all",
+                    help="comma-separated torch thread counts to measure at ('all' = every core); both "
+                         "implementations get the same count. Run it alone: on a machine with other busy "
+                         "processes, spinning threads make multi-threaded figures meaningless")
     ap.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the image-latency run")
     ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("overrides", nargs="*", help="model config key=value overrides")
     args = ap.parse_args()
 
-    torch.set_num_threads(args.threads)
+    thread_counts = [(os.cpu_count() or 1) if t.strip() == "all" else int(t) for t in args.threads.split(",")]
     torch.manual_seed(0)
     space = demo_space()
     cfg = load_config(ModelConfig, f"model/{args.preset}.yaml", [f"vocab_size={space.vocab_size}", *args.overrides])
     ours = Transformer(cfg).eval()
     hf = build_hf(cfg, ours, args.hf_attn)
     engine = Engine(ours, space)
+    torch_engine = Engine(ours, space)  # the same engine with the PyTorch decode step (no native kernel)
+    torch_engine.fast = FastDecoder(ours, use_native=False)
     g = torch.Generator().manual_seed(1)
     # Prompts of ordinary text ids (above the specials and loc pieces).
     prompt = torch.randint(space.loc_offset + space.loc_bins, space.text_size, (args.batch, args.prompt_len), generator=g)
@@ -87,9 +125,9 @@ def main() -> None:
     greedy = ModalitySampling.uniform(0.0)
     topk = ModalitySampling.uniform(1.0, top_k=50)
 
-    def ours_run(rows: int, sampling: ModalitySampling):
+    def ours_run(rows: int, sampling: ModalitySampling, eng: Engine = engine):
         reqs = [Request(prompt[i].tolist(), N, sampling, seed=i) for i in range(rows)]
-        res = engine.generate(reqs)
+        res = eng.generate(reqs)
         return sum(len(r.tokens) for r in res)
 
     def hf_run(rows: int, sample: bool):
@@ -111,19 +149,8 @@ def main() -> None:
         "batch1_greedy": (lambda: ours_run(1, greedy), lambda: hf_run(1, False)),
         "batch1_topk": (lambda: ours_run(1, topk), lambda: hf_run(1, True)),
         f"batch{args.batch}_greedy": (lambda: ours_run(args.batch, greedy), lambda: hf_run(args.batch, False)),
+        "batch1_greedy_torch_step": (lambda: ours_run(1, greedy, torch_engine), lambda: hf_run(1, False)),
     }
-    counts: dict[str, dict[str, int]] = {k: {} for k in cases}
-    times: dict[str, dict[str, list[float]]] = {k: {"ours": [], "hf": []} for k in cases}
-    for k, (o, h) in cases.items():  # warm-up (allocator, oneDNN primitives)
-        counts[k]["ours"], counts[k]["hf"] = o(), h()
-    image_times: list[float] = []
-    image_run()
-    for _ in range(args.reps):
-        for k, (o, h) in cases.items():
-            times[k]["ours"].append(timed(o))
-            times[k]["hf"].append(timed(h))
-        image_times.append(timed(image_run))
-
     result = {
         "benchmark": "decode_speed",
         "preset": args.preset,
@@ -131,23 +158,15 @@ def main() -> None:
         "vocab_size": space.vocab_size,
         "prompt_len": args.prompt_len,
         "new_tokens": N,
-        "threads": args.threads,
         "reps": args.reps,
         "hf_attn": args.hf_attn,
         "dtype": "fp32",
+        "native_kernel": engine.fast is not None and engine.fast.lib is not None,
+        "by_threads": {},
     }
-    for k in cases:
-        entry = {}
-        for who in ("ours", "hf"):
-            med = statistics.median(times[k][who])
-            entry[who] = {"s_median": round(med, 4), "s_reps": [round(t, 4) for t in times[k][who]],
-                          "new_tokens": counts[k][who], "tokens_per_s": round(counts[k][who] / med, 1)}
-        entry["speedup_vs_hf"] = round(entry["ours"]["tokens_per_s"] / entry["hf"]["tokens_per_s"], 2)
-        result[k] = entry
-    result["image_latency"] = {
-        "tokens": space.image_tokens + 2, "cfg": args.cfg, "s_median": round(statistics.median(image_times), 4),
-        "s_reps": [round(t, 4) for t in image_times],
-    }
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        result["by_threads"][str(threads)] = measure(cases, image_run, args.reps, space.image_tokens + 2, args.cfg)
     print(json.dumps(result, indent=2))
 
 

@@ -170,12 +170,14 @@ class Constrainer:
             idx = torch.where(close, self.R_EOA, idx)
         return idx
 
-    def allowed(self, state: ConstraintState, remaining: torch.Tensor | None = None) -> torch.Tensor:
+    def allowed(self, state: ConstraintState, remaining: torch.Tensor | None = None,
+                maybe_box: bool = True) -> torch.Tensor:
         """BoolTensor [B, V]: the ids each row may emit next.
 
         remaining [B] (optional): tokens each row may still generate, this one included. A span is
         only opened when it fits (an image needs h*w + 2 tokens, a box 6, audio one frame + 2), and
         audio is closed while there is room for `<eoa>`, so a length cut never leaves a broken span.
+        maybe_box=False: the caller knows no row is inside a box (skips the corner-order check).
         """
         # Room checks matter only near the end of a row's budget (one sync to find out).
         if remaining is not None and int(remaining.min()) >= self.tight:
@@ -186,8 +188,8 @@ class Constrainer:
             allowed[:, sp.boi] &= remaining >= self.hw + 2
             allowed[:, sp.box] &= remaining >= 6
             allowed[:, sp.boa] &= remaining >= self.n_q + 2
-        in_box = (state.mode == BOX) & (state.pos < 4)
-        if bool(in_box.any()):  # (one sync; boxes are rare)
+        in_box = (state.mode == BOX) & (state.pos < 4) if maybe_box else None
+        if in_box is not None and bool(in_box.any()):  # (one sync; boxes are rare)
             # x1, y1 leave room for a larger second corner; x2 > x1 and y2 > y1.
             second = state.pos >= 2  # [B]
             lo = torch.where(second, state.box_lo.gather(1, (state.pos - 2).clamp(0, 1)[:, None])[:, 0], -1)
@@ -196,27 +198,29 @@ class Constrainer:
             allowed[:, self.loc_lo : self.loc_hi] &= ok | ~in_box[:, None]
         return allowed
 
-    def apply(self, logits: torch.Tensor, state: ConstraintState, remaining: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, state: ConstraintState, remaining: torch.Tensor | None = None,
+              maybe_box: bool = True) -> torch.Tensor:
         """Logits [B, V] with every disallowed id at -inf (in place)."""
-        return logits.masked_fill_(~self.allowed(state, remaining), NEG_INF)
+        return logits.masked_fill_(~self.allowed(state, remaining, maybe_box), NEG_INF)
 
     # ---- transitions -------------------------------------------------------------------------
     def advance(self, state: ConstraintState, tok: torch.Tensor, active: torch.Tensor | None = None,
-                strict: bool = True) -> None:
+                strict: bool = True, maybe_box: bool = True) -> None:
         """Move every row past token `tok` [B] (rows where `active` is False stay put).
 
         strict=False reads a prompt: `</s>` does not finish it, and a token that breaks a span
-        (possible only in hand-written prompts) just ends that span.
+        (possible only in hand-written prompts) just ends that span. maybe_box=False: the caller
+        knows no row was inside a box (no corner to remember).
         """
         mode, pos = state.mode, state.pos
         cls = self.class_of[tok]  # [B]
         new_mode = (self.next_gen if strict else self.next_prompt)[mode, cls]
         new_pos = (pos + 1) * self.pos_inc[mode, cls]
         # Box corners x1, y1 are remembered for the ordering constraint.
-        lo_corner = (mode == BOX) & (cls == self.C_LOC) & (pos < 2)
-        if active is not None:
+        lo_corner = (mode == BOX) & (cls == self.C_LOC) & (pos < 2) if maybe_box else None
+        if lo_corner is not None and active is not None:
             lo_corner &= active
-        if bool(lo_corner.any()):
+        if lo_corner is not None and bool(lo_corner.any()):
             col = pos.clamp(0, 1)[:, None]
             old = state.box_lo.gather(1, col)[:, 0]
             state.box_lo.scatter_(1, col, torch.where(lo_corner, tok - self.loc_lo, old)[:, None])

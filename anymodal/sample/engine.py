@@ -135,11 +135,11 @@ class Engine:
         decode = self.fast.step if self.fast is not None else self.model.decode
 
         gens = make_generators([r.seed for r in requests], device=dev)
-        temp_t, topk_t, topp_t = (torch.tensor([r.sampling.table()[j] for r in requests], device=dev)
-                                  for j in range(3))  # [n, 4] each: per request, per modality
-        topk_t = topk_t.long()
-        max_new_t = torch.tensor([r.max_new_tokens for r in requests], device=dev)
-        stop_span = torch.tensor([r.stop_after_span for r in requests], dtype=torch.bool, device=dev)
+        # Per-step bookkeeping lives in Python lists (a handful of rows): on a CPU each tensor op
+        # costs microseconds, which at batch 1 is a sizeable share of a decode step.
+        params = [r.sampling.table() for r in requests]  # per request: (temps, top_ks, top_ps) by modality
+        max_new_l = [r.max_new_tokens for r in requests]
+        stop_span = [r.stop_after_span for r in requests]
         force_len = max((len(r.force) for r in requests), default=0)
         forced = torch.full((n, max(1, force_len)), -1, dtype=torch.long, device=dev)
         for i, r in enumerate(requests):
@@ -152,15 +152,16 @@ class Engine:
                                     dtype=torch.long, device=dev)
         rows_n = torch.arange(n, device=dev)
 
-        out_tok = torch.full((n, max_new), sp.pad, dtype=torch.long, device=dev)
-        out_prob = torch.zeros(n, max_new, device=dev)
-        out_mode = torch.zeros(n, max_new, dtype=torch.long, device=dev)
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        out_tok: list[list[int]] = [[] for _ in range(n)]
+        out_prob: list[list[float]] = [[] for _ in range(n)]
+        out_mode: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
         finish = [""] * n
-        new_count = torch.zeros(n, dtype=torch.long, device=dev)
+        modes = state.mode[:n].tolist()  # each row's grammar mode before this step's token
 
         for step in range(max_new):
             cond = logits[:n]  # [n, V]
+            mode_t = state.mode.clone() if m else None  # [n] (for the CFG rows' bookkeeping)
             if m:
                 u = logits[n:]  # [m, V]
                 c = cond[g_rows]
@@ -168,14 +169,18 @@ class Engine:
                 mixed = cfg_mix(c, u, g_scale)  # [m, V]
                 cond = cond.clone()
                 cond[g_rows] = torch.where(in_media, mixed, c)
-            mode_now = state.mode.clone()
-            cond = con.apply(cond, state, max_new_t - new_count)
-            modality = mode_now.clamp(max=BOX)[:, None]  # [n, 1]: text/image/audio/loc params
-            tok, prob = sample(cond, temp_t.gather(1, modality)[:, 0], topk_t.gather(1, modality)[:, 0],
-                               topp_t.gather(1, modality)[:, 0], gens)
+            left = [mx - len(t) for mx, t in zip(max_new_l, out_tok)]  # tokens each row may still make
+            remaining = torch.tensor(left, device=dev) if min(left) < con.tight else None  # room checks
+            maybe_box = BOX in modes
+            cond = con.apply(cond, state, remaining, maybe_box=maybe_box)
+            modality = [min(md, BOX) for md in modes]  # text/image/audio/loc parameter set
+            tok, prob = sample(cond, [params[i][0][k] for i, k in enumerate(modality)],
+                               [params[i][1][k] for i, k in enumerate(modality)],
+                               [params[i][2][k] for i, k in enumerate(modality)], gens)
+            live = None if not any(done) else torch.tensor([not d for d in done], device=dev)  # [n]
             if step < force_len:
                 f = forced[:, step]
-                use = (f >= 0) & ~done
+                use = (f >= 0) if live is None else (f >= 0) & live
                 if bool(use.any()):
                     ok = torch.isfinite(cond[rows_n, f.clamp_min(0)]) | ~use
                     if not bool(ok.all()):
@@ -184,27 +189,35 @@ class Engine:
                                          f"of request {bad}")
                     tok = torch.where(use, f, tok)
                     prob = torch.where(use, cond.softmax(-1)[rows_n, f.clamp_min(0)], prob)
-            live = ~done
-            tok = torch.where(live, tok, sp.pad)
-            out_tok[:, step] = tok
-            out_prob[:, step] = prob
-            out_mode[:, step] = mode_now
-            new_count += live.long()
-            con.advance(state, tok, active=live)
-            if on_token is not None:
-                for i, (t, md, lv) in enumerate(zip(tok.tolist(), mode_now.tolist(), live.tolist())):
-                    if lv:
-                        on_token(i, t, md)
-            # Stop conditions, per row: </s>, a closed span (when asked), or the token budget.
-            ended_eos = state.mode == DONE
-            ended_span = (mode_now != TEXT) & (state.mode == TEXT) & stop_span
-            newly = live & (ended_eos | ended_span | (new_count >= max_new_t))
-            if bool(newly.any()):
-                for j in newly.nonzero()[:, 0].tolist():
-                    finish[j] = "eos" if ended_eos[j] else "span" if ended_span[j] else "length"
-                done |= newly
-                con.finish(state, newly)
-            if bool(done.all()) or step == max_new - 1:
+            if live is not None:
+                tok = torch.where(live, tok, sp.pad)
+            con.advance(state, tok, active=live, maybe_box=maybe_box)
+            tok_l, prob_l, new_modes = tok.tolist(), prob.tolist(), state.mode[:n].tolist()
+            newly = []
+            for i in range(n):
+                if done[i]:
+                    continue
+                out_tok[i].append(tok_l[i])
+                out_prob[i].append(prob_l[i])
+                out_mode[i].append(modes[i])
+                if on_token is not None:
+                    on_token(i, tok_l[i], modes[i])
+                # Stop conditions, per row: </s>, a closed span (when asked), or the token budget.
+                if new_modes[i] == DONE:
+                    finish[i] = "eos"
+                elif stop_span[i] and modes[i] != TEXT and new_modes[i] == TEXT:
+                    finish[i] = "span"
+                elif len(out_tok[i]) >= max_new_l[i]:
+                    finish[i] = "length"
+                else:
+                    continue
+                done[i] = True
+                newly.append(i)
+                new_modes[i] = DONE
+            if newly:
+                con.finish(state, torch.isin(rows_n, torch.tensor(newly, device=dev)))
+            modes = new_modes
+            if all(done) or step == max_new - 1:
                 break
             # Next inputs: request rows feed their token; unconditional rows follow their partner
             # inside media spans and are fed invalid padding otherwise.
@@ -212,7 +225,7 @@ class Engine:
             if m:
                 p_tok = tok[g_rows]
                 p_mode = state.mode[g_rows]  # mode after the token: IMAGE/AUDIO once the opener is out
-                p_prev = mode_now[g_rows]
+                p_prev = mode_t[g_rows]
                 follows = (p_mode == IMAGE) | (p_mode == AUDIO)  # opener or span code
                 u_ids = torch.where(follows, p_tok, sp.pad)
                 step_ids = torch.cat([tok, u_ids])
@@ -236,9 +249,4 @@ class Engine:
             else:
                 logits = decode(step_ids[:, None], cache).float()
 
-        results = []
-        for i in range(n):
-            k = int(new_count[i])
-            results.append(Result(out_tok[i, :k].tolist(), out_prob[i, :k].tolist(), out_mode[i, :k].tolist(),
-                                  finish[i] or "length"))
-        return results
+        return [Result(out_tok[i], out_prob[i], out_mode[i], finish[i] or "length") for i in range(n)]

@@ -13,22 +13,32 @@ same function with about 20 plain tensor calls per layer and no module dispatch:
 - the cache is the model's preallocated `KVCache` (same fields: `valid`, `next_pos`, `length`),
   so the engine's CFG bookkeeping works unchanged, and no mask is built unless rows are padded.
 
+On CPU in fp32, for batches up to `NATIVE_MAX_BATCH` rows, the whole step is one call into the
+native kernel (`native.py`, kernels/decode_cpu.c): the weight streaming is split across the threads
+and nothing is dispatched per op, which at batch 1 is what decode time is made of. Larger batches
+are matmul-bound, where PyTorch's GEMM is the better tool, so they take the tensor path above.
+
 `FastDecoder.supports(model)` says whether a model has the expected structure; otherwise the
-engine simply calls `model.decode`. Tests check the logits against `Transformer.decode`.
+engine simply calls `model.decode`. Tests check the logits of both paths against `Transformer.decode`.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
 
 from ..model.transformer import QK_NORM_EPS
+from . import native
+
+NATIVE_MAX_BATCH = 16  # above this, a step is matmul-bound and PyTorch's GEMM wins
 
 
 class FastDecoder:
     """Holds re-laid-out weights of one Transformer; `step(ids, cache)` = `model.decode(ids, cache)`."""
 
-    def __init__(self, model):
+    def __init__(self, model, use_native: bool = True):
         cfg = model.cfg
         self.model = model
         self.cfg = cfg
@@ -58,6 +68,13 @@ class FastDecoder:
             self.emb = model.tok_emb.weight.detach()
             self.norm = model.norm.weight.detach()
             self.head = self._w(model.head.weight.detach())
+        self.lib = native.native_step() if use_native and self.transposed and self.dtype == torch.float32 else None
+        if self.lib is not None:
+            ptrs = []
+            for L in self.layers:
+                ptrs += [L[k].data_ptr() if L[k] is not None else None
+                         for k in ("attn_norm", "mlp_norm", "wqkv", "wo", "w13", "w2", "qk_w", "qk_b")]
+            self._layer_ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
 
     @staticmethod
     def supports(model) -> bool:
@@ -97,10 +114,35 @@ class FastDecoder:
             self._views_of = cache.k
         return self._views
 
+    def _native_step(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        cfg, B = self.cfg, ids.shape[0]
+        cache.check_room(1)
+        slot, pos = cache.length, cache.next_pos.contiguous()
+        cache.valid[:, slot] = True
+        ids = ids[:, 0].contiguous()
+        assert cache.k.is_contiguous() and cache.v.is_contiguous() and cache.valid.is_contiguous()
+        logits = torch.empty(B, self.head.shape[1], dtype=torch.float32)
+        rc = self.lib.am_decode_step(
+            B, cfg.dim, cfg.n_layers, self.h, self.hkv, self.hd, cfg.mlp_hidden, self.head.shape[1],
+            int(self.swin), int(self.layers[0]["qk_w"] is not None), self.eps, QK_NORM_EPS,
+            ids.data_ptr(), pos.data_ptr(), slot, cache.max_len,
+            cache.valid.data_ptr() if cache.padded else None,
+            cache.k.data_ptr(), cache.v.data_ptr(),
+            self.emb.data_ptr(), self._layer_ptrs, self.norm.data_ptr(), self.head.data_ptr(),
+            self.inv_freq.data_ptr(), logits.data_ptr(), torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise MemoryError("native decode step could not allocate its scratch buffers")
+        cache.next_pos = pos + 1
+        cache.length = slot + 1
+        return logits
+
     @torch.inference_mode()
     def step(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """ids [B, 1] -> logits [B, V] of the next token; writes keys/values at slot `cache.length`."""
         B = ids.shape[0]
+        if self.lib is not None and B <= NATIVE_MAX_BATCH and ids.device.type == "cpu" and cache.k.dtype == torch.float32:
+            return self._native_step(ids, cache)
         h, hkv, hd = self.h, self.hkv, self.hd
         slot = cache.length
         cache.check_room(1)

@@ -8,6 +8,7 @@ only on its seed, not on what else shares the batch. Sampling is the Gumbel-max 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,26 +86,32 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 def sample(
     logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
+    temperature: torch.Tensor | Sequence[float],
+    top_k: torch.Tensor | Sequence[int],
+    top_p: torch.Tensor | Sequence[float],
     generators: list[torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one id per row. Returns (ids LongTensor [B], prob of each id under softmax(logits) [B]).
 
-    `logits` [B, V] are fp32 with disallowed ids already at -inf. The reported probability is
-    under the plain (T = 1, unfiltered) constrained distribution: a confidence, e.g. for boxes.
+    `logits` [B, V] are fp32 with disallowed ids already at -inf; the per-row parameters [B] come as
+    tensors or plain lists (the engine passes lists: no tensor ops for them on the hot path). The
+    reported probability is under the plain (T = 1, unfiltered) constrained distribution: a
+    confidence, e.g. for boxes.
     """
     B, V = logits.shape
-    temps = temperature.tolist()
+    temps = temperature.tolist() if isinstance(temperature, torch.Tensor) else list(temperature)
+    ks = top_k.tolist() if isinstance(top_k, torch.Tensor) else list(top_k)
+    ps = top_p.tolist() if isinstance(top_p, torch.Tensor) else list(top_p)
     sampled = [i for i, t in enumerate(temps) if t > 0]
     if not sampled:  # all greedy: no noise drawn, no filtering needed
         ids = logits.argmax(-1)  # [B]
     else:
-        greedy = temperature <= 0  # [B]
-        scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [B, V]
-        if any(k > 0 for k in top_k.tolist()) or any(p < 1.0 for p in top_p.tolist()):
-            scaled = filter_logits(scaled, top_k, top_p)
+        divisor = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=logits.dtype, device=logits.device)
+        scaled = logits / divisor[:, None]  # [B, V]
+        if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
+            dev = logits.device
+            scaled = filter_logits(scaled, torch.tensor(ks, dtype=torch.long, device=dev),
+                                   torch.tensor(ps, dtype=logits.dtype, device=dev))
         # Only sampling rows draw noise, each from its own generator: a row's samples depend on its
         # own seed and history, never on the other rows of the batch.
         gumbel = torch.zeros_like(scaled)
