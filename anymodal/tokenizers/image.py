@@ -99,6 +99,8 @@ class ImageLossConfig:
     edge_weight: float = 0.0  # extra L1 on pixels next to a colour change (sharp corners and tips)
     corner_weight: float = 0.0  # extra L1 near corners, tips, diagonal and curved edges (see corner_mask)
     corner_window: int = 5  # corner_mask's window (odd): how far from a corner the extra weight reaches
+    margin_weight: float = 0.0  # squared hinge on each pixel's RGB error beyond loss.margin (see margin_loss)
+    margin: float = 0.15  # in [-1, 1] units (0.15 = 19 of 255): errors below it cost nothing extra
     ssim_weight: float = 0.0  # (1 - SSIM) term
     perceptual_weight: float = 0.0  # needs a feature network injected into the trainer
     gan_weight: float = 0.0  # PatchGAN hinge loss; 0 turns the discriminator off
@@ -134,8 +136,11 @@ class ImageTrainConfig:
     val_images: int = 256
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    colour_aug: float = 0.0  # share of training images whose RGB channels are randomly permuted
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.colour_aug <= 1.0:
+            raise ConfigError(f"train.colour_aug must lie in [0, 1], got {self.colour_aug}")
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
 
 
