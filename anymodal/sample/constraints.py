@@ -159,6 +159,22 @@ class Constrainer:
         self.next_gen = nxt.to(self.device)
         self.pos_inc = inc.to(self.device)
         self.tight = max(hw + 2, nq + 2, 6)  # below this many tokens left, room checks apply
+        # Per mask row, the smallest id range [lo, hi) holding its allowed ids: the decoder need not
+        # compute logits outside it (box order only removes ids; room checks are handled in vocab_span).
+        self.row_span = []
+        for r in range(self.table.shape[0]):
+            ids = self.table[r].nonzero()[:, 0]
+            self.row_span.append((int(ids.min()), int(ids.max()) + 1))
+        self._row_of_list = row.tolist()  # [5][P] for Python-side lookups
+
+    def vocab_span(self, modes: list[int], pos: list[int], remaining: int) -> tuple[int, int]:
+        """One id range [lo, hi) covering everything rows in these (mode, pos) states may emit next;
+        `remaining` is the fewest tokens any row may still generate. Near the end of a budget a
+        room check can swap a row's mask (e.g. force `<eoa>`), so the whole vocabulary is kept."""
+        if remaining < self.tight:
+            return 0, self.space.vocab_size
+        spans = {self.row_span[self._row_of_list[md][min(p, self.max_pos)]] for md, p in zip(modes, pos)}
+        return min(s[0] for s in spans), max(s[1] for s in spans)
 
     def row_index(self, state: ConstraintState, remaining: torch.Tensor | None = None) -> torch.Tensor:
         """Which table row applies to each batch row: LongTensor [B]."""

@@ -33,7 +33,8 @@ from .sampling import ModalitySampling, make_generators, sample
 
 def cfg_mix(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """Classifier-free guidance `u + s·(c − u)`, computed as `c + (s − 1)·(c − u)` so that s = 1
-    returns `cond` bit for bit (logits are finite here: masks are applied after mixing)."""
+    returns `cond` bit for bit. Ids outside the decoded vocabulary span are -inf in both and mix to
+    NaN; the grammar mask, applied right after, sets exactly those (never-allowed) ids to -inf."""
     return cond + (scale - 1.0) * (cond - uncond)
 
 
@@ -132,7 +133,11 @@ class Engine:
         cache = KVCache.empty(self.model.cfg, B, total, device=dev, dtype=self.dtype)
         mask = None if bool(valid.all()) else valid
         logits = self.model.prefill(ids, cache, positions=positions, attention_mask=mask).float()  # [B, V]
-        decode = self.fast.step if self.fast is not None else self.model.decode
+        if self.fast is not None:
+            decode = self.fast.step  # (ids, cache, vocab span): logits outside the span are -inf
+        else:
+            def decode(ids, cache, vocab=None):
+                return self.model.decode(ids, cache)
 
         gens = make_generators([r.seed for r in requests], device=dev)
         # Per-step bookkeeping lives in Python lists (a handful of rows): on a CPU each tensor op
@@ -219,6 +224,8 @@ class Engine:
             modes = new_modes
             if all(done) or step == max_new - 1:
                 break
+            # The ids any row may emit next: the decode step computes only those logits.
+            span = con.vocab_span(modes, state.pos.tolist(), min(mx - len(t) for mx, t in zip(max_new_l, out_tok)))
             # Next inputs: request rows feed their token; unconditional rows follow their partner
             # inside media spans and are fed invalid padding otherwise.
             step_ids = tok
@@ -233,7 +240,7 @@ class Engine:
                 u_rows = torch.arange(n, B, device=dev)
                 opened = follows & ~((p_prev == IMAGE) | (p_prev == AUDIO))
                 u_span_start = torch.where(opened, slot, u_span_start)
-                logits = decode(step_ids[:, None], cache).float()
+                logits = decode(step_ids[:, None], cache, span).float()
                 # The row's view after the step: keep the slot only when it followed the partner.
                 cache.valid[u_rows, slot] = follows
                 base_pos = torch.where(follows, cache.next_pos[u_rows], cache.next_pos[u_rows] - 1)
@@ -247,6 +254,6 @@ class Engine:
                 cache.next_pos[u_rows] = base_pos
                 cache.padded = True
             else:
-                logits = decode(step_ids[:, None], cache).float()
+                logits = decode(step_ids[:, None], cache, span).float()
 
         return [Result(out_tok[i], out_prob[i], out_mode[i], finish[i] or "length") for i in range(n)]

@@ -114,7 +114,7 @@ class FastDecoder:
             self._views_of = cache.k
         return self._views
 
-    def _native_step(self, ids: torch.Tensor, cache) -> torch.Tensor:
+    def _native_step(self, ids: torch.Tensor, cache, lo: int, hi: int) -> torch.Tensor:
         cfg, B = self.cfg, ids.shape[0]
         cache.check_room(1)
         slot, pos = cache.length, cache.next_pos.contiguous()
@@ -129,20 +129,26 @@ class FastDecoder:
             cache.valid.data_ptr() if cache.padded else None,
             cache.k.data_ptr(), cache.v.data_ptr(),
             self.emb.data_ptr(), self._layer_ptrs, self.norm.data_ptr(), self.head.data_ptr(),
-            self.inv_freq.data_ptr(), logits.data_ptr(), torch.get_num_threads(),
+            self.inv_freq.data_ptr(), logits.data_ptr(), lo, hi, torch.get_num_threads(),
         )
         if rc != 0:
-            raise MemoryError("native decode step could not allocate its scratch buffers")
+            raise MemoryError("native decode step could not allocate its scratch buffers") if rc == 1 \
+                else ValueError(f"bad vocabulary slice [{lo}, {hi}) for {self.head.shape[1]} logits")
         cache.next_pos = pos + 1
         cache.length = slot + 1
         return logits
 
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        """ids [B, 1] -> logits [B, V] of the next token; writes keys/values at slot `cache.length`."""
-        B = ids.shape[0]
+    def step(self, ids: torch.Tensor, cache, vocab: tuple[int, int] | None = None) -> torch.Tensor:
+        """ids [B, 1] -> logits [B, V] of the next token; writes keys/values at slot `cache.length`.
+
+        vocab=(lo, hi): only ids in [lo, hi) can be chosen next (the grammar says so), so only those
+        rows of the output head are computed; the other logits are -inf. At batch 1 the head is a
+        seventh of the weights streamed per token; an image code needs a quarter of it."""
+        B, V = ids.shape[0], self.head.shape[1]
+        lo, hi = vocab if vocab is not None else (0, V)
         if self.lib is not None and B <= NATIVE_MAX_BATCH and ids.device.type == "cpu" and cache.k.dtype == torch.float32:
-            return self._native_step(ids, cache)
+            return self._native_step(ids, cache, lo, hi)
         h, hkv, hd = self.h, self.hkv, self.hd
         slot = cache.length
         cache.check_room(1)
@@ -186,4 +192,9 @@ class FastDecoder:
                 x = self._addmm(x, act, L["w2"])
         cache.next_pos = pos + 1
         cache.length = slot + 1
-        return self._mm(self._rms(x, self.norm), self.head)  # [B, V]
+        if (lo, hi) == (0, V):
+            return self._mm(self._rms(x, self.norm), self.head)  # [B, V]
+        logits = torch.full((B, V), float("-inf"), dtype=x.dtype, device=x.device)
+        head = self.head[:, lo:hi] if self.transposed else self.head[lo:hi]
+        logits[:, lo:hi] = self._mm(self._rms(x, self.norm), head)  # [B, hi - lo]
+        return logits

@@ -89,7 +89,7 @@ def native_step() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(build()))
         f = lib.am_decode_step
         i64, i32, f32, p = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
-        f.argtypes = [i64] * 8 + [i32, i32, f32, f32] + [p, p, i64, i64, p, p, p, p, p, p, p, p, p, i32]
+        f.argtypes = [i64] * 8 + [i32, i32, f32, f32] + [p, p, i64, i64, p, p, p, p, p, p, p, p, p, i64, i64, i32]
         f.restype = ctypes.c_int
         _lib = lib
     except (OSError, RuntimeError) as e:

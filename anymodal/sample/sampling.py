@@ -2,8 +2,9 @@
 
 Each batch row carries its own temperature / top-k / top-p (picked per step from the parameter set
 of the modality it is generating) and its own `torch.Generator`, so a request's samples depend
-only on its seed, not on what else shares the batch. Sampling is the Gumbel-max trick
-(argmax of logits/T + Gumbel noise) so greedy (T = 0) and sampled rows share one code path.
+only on its seed, not on what else shares the batch. Sampling is the Gumbel-max trick (argmax of
+logits/T + Gumbel noise); a top-k-only row draws among its k best ids alone, which at batch 1 is
+most of the sampling time saved.
 """
 
 from __future__ import annotations
@@ -102,23 +103,38 @@ def sample(
     temps = temperature.tolist() if isinstance(temperature, torch.Tensor) else list(temperature)
     ks = top_k.tolist() if isinstance(top_k, torch.Tensor) else list(top_k)
     ps = top_p.tolist() if isinstance(top_p, torch.Tensor) else list(top_p)
+    dev = logits.device
+    ids = logits.argmax(-1)  # [B]: greedy rows (T = 0) keep this
+    # Each sampling row takes its own path, chosen by its own parameters only, so its random
+    # draws never depend on what else shares the batch.
     sampled = [i for i, t in enumerate(temps) if t > 0]
-    if not sampled:  # all greedy: no noise drawn, no filtering needed
-        ids = logits.argmax(-1)  # [B]
-    else:
-        divisor = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=logits.dtype, device=logits.device)
-        scaled = logits / divisor[:, None]  # [B, V]
-        if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
-            dev = logits.device
-            scaled = filter_logits(scaled, torch.tensor(ks, dtype=torch.long, device=dev),
-                                   torch.tensor(ps, dtype=logits.dtype, device=dev))
-        # Only sampling rows draw noise, each from its own generator: a row's samples depend on its
-        # own seed and history, never on the other rows of the batch.
-        gumbel = torch.zeros_like(scaled)
-        for i in sampled:
-            u = torch.rand(V, generator=generators[i], device=logits.device)
-            gumbel[i] = -torch.log(-torch.log(u.clamp_min(1e-20)))
-        ids = (scaled + gumbel).argmax(-1)  # [B]
+    # Top-k alone (the image/audio default): draw among the row's k best ids, a few ops on [n, k]
+    # instead of [n, V]. Exactly k candidates are kept (ties at the k-th value broken by `topk`).
+    cand_rows = [i for i in sampled if ks[i] > 0 and ps[i] >= 1.0]
+    full_rows = [i for i in sampled if not (ks[i] > 0 and ps[i] >= 1.0)]
+    if cand_rows:
+        sub = logits if len(cand_rows) == B else logits[cand_rows]  # [n, V]
+        kmax = min(max(ks[i] for i in cand_rows), V)
+        vals, cand = sub.topk(kmax, dim=-1)  # [n, kmax] each, best first
+        vals = vals / torch.tensor([temps[i] for i in cand_rows], dtype=logits.dtype, device=dev)[:, None]
+        for j, i in enumerate(cand_rows):
+            k = min(ks[i], V)
+            u = torch.rand(k, generator=generators[i], device=dev)
+            vals[j, :k] -= torch.log(-torch.log(u.clamp_min(1e-20)))  # + Gumbel noise
+            vals[j, k:] = float("-inf")
+        pick = cand.gather(1, vals.argmax(-1, keepdim=True))[:, 0]  # [n]
+        ids = pick if len(cand_rows) == B else ids.index_copy(0, torch.tensor(cand_rows, device=dev), pick)
+    if full_rows:
+        sub = logits if len(full_rows) == B else logits[full_rows]  # [n, V]
+        scaled = sub / torch.tensor([temps[i] for i in full_rows], dtype=logits.dtype, device=dev)[:, None]
+        if any(ks[i] > 0 for i in full_rows) or any(ps[i] < 1.0 for i in full_rows):
+            scaled = filter_logits(scaled, torch.tensor([ks[i] for i in full_rows], dtype=torch.long, device=dev),
+                                   torch.tensor([ps[i] for i in full_rows], dtype=logits.dtype, device=dev))
+        for j, i in enumerate(full_rows):
+            u = torch.rand(V, generator=generators[i], device=dev)
+            scaled[j] -= torch.log(-torch.log(u.clamp_min(1e-20)))  # + Gumbel noise
+        pick = scaled.argmax(-1)  # [n]
+        ids = pick if len(full_rows) == B else ids.index_copy(0, torch.tensor(full_rows, device=dev), pick)
     prob = logits.log_softmax(-1).gather(1, ids[:, None])[:, 0].exp()  # [B]
     return ids, prob
 

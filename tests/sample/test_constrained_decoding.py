@@ -157,6 +157,21 @@ def test_sampling_greedy_topk1_and_seeds():
     draws = [int(sample(row, torch.ones(1), torch.zeros(1, dtype=torch.long), torch.ones(1), gen)[0]) for _ in range(3000)]
     freq = np.bincount(draws, minlength=3) / len(draws)
     assert np.allclose(freq, [0.6, 0.3, 0.1], atol=0.04)
+    # top-k alone (the fast candidate path): softmax renormalized over the k best, at temperature 0.5,
+    # next to a greedy row and a row with a smaller k in the same batch
+    rows = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]))
+    gen = make_generators([1, 2, 3])
+    draws = torch.stack([sample(rows, [0.5, 0.0, 1.0], [2, 3, 1], [1.0, 1.0, 1.0], gen)[0] for _ in range(3000)])
+    freq = np.bincount(draws[:, 0].numpy(), minlength=4) / len(draws)
+    w = np.array([0.5, 0.3]) ** 2  # p^(1/T), T = 0.5, over the two best
+    assert np.allclose(freq, [*(w / w.sum()), 0, 0], atol=0.03)
+    assert (draws[:, 1] == 3).all() and (draws[:, 2] == 0).all()  # greedy row; k = 1 row
+    # a row's draws depend on its own seed and parameters only, not on the rest of the batch
+    logits = torch.randn(3, 40)
+    g_alone, g_mixed = make_generators([7]), make_generators([7, 8, 9])
+    alone = [int(sample(logits[:1], [1.0], [5], [1.0], g_alone)[0][0]) for _ in range(30)]
+    mixed = [int(sample(logits, [1.0, 0.7, 0.0], [5, 0, 0], [1.0, 0.9, 1.0], g_mixed)[0][0]) for _ in range(30)]
+    assert alone == mixed and len(set(alone)) > 1
 
 
 # ---- the engine ------------------------------------------------------------------------------------------

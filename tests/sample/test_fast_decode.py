@@ -96,3 +96,48 @@ def test_native_step_same_for_any_thread_count():
         outs.append(torch.stack([fast.step(ids[:, i:i + 1], cache) for i in range(5)]))
     torch.set_num_threads(1)
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "torch"])
+def test_vocab_slice_computes_only_that_slice(use_native):
+    if use_native and native.native_step() is None:
+        pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}")
+    torch.manual_seed(2)
+    cfg = ModelConfig(vocab_size=200, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
+    model = Transformer(cfg).eval()
+    fast = FastDecoder(model, use_native=use_native)
+    ids = torch.randint(4, 200, (3, 4))
+    caches = [KVCache.empty(cfg, 3, 8) for _ in range(2)]
+    for c in caches:
+        model.prefill(ids, c)
+    nxt = torch.tensor([[5], [6], [7]])
+    full = fast.step(nxt, caches[0])
+    part = fast.step(nxt, caches[1], (37, 121))
+    torch.testing.assert_close(part[:, 37:121], full[:, 37:121], atol=1e-6, rtol=1e-6)
+    assert torch.isneginf(part[:, :37]).all() and torch.isneginf(part[:, 121:]).all()
+    torch.testing.assert_close(caches[1].k, caches[0].k)  # the cache step is the same either way
+
+
+def test_vocab_spans_cover_every_allowed_id():
+    """The decoder computes logits only inside the span of the rows' states: nothing allowed lies outside."""
+    from anymodal.sample.constraints import AUDIO, BOX, DONE, IMAGE, TEXT, Constrainer
+
+    b = tiny_bundle(max_seq_len=64)
+    sp = b.space
+    con = Constrainer(sp)
+    for mode in (TEXT, IMAGE, AUDIO, BOX, DONE):
+        for pos in range(con.max_pos + 3):
+            st = con.initial(1)
+            st.mode[0], st.pos[0] = mode, pos
+            lo, hi = con.vocab_span([mode], [pos], remaining=10_000)
+            allowed = con.allowed(st).nonzero()[:, 1]
+            assert lo <= int(allowed.min()) and int(allowed.max()) < hi, (mode, pos)
+            # near the end of the budget the mask can change (audio is closed): whole vocabulary
+            st_end = con.allowed(st, torch.tensor([con.n_q])).nonzero()[:, 1]
+            lo2, hi2 = con.vocab_span([mode], [pos], remaining=con.n_q)
+            assert lo2 <= int(st_end.min()) and int(st_end.max()) < hi2
+    # an image code needs only the image codebook's logits, a text token only the text range
+    assert con.vocab_span([IMAGE], [0], 10_000) == sp.image_range()
+    assert con.vocab_span([TEXT], [0], 10_000)[1] <= sp.text_size
+    # rows in different states: the union
+    assert con.vocab_span([TEXT, IMAGE], [0, 3], 10_000) == (con.vocab_span([TEXT], [0], 10_000)[0], sp.image_range()[1])

@@ -39,33 +39,34 @@ static void column_share(int64_t out, int64_t *o0, int64_t *o1) {
   *o1 = b1 * 8 < out ? b1 * 8 : out;
 }
 
-/* y[b, o] (+)= sum_i x[b, i] * w[i, o] for this thread's columns; w is [in, out] row-major.
+/* y[b, o] (+)= sum_i x[b, i] * w[i, o] for this thread's share of the `out` columns; w is [in, out]
+   row-major with row stride ldw (>= out: a column slice of a wider matrix), y has row stride ldy.
    Four weight rows per pass: each y element is loaded/stored once per four multiply-adds, and the
    four rows are contiguous streams the prefetcher follows. With accumulate == 0, y is overwritten. */
 static void gemv_share(const float *x, const float *w, float *y, int64_t B, int64_t in, int64_t out,
-                       int accumulate) {
+                       int64_t ldw, int64_t ldy, int accumulate) {
   int64_t o0, o1;
   column_share(out, &o0, &o1);
   if (o0 >= o1) return;
   if (!accumulate)
-    for (int64_t b = 0; b < B; ++b) memset(y + b * out + o0, 0, (size_t)(o1 - o0) * sizeof(float));
+    for (int64_t b = 0; b < B; ++b) memset(y + b * ldy + o0, 0, (size_t)(o1 - o0) * sizeof(float));
   int64_t i = 0;
   for (; i + 4 <= in; i += 4) {
-    const float *restrict w0 = w + i * out, *restrict w1 = w0 + out, *restrict w2 = w1 + out,
-                *restrict w3 = w2 + out;
+    const float *restrict w0 = w + i * ldw, *restrict w1 = w0 + ldw, *restrict w2 = w1 + ldw,
+                *restrict w3 = w2 + ldw;
     for (int64_t b = 0; b < B; ++b) {
       const float *xb = x + b * in;
       const float a0 = xb[i], a1 = xb[i + 1], a2 = xb[i + 2], a3 = xb[i + 3];
-      float *restrict yb = y + b * out;
+      float *restrict yb = y + b * ldy;
 #pragma GCC ivdep
       for (int64_t o = o0; o < o1; ++o) yb[o] += a0 * w0[o] + a1 * w1[o] + a2 * w2[o] + a3 * w3[o];
     }
   }
   for (; i < in; ++i) {
-    const float *restrict wi = w + i * out;
+    const float *restrict wi = w + i * ldw;
     for (int64_t b = 0; b < B; ++b) {
       const float a = x[b * in + i];
-      float *restrict yb = y + b * out;
+      float *restrict yb = y + b * ldy;
       for (int64_t o = o0; o < o1; ++o) yb[o] += a * wi[o];
     }
   }
@@ -92,7 +93,7 @@ static void layer_norm(float *x, int64_t d, float eps) {
   for (int64_t i = 0; i < d; ++i) x[i] = (x[i] - mean) * r;
 }
 
-/* Returns 0 on success, 1 when scratch memory could not be allocated. */
+/* Returns 0 on success, 1 when scratch memory could not be allocated, 2 for a bad head slice. */
 int am_decode_step(
     /* shapes */
     int64_t B, int64_t D, int64_t n_layers, int64_t H, int64_t Hkv, int64_t hd, int64_t F, int64_t V,
@@ -107,7 +108,9 @@ int am_decode_step(
     const float *inv_freq, /* [hd / 2] */
     /* output */
     float *logits, /* [B, V] */
+    int64_t head_lo, int64_t head_hi, /* logits outside [head_lo, head_hi) are not computed: -inf */
     int32_t n_threads) {
+  if (head_lo < 0 || head_hi > V || head_lo >= head_hi) return 2;
   const int64_t QKV = (H + 2 * Hkv) * hd, QK = (H + Hkv) * hd, S = slot + 1, G = H / Hkv, half = hd / 2;
   const float scale = 1.0f / sqrtf((float)hd);
   const int64_t n_x = B * D, n_h = B * D, n_qkv = B * QKV, n_y = B * H * hd, n_gu = B * 2 * F,
@@ -138,7 +141,7 @@ int am_decode_step(
         if (swin) memcpy(h + b * D, x + b * D, sizeof(float) * (size_t)D);
         else rms_norm(x + b * D, P[P_ATTN_NORM], h + b * D, D, eps);
       }
-      gemv_share(h, P[P_WQKV], qkv, B, D, QKV, 0);
+      gemv_share(h, P[P_WQKV], qkv, B, D, QKV, QKV, QKV, 0);
 #pragma omp barrier
       /* QK-Norm, RoPE, and this step's keys/values into the cache: one (row, head) per iteration */
 #pragma omp for schedule(static)
@@ -192,20 +195,20 @@ int am_decode_step(
         }
       }
       if (swin) { /* x = x + norm(y @ wo); h = x + norm(mlp(x)) */
-        gemv_share(y, P[P_WO], h, B, H * hd, D, 0);
+        gemv_share(y, P[P_WO], h, B, H * hd, D, D, D, 0);
 #pragma omp barrier
 #pragma omp single
         for (int64_t b = 0; b < B; ++b) {
           rms_norm(h + b * D, P[P_ATTN_NORM], h + b * D, D, eps);
           for (int64_t i = 0; i < D; ++i) x[b * D + i] += h[b * D + i];
         }
-        gemv_share(x, P[P_W13], gu, B, D, 2 * F, 0);
+        gemv_share(x, P[P_W13], gu, B, D, 2 * F, 2 * F, 2 * F, 0);
       } else { /* x = x + y @ wo; then the MLP on norm(x) */
-        gemv_share(y, P[P_WO], x, B, H * hd, D, 1);
+        gemv_share(y, P[P_WO], x, B, H * hd, D, D, D, 1);
 #pragma omp barrier
 #pragma omp single
         for (int64_t b = 0; b < B; ++b) rms_norm(x + b * D, P[P_MLP_NORM], h + b * D, D, eps);
-        gemv_share(h, P[P_W13], gu, B, D, 2 * F, 0);
+        gemv_share(h, P[P_W13], gu, B, D, 2 * F, 2 * F, 2 * F, 0);
       }
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -215,7 +218,7 @@ int am_decode_step(
         act[bf] = g / (1.0f + expf(-g)) * u;
       }
       if (swin) {
-        gemv_share(act, P[P_W2], h, B, F, D, 0);
+        gemv_share(act, P[P_W2], h, B, F, D, D, D, 0);
 #pragma omp barrier
 #pragma omp single
         for (int64_t b = 0; b < B; ++b) {
@@ -223,13 +226,19 @@ int am_decode_step(
           for (int64_t i = 0; i < D; ++i) x[b * D + i] += h[b * D + i];
         }
       } else {
-        gemv_share(act, P[P_W2], x, B, F, D, 1);
+        gemv_share(act, P[P_W2], x, B, F, D, D, D, 1);
 #pragma omp barrier
       }
     }
 #pragma omp single
     for (int64_t b = 0; b < B; ++b) rms_norm(x + b * D, final_norm, h + b * D, D, eps);
-    gemv_share(h, head, logits, B, D, V, 0);
+    /* only the vocabulary slice [head_lo, head_hi) the grammar can allow next; the rest is -inf */
+    gemv_share(h, head + head_lo, logits + head_lo, B, D, head_hi - head_lo, V, V, 0);
+#pragma omp single
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t o = 0; o < head_lo; ++o) logits[b * V + o] = -INFINITY;
+      for (int64_t o = head_hi; o < V; ++o) logits[b * V + o] = -INFINITY;
+    }
   }
   free(buf);
   return 0;
