@@ -61,7 +61,15 @@ def build(force: bool = False) -> Path:
     out = _cache_dir() / f"decode_cpu-{key}.so"
     if out.exists() and not force:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(str(out.parent))
+    except OSError:  # read-only home (some CI runners): build into the temp dir instead
+        out = Path(tempfile.gettempdir()) / f"anymodal-native-{os.getuid()}" / out.name
+        if out.exists() and not force:
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
