@@ -163,6 +163,7 @@ class Engine:
         done = [False] * n
         finish = [""] * n
         modes = state.mode[:n].tolist()  # each row's grammar mode before this step's token
+        left = list(max_new_l)  # tokens each row may still generate
 
         for step in range(max_new):
             cond = logits[:n]  # [n, V]
@@ -174,7 +175,6 @@ class Engine:
                 mixed = cfg_mix(c, u, g_scale)  # [m, V]
                 cond = cond.clone()
                 cond[g_rows] = torch.where(in_media, mixed, c)
-            left = [mx - len(t) for mx, t in zip(max_new_l, out_tok)]  # tokens each row may still make
             remaining = torch.tensor(left, device=dev) if min(left) < con.tight else None  # room checks
             maybe_box = BOX in modes
             cond = con.apply(cond, state, remaining, maybe_box=maybe_box)
@@ -220,12 +220,13 @@ class Engine:
                 newly.append(i)
                 new_modes[i] = DONE
             if newly:
-                con.finish(state, torch.isin(rows_n, torch.tensor(newly, device=dev)))
+                con.finish(state, torch.tensor([i in newly for i in range(n)], device=dev))
             modes = new_modes
+            left = [mx - len(t) for mx, t in zip(max_new_l, out_tok)]
             if all(done) or step == max_new - 1:
                 break
             # The ids any row may emit next: the decode step computes only those logits.
-            span = con.vocab_span(modes, state.pos.tolist(), min(mx - len(t) for mx, t in zip(max_new_l, out_tok)))
+            span = con.vocab_span(modes, state.pos.tolist(), min(left))
             # Next inputs: request rows feed their token; unconditional rows follow their partner
             # inside media spans and are fed invalid padding otherwise.
             step_ids = tok

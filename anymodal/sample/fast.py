@@ -70,10 +70,7 @@ class FastDecoder:
             self.head = self._w(model.head.weight.detach())
         self.lib = native.native_step() if use_native and self.transposed and self.dtype == torch.float32 else None
         if self.lib is not None:
-            ptrs = []
-            for L in self.layers:
-                ptrs += [L[k].data_ptr() if L[k] is not None else None
-                         for k in ("attn_norm", "mlp_norm", "wqkv", "wo", "w13", "w2", "qk_w", "qk_b")]
+            ptrs = [L[k].data_ptr() if L[k] is not None else None for L in self.layers for k in native.LAYER_WEIGHTS]
             self._layer_ptrs = (ctypes.c_void_p * len(ptrs))(*ptrs)
 
     @staticmethod

@@ -22,7 +22,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "decode_cpu.c"
-N_LAYER_PTRS = 8  # attn_norm, mlp_norm, wqkv, wo, w13, w2, qk_w, qk_b (the enum in the C file)
+# The per-layer weights the kernel takes, in the order of the enum in the C file.
+LAYER_WEIGHTS = ("attn_norm", "mlp_norm", "wqkv", "wo", "w13", "w2", "qk_w", "qk_b")
 
 _lib: ctypes.CDLL | None = None
 _tried = False

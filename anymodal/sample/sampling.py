@@ -113,30 +113,42 @@ def sample(
     cand_rows = [i for i in sampled if ks[i] > 0 and ps[i] >= 1.0]
     full_rows = [i for i in sampled if not (ks[i] > 0 and ps[i] >= 1.0)]
     if cand_rows:
-        sub = logits if len(cand_rows) == B else logits[cand_rows]  # [n, V]
-        kmax = min(max(ks[i] for i in cand_rows), V)
-        vals, cand = sub.topk(kmax, dim=-1)  # [n, kmax] each, best first
-        vals = vals / torch.tensor([temps[i] for i in cand_rows], dtype=logits.dtype, device=dev)[:, None]
+        vals, cand = _rows(logits, cand_rows).topk(min(max(ks[i] for i in cand_rows), V), dim=-1)  # [n, kmax]
+        vals = vals / _column([temps[i] for i in cand_rows], logits)
         for j, i in enumerate(cand_rows):
             k = min(ks[i], V)
-            u = torch.rand(k, generator=generators[i], device=dev)
-            vals[j, :k] -= torch.log(-torch.log(u.clamp_min(1e-20)))  # + Gumbel noise
+            vals[j, :k] += _gumbel(k, generators[i], dev)
             vals[j, k:] = float("-inf")
-        pick = cand.gather(1, vals.argmax(-1, keepdim=True))[:, 0]  # [n]
-        ids = pick if len(cand_rows) == B else ids.index_copy(0, torch.tensor(cand_rows, device=dev), pick)
+        ids = _put_rows(ids, cand_rows, cand.gather(1, vals.argmax(-1, keepdim=True))[:, 0])
     if full_rows:
-        sub = logits if len(full_rows) == B else logits[full_rows]  # [n, V]
-        scaled = sub / torch.tensor([temps[i] for i in full_rows], dtype=logits.dtype, device=dev)[:, None]
+        scaled = _rows(logits, full_rows) / _column([temps[i] for i in full_rows], logits)  # [n, V]
         if any(ks[i] > 0 for i in full_rows) or any(ps[i] < 1.0 for i in full_rows):
             scaled = filter_logits(scaled, torch.tensor([ks[i] for i in full_rows], dtype=torch.long, device=dev),
                                    torch.tensor([ps[i] for i in full_rows], dtype=logits.dtype, device=dev))
         for j, i in enumerate(full_rows):
-            u = torch.rand(V, generator=generators[i], device=dev)
-            scaled[j] -= torch.log(-torch.log(u.clamp_min(1e-20)))  # + Gumbel noise
-        pick = scaled.argmax(-1)  # [n]
-        ids = pick if len(full_rows) == B else ids.index_copy(0, torch.tensor(full_rows, device=dev), pick)
+            scaled[j] += _gumbel(V, generators[i], dev)
+        ids = _put_rows(ids, full_rows, scaled.argmax(-1))
     prob = logits.log_softmax(-1).gather(1, ids[:, None])[:, 0].exp()  # [B]
     return ids, prob
+
+
+def _gumbel(n: int, generator: torch.Generator, device) -> torch.Tensor:
+    """n draws of Gumbel(0, 1) noise from one row's own generator."""
+    u = torch.rand(n, generator=generator, device=device)
+    return -torch.log(-torch.log(u.clamp_min(1e-20)))
+
+
+def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return x if len(rows) == len(x) else x[rows]
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]  # [n, 1]
+
+
+def _put_rows(ids: torch.Tensor, rows: list[int], picks: torch.Tensor) -> torch.Tensor:
+    """ids with ids[rows] = picks (all of ids when rows covers every row)."""
+    return picks if len(rows) == len(ids) else ids.index_copy(0, torch.tensor(rows, device=ids.device), picks)
 
 
 def make_generators(seeds: list[int], device="cpu") -> list[torch.Generator]:

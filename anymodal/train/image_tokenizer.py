@@ -172,12 +172,8 @@ def permute_colours(batch: torch.Tensor, share: float, seed: int, step: int) -> 
     g = torch.Generator().manual_seed(seed * 1_000_003 + step + 17)
     pick = torch.rand(len(batch), generator=g) < share  # [B]
     perms = torch.stack([torch.randperm(3, generator=g) for _ in range(len(batch))])  # [B, 3]
-    if not bool(pick.any()):
-        return batch
-    out = batch.clone()
-    idx = pick.nonzero().squeeze(1)
-    out[idx] = torch.stack([batch[i][..., perms[i]] for i in idx.tolist()])
-    return out
+    perms[~pick] = torch.arange(3)  # the rest keep their channel order
+    return batch.gather(-1, perms[:, None, None, :].expand_as(batch))  # [B, R, R, 3]
 
 
 def to_model_space(batch: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
