@@ -1,8 +1,11 @@
 """Training throughput of anymodal's Transformer vs HF transformers' Chameleon, side by side; prints JSON.
 
 Both models get the same dimensions and the same weights (ours copied into HF's layout). One step is
-forward + backward + AdamW step in fp32 on random tokens: ours with `lm_loss` (CE + z-loss), HF with
-its own `labels=` loss. Repetitions alternate between the two models so that load from other
+forward + backward + AdamW step in fp32 on random tokens: ours with `lm_loss` (CE + z-loss, in-place
+backward), HF with its own `labels=` loss. Variants of ours: `ours` is what `anymodal train` runs
+on a CPU (the native kernels of anymodal.kernels where they build, glibc malloc keeping freed
+memory), `ours_pytorch` the same model with every pass in PyTorch, `ours_sdpa` on SDPA's flash kernel,
+`ours_compiled` under torch.compile. Repetitions alternate between the two models so that load from other
 processes hits both alike; medians are reported. MFU is measured against the fp32 matmul peak of
 this CPU measured in the same run: `mfu` uses the start-up measurement (median of several large
 matmuls, as the trainer does), `mfu_vs_max_probe` the highest of that and the short probes taken
@@ -23,8 +26,17 @@ import time
 import torch
 
 from anymodal.config import load_config
-from anymodal.model import ModelConfig, Transformer, flops_per_token, lm_loss, measure_cpu_matmul_peak
+from anymodal.kernels import install as install_kernels
+from anymodal.model import (
+    ModelConfig,
+    Transformer,
+    cpu_kernels,
+    flops_per_token,
+    lm_loss,
+    measure_cpu_matmul_peak,
+)
 from anymodal.model.hf import hf_chameleon, to_hf_state_dict
+from anymodal.train.cpu_memory import keep_freed_memory
 
 
 def build_hf(cfg: ModelConfig, ours: Transformer, attn: str):
@@ -41,10 +53,13 @@ def make_step(kind: str, model, batch: torch.Tensor, modality: torch.Tensor, z_w
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, **flags)
     inputs, labels = batch[:, :-1], batch[:, 1:]
 
+    native = kind in ("ours", "ours_compiled")
+    kernels = {name: getattr(cpu_kernels, name) if native else None for name in cpu_kernels.NAMES}
+
     def step() -> float:
         if kind.startswith("ours"):
-            inplace = kind == "ours_inplace"  # the gradient overwrites the logits buffer
-            loss = lm_loss(model(inputs), labels, modality, z_loss_weight=z_w, inplace_backward=inplace).loss
+            cpu_kernels.register(**kernels)  # the registry is global: set it for this variant's step
+            loss = lm_loss(model(inputs), labels, modality, z_loss_weight=z_w, inplace_backward=True).loss
         else:  # HF shifts labels itself
             loss = model(input_ids=inputs, labels=inputs).loss
         opt.zero_grad(set_to_none=True)
@@ -79,13 +94,17 @@ def main() -> None:
     ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument(
         "--variants",
-        default="ours,ours_inplace,hf",
-        help="comma list of: ours, ours_inplace (lm_loss inplace_backward=True), ours_sdpa, hf",
+        default="ours,ours_pytorch,hf",
+        help="comma list of: ours, ours_pytorch, ours_sdpa, ours_compiled, hf (see the module doc)",
     )
+    ap.add_argument("--no-keep-memory", action="store_true", help="leave glibc malloc as it is (see train/cpu_memory.py)")
     ap.add_argument("overrides", nargs="*", help="model config key=value overrides")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
+    # as `anymodal train` does on CPU; both models profit (one process), --no-keep-memory measures without
+    keep_memory = not args.no_keep_memory and keep_freed_memory()
+    native = install_kernels()  # as the trainer does; a kernel that cannot be built stays on PyTorch
     torch.manual_seed(0)
     cfg = load_config(ModelConfig, f"model/{args.preset}.yaml", args.overrides)
     peaks = [measure_cpu_matmul_peak(seconds=3.0)]  # start-up measurement
@@ -98,14 +117,16 @@ def main() -> None:
         torch.manual_seed(0)  # every variant starts from the same weights
         if k.startswith("ours"):
             m = Transformer(dataclasses.replace(cfg, attention="sdpa") if k == "ours_sdpa" else cfg).train()
-            models[k] = torch.compile(m) if args.compile else m
+            if k == "ours_compiled" or args.compile:
+                m = torch.compile(m)
+            models[k] = m
         elif k == "hf":
             models[k] = build_hf(cfg, Transformer(cfg), args.hf_attn)
         else:
             raise SystemExit(f"unknown variant {k}")
     steps = {k: make_step(k, m, batch, modality, cfg.z_loss_weight, args.optim) for k, m in models.items()}
-    for s in steps.values():  # warm-up (allocator, oneDNN primitives, compilation)
-        time_steps(s, 2)
+    for s in steps.values():  # warm-up (allocator, heap layout, oneDNN primitives, compilation)
+        time_steps(s, 3)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(args.reps):
         order = list(steps) if rep % 2 == 0 else list(steps)[::-1]  # no variant always goes first
@@ -124,6 +145,8 @@ def main() -> None:
         "seq": args.seq,
         "threads": args.threads,
         "compile": args.compile,
+        "keep_freed_memory": keep_memory,
+        "native_kernels": native,
         "dtype": "fp32",
         "flops_per_token": fpt,  # causal attention counted over (T+1)/2 keys (see model/flops.py)
         "flops_per_token_palm": flops_per_token(cfg, args.seq, causal=False),  # every key counted
@@ -144,6 +167,8 @@ def main() -> None:
             "mfu": tokens / med * fpt / peak,  # median step vs the start-up peak
             "mfu_vs_max_probe": tokens / med * fpt / peak_max,
             "mfu_best_step": tokens / min(ts) * fpt / peak,
+            # each repetition against the probe taken right after it: slow drift of the machine cancels
+            "mfu_paired_median": statistics.median(tokens / t * fpt / p for t, p in zip(ts, peaks[1:])),
         }
     if "hf" in result:
         for k in times:

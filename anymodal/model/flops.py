@@ -42,7 +42,9 @@ def peak_flops(device_name: str, dtype: str = "bf16") -> float | None:
     return None
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, causal: bool = True) -> float:
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int, training: bool = True, causal: bool = True, keys: float | None = None
+) -> float:
     """Model FLOPs per token, for MFU.
 
     forward = 2·N + 4·L·K·(H·hd)
@@ -54,6 +56,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, causa
                  (T+1)/2 on average under a causal mask (causal=True, the work a causal kernel
                  must do), or all T keys (causal=False, the PaLM paper's convention, which counts
                  the masked half too and lets MFU pass 100% for a kernel that skips it).
+                 `keys` overrides K with a measured mean: for packed rows under document masking
+                 a token attends to (its position in its document + 1) keys, and counting the
+                 whole row would credit work that masking removes.
     training = 3 × forward (the backward pass costs two matmuls per forward matmul: grads of the
     inputs and of the weights); activation recomputation is not counted (it is not model work).
     """
@@ -61,7 +66,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True, causa
     attn = d * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * d  # wqkv + wo
     mlp = 3 * d * cfg.mlp_hidden  # w13 (gate, up) + w2
     n = cfg.n_layers * (attn + mlp) + d * cfg.vocab_size  # + output head
-    keys = (seq_len + 1) / 2 if causal else seq_len
+    if keys is None:
+        keys = (seq_len + 1) / 2 if causal else seq_len
     forward = 2 * n + 4 * cfg.n_layers * keys * cfg.n_heads * hd
     return float(3 * forward if training else forward)
 

@@ -13,8 +13,10 @@ is one complex multiply, for which the q/k head dimensions are stored in pair or
 i + hd/2 side by side) rather than HF's half order (attention scores and QK-Norm do not depend on
 the order of head dims; `hf.py` permutes the q/k rows when converting). On CPU in fp32, full-sequence
 passes use `blocked_attention` (causal attention from large GEMMs, hand-written backward) instead of
-SDPA's flash kernel, and RMSNorm / SwiGLU use hand-written backward passes with fewer memory passes.
-On GPU everything goes through SDPA and PyTorch's fused kernels.
+SDPA's flash kernel, and RMSNorm / SwiGLU use hand-written backward passes with fewer memory passes;
+where native kernels with the same math are registered in `cpu_kernels` (the trainer installs
+them from anymodal.kernels; this package never builds or loads code), attention (with QK-Norm and
+RoPE), SwiGLU and RMSNorm use those instead. On GPU everything goes through SDPA and PyTorch's fused kernels.
 
 Packed sequences: `doc_ids [B, T]` restricts attention to tokens of the same document and resets
 positions at each document start, so a packed row computes exactly what its documents would alone.
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import cpu_kernels
 from .config import ModelConfig
 from .kv_cache import KVCache
 
@@ -70,6 +73,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu":
+            if cpu_kernels.rms_norm is not None:
+                return cpu_kernels.rms_norm(x, self.weight, self.eps)
             return _RMSNormCPU.apply(x, self.weight, self.eps)
         # normalize in fp32, cast back, then scale (the order HF Chameleon/Llama use)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
@@ -130,10 +135,18 @@ class AttnMask(NamedTuple):
 
     mask: torch.Tensor | None  # bool [B or 1, 1, T, S] for SDPA (True = may attend), or None
     causal: bool  # SDPA is_causal (only with mask None and no cached keys)
-    blocked: bool  # use `blocked_attention` instead of SDPA
+    blocked: bool  # use `blocked_attention` (or the registered CPU kernel) instead of SDPA
     bias: (
         torch.Tensor | None
     )  # additive fp [B or 1, 1, T, T] (0 / -inf) for blocked_attention with doc/padding masks
+    kernel: bool = False  # cpu_kernels.attention runs instead of blocked_attention
+    key_start: torch.Tensor | None = None  # [B, T] first key of each query's document, for the kernel
+
+
+def doc_key_start(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] index of the first token of each token's document (doc_ids change at document starts)."""
+    b, t = doc_ids.shape
+    return torch.arange(t, device=doc_ids.device).expand(b, t) - positions_from_docs(doc_ids)
 
 
 ATTN_BLOCK = 128  # query rows per block in blocked_attention
@@ -237,6 +250,10 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         h, hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(b, t, h + 2 * hkv, hd)
+        if am.kernel:  # QK-Norm, RoPE and attention in one native op
+            w, bias = (self.qk_norm.weight, self.qk_norm.bias) if self.qk_norm is not None else (None, None)
+            y = cpu_kernels.attention(qkv, w, bias, rot, am.key_start, h, QK_NORM_EPS)  # [B, T, H·hd]
+            return self.wo(y)
         qk, v = qkv.split([h + hkv, hkv], dim=2)  # [B, T, H + Hkv, hd], [B, T, Hkv, hd]
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
@@ -284,7 +301,10 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(cfg.mlp_hidden, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(_SwiGLU.apply(self.w13(x)))  # w13 → [B, T, 2·hidden] → [B, T, hidden]
+        h = self.w13(x)  # [B, T, 2·hidden]
+        if cpu_kernels.swiglu is not None and h.device.type == "cpu" and h.dtype == torch.float32:
+            return self.w2(cpu_kernels.swiglu(h))  # [B, T, hidden] -> [B, T, D]
+        return self.w2(_SwiGLU.apply(h))
 
 
 class Block(nn.Module):
@@ -369,7 +389,6 @@ class Transformer(nn.Module):
                 positions = torch.arange(t, device=ids.device).expand(b, t)
             if cache is not None:
                 positions = positions + cache.next_pos[:, None]
-        mask, causal = self._attention_mask(b, t, past, doc_ids, attention_mask, cache)
         x = self.tok_emb(ids)  # [B, T, D]
         blocked = (  # CPU fp32 full-sequence passes of moderate size: matmul attention (see above)
             self.cfg.attention == "auto"
@@ -378,10 +397,16 @@ class Transformer(nn.Module):
             and x.dtype == torch.float32
             and b * self.cfg.n_heads * t * t <= BLOCKED_MAX_SCORES
         )
-        bias = None
-        if blocked and mask is not None:  # additive form, once for all layers
-            bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        am = AttnMask(mask, causal, blocked, bias)
+        if blocked and attention_mask is None and cpu_kernels.attention is not None:
+            # causal within each document: the kernel needs only where each query's document starts
+            key_start = doc_key_start(doc_ids) if doc_ids is not None else None
+            am = AttnMask(None, False, True, None, kernel=True, key_start=key_start)
+        else:
+            mask, causal = self._attention_mask(b, t, past, doc_ids, attention_mask, cache)
+            bias = None
+            if blocked and mask is not None:  # additive form, once for all layers
+                bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+            am = AttnMask(mask, causal, blocked, bias)
         rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [B, T, 1, hd/2]
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:

@@ -47,6 +47,7 @@ from .common import (
     rng_state,
     set_rng_state,
 )
+from .cpu_memory import keep_freed_memory
 
 
 @dataclass
@@ -401,6 +402,7 @@ def train(cfg: AudioTrainConfig, out: str | Path, resume: bool = False, progress
     out = Path(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # CPU activations reuse their pages step after step (see cpu_memory)
     ckpt = latest_checkpoint(out / "checkpoints") if resume else None
     if resume and ckpt is None:
         raise UserError(f"--resume given but {out / 'checkpoints'} holds no checkpoint")

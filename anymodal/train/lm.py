@@ -27,6 +27,7 @@ the same checkpoint folder, which rank 0 then renames into place).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -308,8 +309,10 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
     import torch.distributed as dist
 
     from ..data.packing import PackedLoader, TokenDataset
+    from ..kernels import install as install_kernels
     from ..model import MODALITY_NAMES, Transformer, flops_per_token, lm_loss
     from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from .cpu_memory import keep_freed_memory
     from .metrics import MetricsLog
     from .schedule import WarmupCosine
 
@@ -318,6 +321,10 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if not cuda:
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // _local_world()))
+        keep_freed_memory()  # reuse the last step's pages instead of faulting them in again
+        native = [name for name, on in install_kernels().items() if on]  # C passes where they build
+        if rank == 0:
+            print(f"[train] native CPU kernels: {', '.join(native) or 'none (PyTorch paths)'}", file=sys.stderr)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
 
     def barrier():
@@ -366,6 +373,9 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
         val_loader = PackedLoader(val, cfg.seq_len, cfg.micro_batch, rank, world, seed=cfg.seed,
                                   shuffle=False, loop=False, lookahead=cfg.lookahead)
 
+    # everything built so far lives for the whole run: keep it out of the cyclic GC's full passes,
+    # which otherwise walk the model, optimizer and loader state every few hundred steps
+    gc.freeze()
     step, skipped_total, tokens_seen, spent = 0, 0, 0, 0.0
     total = cfg.steps  # the last step: cfg.steps, or fewer when max_minutes cuts the run
     if ckpt is not None:
@@ -388,8 +398,8 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
         if rank == 0:
             print(f"[train] resumed from {ckpt[1]} (step {step})", file=sys.stderr)
 
-    # -- MFU: model FLOPs per token over the peak of the devices
-    fpt = flops_per_token(model_cfg, cfg.seq_len)
+    # -- MFU: model FLOPs per token over the peak of the devices. Attention is counted over the keys
+    # document masking leaves (position in its document + 1 per token, this rank's last batch).
     peak = _peak_flops(cfg, cuda, bf16, world, dist, device)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if ckpt else None, enabled=rank == 0)
@@ -425,6 +435,7 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
             lr = scheduler.get_last_lr()[0]  # the lr this step's update uses
             for _ in range(cfg.grad_accum):
                 batch = next(loader)
+                mean_keys = float(batch["positions"].float().mean()) + 1.0
                 ids = batch["ids"].to(device, non_blocking=True)  # [B, T]
                 labels = batch["labels"].to(device, non_blocking=True)  # [B, T]
                 logits = engine(ids, positions=batch["positions"].to(device), doc_ids=batch["doc_ids"].to(device))
@@ -470,7 +481,8 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
                 gn = engine.get_global_grad_norm()
                 rec = {"step": step, "loss": ce, "z_loss": float(acc[1]) / (cfg.grad_accum * world),
                        "lr": lr, "grad_norm": None if gn is None else float(gn),
-                       "tokens_per_s": tps, "mfu": tps * fpt / peak if peak else None,
+                       "tokens_per_s": tps,
+                       "mfu": tps * flops_per_token(model_cfg, cfg.seq_len, keys=mean_keys) / peak if peak else None,
                        "step_time": dt, "tokens_seen": tokens_seen, "epoch": loader.epoch,
                        "skipped": bool(skipped), "skipped_total": skipped_total}
                 for i, m in enumerate(MODALITY_NAMES):

@@ -1,0 +1,306 @@
+/* Causal softmax attention for training on the CPU, fp32: forward and backward.
+
+   Why native code: at the demo preset (4 heads of 64, T = 512-1536) attention is ~12-30% of the
+   model FLOPs, and in PyTorch it ran at about half the matmul rate: `bmm` over B*H small matrices
+   splits every 128x64 @ 64x512 product across the threads, and the masks, softmax, copies and
+   transposes around it are separate passes over memory. Here each OpenMP thread takes whole
+   (batch, kv-head) slices and runs the sgemm calls of those slices single-threaded, on data that
+   stays in its core's cache; softmax, masking and the softmax backward are loops on the same
+   blocks. Query rows go in blocks of `bs`; block i multiplies only the keys it can see, so causal
+   attention costs (n+1)/2n of the full T^2 work for n blocks, and keys before every row's
+   `key_start` (packed documents) are skipped altogether.
+
+   Layouts (row-major, the ones the model's projections produce, so nothing is copied). Every
+   [B, T, heads, hd] buffer is given by its pointer and its row stride ld (floats from one time step
+   to the next; the batch stride is T * ld), so views into the fused q|k|v buffer work directly:
+     qk   [B, T, H + Hkv, hd]  post-RoPE q heads then k heads
+     v    [B, T, Hkv, hd]
+     y    [B, T, H * hd]       output (forward), dy its gradient (backward), contiguous
+     key_start [B, T] int32    first key each query may attend (its document start), or NULL (0)
+     probs: for every (b, h), the softmax of each query block i, rows x (keys 0 .. end of block)
+            stored densely (row stride = block end); entries outside a row's [key_start, row] are 0.
+   Query head h uses kv head h / (H / Hkv) (grouped-query attention, Chameleon's repeat_interleave).
+
+   sgemm is the BLAS (Fortran-interface) sgemm linked into PyTorch, MKL in the x86 wheels (passed
+   in as a pointer by anymodal/kernels/attention.py). Called inside an OpenMP parallel region it runs on the calling
+   thread only. Results do not depend on the number of threads: every slice is summed in one order. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*sgemm_fn)(const char *ta, const char *tb, const int *m, const int *n, const int *k,
+                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                         const float *beta, float *c, const int *ldc);
+static const char NO_TRANS = 'N', TRANS = 'T';
+
+/* Row-major C[m, n] = alpha * op(A) @ op(B) + beta * C through the column-major BLAS: the same
+   product is C^T = op(B)^T @ op(A)^T, and a row-major matrix read column-major is its transpose. */
+static void gemm(sgemm_fn f, char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                 int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+  const int M = m, N = n, K = k, LDA = lda, LDB = ldb, LDC = ldc;
+  f(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
+}
+
+/* exp(x) for x <= 0 (x - rowmax), ~2e-7 relative error; written so that gcc vectorizes the loops
+   that call it (no libm call): 2^(x log2 e) = 2^n * e^(f ln 2) with |f| <= 1/2, Taylor to degree 7. */
+static inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = floorf(t + 0.5f);
+  const float g = (t - n) * 0.69314718055994531f;
+  float p = 1.0f / 5040.0f;
+  p = p * g + 1.0f / 720.0f;
+  p = p * g + 1.0f / 120.0f;
+  p = p * g + 1.0f / 24.0f;
+  p = p * g + 1.0f / 6.0f;
+  p = p * g + 0.5f;
+  p = p * g + 1.0f;
+  p = p * g + 1.0f;
+  union { int32_t i; float f; } s;
+  s.i = ((int32_t)n + 127) << 23;
+  return p * s.f;
+}
+
+/* Row softmax in place over columns [lo, hi) of `row`; columns [0, lo) and [hi, width) are zeroed.
+   Kept out of line: inlined into the OpenMP loop body, gcc ran its scalar version (4x slower). */
+__attribute__((noinline)) static void softmax_row(float *restrict row, int64_t lo, int64_t hi, int64_t width) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = lo; j < hi; ++j) m = row[j] > m ? row[j] : m;
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = lo; j < hi; ++j) {
+    const float e = exp_nonpos(row[j] - m);
+    row[j] = e;
+    s += e;
+  }
+  const float r = 1.0f / s;
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) row[j] *= r;
+  if (lo > 0) memset(row, 0, (size_t)lo * sizeof(float));
+  if (hi < width) memset(row + hi, 0, (size_t)(width - hi) * sizeof(float));
+}
+
+/* Softmax backward of one row in place: d = p * (d - sum(p * d)) over n columns. Out of line, as above. */
+__attribute__((noinline)) static void softmax_backward_row(const float *restrict p, float *restrict d, int64_t n) {
+  float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < n; ++j) dot += p[j] * d[j];
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) d[j] = p[j] * (d[j] - dot);
+}
+
+/* Offset of block i's probabilities inside one (b, h) slice, and the slice's size. */
+static int64_t block_offset(int64_t i, int64_t bs, int64_t T) {
+  int64_t off = 0;
+  for (int64_t j = 0; j < i; ++j) {
+    const int64_t r0 = j * bs, r1 = r0 + bs < T ? r0 + bs : T;
+    off += (r1 - r0) * r1;
+  }
+  return off;
+}
+
+int64_t am_attn_probs_per_head(int64_t T, int64_t bs) { return block_offset((T + bs - 1) / bs, bs, T); }
+
+/* First key any row of block [r0, r1) may see. */
+static int64_t block_key_start(const int32_t *ks, int64_t r0, int64_t r1) {
+  if (!ks) return 0;
+  int64_t lo = r1;
+  for (int64_t r = r0; r < r1; ++r) lo = ks[r] < lo ? ks[r] : lo;
+  return lo;
+}
+
+int am_attn_forward(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, int64_t bs, float scale,
+                    const float *qk, int64_t ldqk, const float *v, int64_t ldv, const int32_t *key_start,
+                    float *y, float *probs, void *gemm_ptr) {
+  sgemm_fn blas = (sgemm_fn)gemm_ptr;
+  const int64_t g = H / Hkv, ldy = H * hd;
+  const int64_t nblk = (T + bs - 1) / bs, per_head = am_attn_probs_per_head(T, bs);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < B * H; ++task) {
+    const int64_t b = task / H, h = task % H, kvh = h / g;
+    const float *q = qk + b * T * ldqk + h * hd, *k = qk + b * T * ldqk + (H + kvh) * hd;
+    const float *vb = v + b * T * ldv + kvh * hd;
+    const int32_t *ks = key_start ? key_start + b * T : NULL;
+    float *pb = probs + task * per_head;
+    for (int64_t i = 0; i < nblk; ++i) {
+      const int64_t r0 = i * bs, r1 = r0 + bs < T ? r0 + bs : T, rb = r1 - r0;
+      const int64_t k0 = block_key_start(ks, r0, r1);
+      float *p = pb + block_offset(i, bs, T);  // [rb, r1]
+      // scores of the visible keys: p[:, k0:r1] = scale * q[r0:r1] @ k[k0:r1]^T
+      gemm(blas, NO_TRANS, TRANS, rb, (r1 - k0), hd, scale, q + r0 * ldqk, ldqk,
+           k + k0 * ldqk, ldqk, 0.f, p + k0, r1);
+      for (int64_t r = 0; r < rb; ++r) {
+        const int64_t lo = ks ? ks[r0 + r] : 0;
+        softmax_row(p + r * r1, lo, r0 + r + 1, r1);
+      }
+      // y[r0:r1, h] = p[:, k0:r1] @ v[k0:r1]
+      gemm(blas, NO_TRANS, NO_TRANS, rb, hd, (r1 - k0), 1.f, p + k0, r1,
+           vb + k0 * ldv, ldv, 0.f, y + b * T * ldy + r0 * ldy + h * hd, ldy);
+    }
+  }
+  return 0;
+}
+
+int am_attn_backward(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, int64_t bs, float scale,
+                     const float *qk, int64_t ldqk, const float *v, int64_t ldv, const int32_t *key_start,
+                     const float *probs, const float *dy, float *dqk, int64_t lddqk, float *dv, int64_t lddv,
+                     void *gemm_ptr) {
+  sgemm_fn blas = (sgemm_fn)gemm_ptr;
+  const int64_t g = H / Hkv, ldy = H * hd;
+  const int64_t nblk = (T + bs - 1) / bs, per_head = am_attn_probs_per_head(T, bs);
+  int failed = 0;
+  // one task per (b, kv head): its q heads all add into the same dk/dv rows, in a fixed order
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < B * Hkv; ++task) {
+    const int64_t b = task / Hkv, kvh = task % Hkv;
+    float *ds = malloc((size_t)(bs * T) * sizeof(float));  // d scores of one block [rb, r1 - k0]
+    if (!ds) {
+#pragma omp atomic write
+      failed = 1;
+      continue;
+    }
+    const float *k = qk + b * T * ldqk + (H + kvh) * hd, *vb = v + b * T * ldv + kvh * hd;
+    float *dk = dqk + b * T * lddqk + (H + kvh) * hd, *dvb = dv + b * T * lddv + kvh * hd;
+    const int32_t *ks = key_start ? key_start + b * T : NULL;
+    for (int64_t t = 0; t < T; ++t) {
+      memset(dk + t * lddqk, 0, (size_t)hd * sizeof(float));
+      memset(dvb + t * lddv, 0, (size_t)hd * sizeof(float));
+    }
+    for (int64_t h = kvh * g; h < (kvh + 1) * g; ++h) {
+      const float *q = qk + b * T * ldqk + h * hd, *pb = probs + (b * H + h) * per_head;
+      float *dq = dqk + b * T * lddqk + h * hd;
+      const float *dyb = dy + b * T * ldy + h * hd;
+      for (int64_t i = nblk - 1; i >= 0; --i) {
+        const int64_t r0 = i * bs, r1 = r0 + bs < T ? r0 + bs : T, rb = r1 - r0;
+        const int64_t k0 = block_key_start(ks, r0, r1), w = r1 - k0;
+        const float *p = pb + block_offset(i, bs, T) + k0;  // [rb, w], row stride r1
+        // dp = dy[r0:r1] @ v[k0:r1]^T
+        gemm(blas, NO_TRANS, TRANS, rb, w, hd, 1.f, dyb + r0 * ldy, ldy,
+             vb + k0 * ldv, ldv, 0.f, ds, w);
+        // ds = p * (dp - sum(p * dp)) (softmax backward; masked entries have p = 0)
+        for (int64_t r = 0; r < rb; ++r) softmax_backward_row(p + r * r1, ds + r * w, w);
+        // dq[r0:r1] = scale * ds @ k[k0:r1];  dk[k0:r1] += scale * ds^T @ q[r0:r1];
+        // dv[k0:r1] += p^T @ dy[r0:r1]
+        gemm(blas, NO_TRANS, NO_TRANS, rb, hd, w, scale, ds, w, k + k0 * ldqk,
+             ldqk, 0.f, dq + r0 * lddqk, lddqk);
+        gemm(blas, TRANS, NO_TRANS, w, hd, rb, scale, ds, w, q + r0 * ldqk,
+             ldqk, 1.f, dk + k0 * lddqk, lddqk);
+        gemm(blas, TRANS, NO_TRANS, w, hd, rb, 1.f, p, r1, dyb + r0 * ldy,
+             ldy, 1.f, dvb + k0 * lddv, lddv);
+      }
+    }
+    free(ds);
+  }
+  return failed;
+}
+
+/* ---- QK-Norm and RoPE, the passes between the q|k|v projection and attention -------------------
+
+   Per (b, t) and per q or k head (nh = H + Hkv of them) of x (row stride ldx, the fused q|k|v
+   projection output): LayerNorm over hd (biased variance, eps), the head's affine (w, bias
+   [nh, hd]; w NULL = no QK-Norm), then RoPE on (x[2i], x[2i+1]) pairs with rot [B, T, hd/2, 2]
+   = (cos, sin) of each token's angle. out is contiguous [B, T, nh, hd]; mean and rstd [B, T, nh]
+   are kept for backward. */
+
+__attribute__((noinline)) static void norm_rope_row(const float *restrict x, const float *restrict w,
+                                                    const float *restrict bias, const float *restrict rot,
+                                                    float *restrict out, int64_t hd, float eps,
+                                                    float *mean_out, float *rstd_out) {
+  float n[hd];
+  if (w) {
+    float mu = 0.f, var = 0.f;
+#pragma omp simd reduction(+ : mu)
+    for (int64_t j = 0; j < hd; ++j) mu += x[j];
+    mu /= (float)hd;
+#pragma omp simd reduction(+ : var)
+    for (int64_t j = 0; j < hd; ++j) var += (x[j] - mu) * (x[j] - mu);
+    const float rstd = 1.0f / sqrtf(var / (float)hd + eps);
+#pragma omp simd
+    for (int64_t j = 0; j < hd; ++j) n[j] = (x[j] - mu) * rstd * w[j] + bias[j];
+    *mean_out = mu;
+    *rstd_out = rstd;
+  } else {
+    memcpy(n, x, (size_t)hd * sizeof(float));
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < hd / 2; ++i) {
+    const float c = rot[2 * i], s = rot[2 * i + 1], a = n[2 * i], b = n[2 * i + 1];
+    out[2 * i] = a * c - b * s;
+    out[2 * i + 1] = a * s + b * c;
+  }
+}
+
+void am_qk_norm_rope_forward(int64_t B, int64_t T, int64_t nh, int64_t hd, const float *x, int64_t ldx,
+                             const float *w, const float *bias, float eps, const float *rot, float *out,
+                             float *mean, float *rstd) {
+#pragma omp parallel for schedule(static)
+  for (int64_t bt = 0; bt < B * T; ++bt)
+    for (int64_t h = 0; h < nh; ++h) {
+      float m = 0.f, r = 0.f;
+      norm_rope_row(x + bt * ldx + h * hd, w ? w + h * hd : NULL, w ? bias + h * hd : NULL,
+                    rot + bt * hd, out + (bt * nh + h) * hd, hd, eps, &m, &r);
+      if (w) {
+        mean[bt * nh + h] = m;
+        rstd[bt * nh + h] = r;
+      }
+    }
+}
+
+/* d (row stride ldd) holds d out on entry and d x on return. With QK-Norm, the weight and bias
+   gradients of every `chunk` consecutive (b, t) rows are summed into dw_part / db_part
+   [n_chunks, nh, hd] (fixed chunks: the result does not depend on the thread count). */
+__attribute__((noinline)) static void norm_rope_backward_row(const float *restrict x, const float *restrict w,
+                                                             const float *restrict rot, float *restrict d,
+                                                             int64_t hd, float mu, float rstd,
+                                                             float *restrict dw, float *restrict db) {
+  float dn[hd];
+#pragma omp simd
+  for (int64_t i = 0; i < hd / 2; ++i) {  // rotate back by -angle
+    const float c = rot[2 * i], s = rot[2 * i + 1], a = d[2 * i], b = d[2 * i + 1];
+    dn[2 * i] = a * c + b * s;
+    dn[2 * i + 1] = b * c - a * s;
+  }
+  if (!w) {
+    memcpy(d, dn, (size_t)hd * sizeof(float));
+    return;
+  }
+  float s1 = 0.f, s2 = 0.f;  // mean(dxhat), mean(dxhat * xhat)
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t j = 0; j < hd; ++j) {
+    const float xh = (x[j] - mu) * rstd, dxh = dn[j] * w[j];
+    dw[j] += dn[j] * xh;
+    db[j] += dn[j];
+    s1 += dxh;
+    s2 += dxh * xh;
+  }
+  s1 /= (float)hd;
+  s2 /= (float)hd;
+#pragma omp simd
+  for (int64_t j = 0; j < hd; ++j) {
+    const float xh = (x[j] - mu) * rstd;
+    d[j] = rstd * (dn[j] * w[j] - s1 - xh * s2);
+  }
+}
+
+void am_qk_norm_rope_backward(int64_t B, int64_t T, int64_t nh, int64_t hd, const float *x, int64_t ldx,
+                              const float *w, const float *rot, const float *mean, const float *rstd,
+                              float *d, int64_t ldd, int64_t chunk, float *dw_part, float *db_part) {
+  const int64_t n = B * T, n_chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    float *dw = w ? dw_part + c * nh * hd : NULL, *db = w ? db_part + c * nh * hd : NULL;
+    if (w) {
+      memset(dw, 0, (size_t)(nh * hd) * sizeof(float));
+      memset(db, 0, (size_t)(nh * hd) * sizeof(float));
+    }
+    const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+    for (int64_t bt = c * chunk; bt < end; ++bt)
+      for (int64_t h = 0; h < nh; ++h)
+        norm_rope_backward_row(x + bt * ldx + h * hd, w ? w + h * hd : NULL, rot + bt * hd,
+                               d + bt * ldd + h * hd, hd, w ? mean[bt * nh + h] : 0.f,
+                               w ? rstd[bt * nh + h] : 0.f, w ? dw + h * hd : NULL, w ? db + h * hd : NULL);
+  }
+}
