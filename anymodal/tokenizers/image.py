@@ -48,6 +48,13 @@ class ImageModelConfig:
     attention: bool = False  # one self-attention block at the lowest resolution (each side)
     z_channels: int = 64  # width of the latent fed to the quantizer
     norm_groups: int = 8
+    # Full-resolution refinement: the sub-pixel output also paints `refine_channels` feature maps,
+    # and two 3x3 convs at full resolution (`refine_hidden` wide) add a residual to the RGB. Without
+    # it every output pixel is a linear function of low-resolution features; the per-pixel
+    # nonlinearity lets the decoder AND a horizontal and a vertical edge into a sharp corner.
+    # 0 = off (and no extra weights).
+    refine_channels: int = 0
+    refine_hidden: int = 16
     image_mode: str = "resize"  # how odd-sized inputs are fitted: resize | letterbox
 
     def __post_init__(self) -> None:
@@ -63,6 +70,8 @@ class ImageModelConfig:
                 f"model.channels needs {want} entries for downsample {self.downsample} with patch_size "
                 f"{self.patch_size}, got {len(self.channels)}"
             )
+        if self.refine_channels < 0 or self.refine_hidden < 1:
+            raise ConfigError("model.refine_channels must be >= 0 and model.refine_hidden >= 1")
         if self.resolution % self.downsample:
             raise ConfigError(f"model.resolution {self.resolution} is not a multiple of downsample {self.downsample}")
         for c in list(self.channels) + [self.z_channels]:
@@ -83,9 +92,17 @@ class ImageQuantizerConfig:
     commitment_weight: float = 0.25
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
     lfq_entropy_weight: float = 0.1
+    # fsq: weight of a code-spreading term, 1 - H(batch code distribution) / log(codebook size),
+    # with each latent softly assigned to the levels near it (temperature fsq_entropy_temp, in level
+    # units). FSQ has no dead codes to re-seed; without this the encoder settles on a few hundred
+    # codes and leaves the rest of the grid unused.
+    fsq_entropy_weight: float = 0.0
+    fsq_entropy_temp: float = 0.5
 
     def __post_init__(self) -> None:
         check_choice("quantizer.kind", self.kind, ("vq", "fsq", "lfq"))
+        if self.fsq_entropy_weight < 0 or self.fsq_entropy_temp <= 0:
+            raise ConfigError("quantizer.fsq_entropy_weight must be >= 0 and fsq_entropy_temp > 0")
         if self.kind == "lfq" and (self.codebook_size & (self.codebook_size - 1)):
             raise ConfigError(f"quantizer.codebook_size must be a power of 2 for lfq, got {self.codebook_size}")
         if self.codebook_size < 2:
@@ -137,10 +154,12 @@ class ImageTrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     colour_aug: float = 0.0  # share of training images whose RGB channels are randomly permuted
+    colour_mix: float = 0.0  # share recoloured by a random ink-mixing matrix (train/image_tokenizer.mix_colours)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.colour_aug <= 1.0:
-            raise ConfigError(f"train.colour_aug must lie in [0, 1], got {self.colour_aug}")
+        for name in ("colour_aug", "colour_mix"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} must lie in [0, 1], got {getattr(self, name)}")
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
 
 
@@ -148,7 +167,8 @@ class ImageTrainConfig:
 class ImageDataConfig:
     train_shards: list[str] = field(default_factory=list)  # empty = the demo world, generated into OUT/world
     val_shards: list[str] = field(default_factory=list)
-    world_docs: int = 3000  # documents per generated demo-world train split (val gets a fifth)
+    world_docs: int = 3000  # documents per generated demo-world train split
+    val_docs: int = 0  # documents of its val split; 0 = a fifth of world_docs (at least 64)
     world_seed: int = 0
     in_memory: bool = True  # decode all images once into RAM (small corpora); else stream the shards
     max_images: int = 0  # cap on images read into memory; 0 = all
@@ -248,13 +268,56 @@ class Decoder(nn.Module):
                 layers += [nn.Conv2d(c, ch[i - 1], 1), nn.Upsample(scale_factor=2, mode="nearest"),
                            nn.Conv2d(ch[i - 1], ch[i - 1], 3, padding=1)]
                 c = ch[i - 1]
-        layers += [_norm(c, g), nn.SiLU(), nn.Conv2d(c, 3 * p * p, 3, padding=1)]
+        out = 3 + cfg.refine_channels
+        layers += [_norm(c, g), nn.SiLU(), nn.Conv2d(c, out * p * p, 3, padding=1)]
         if p > 1:
             layers.append(nn.PixelShuffle(p))  # sub-pixel output: each position paints a p x p patch
         self.net = nn.Sequential(*layers)
+        self.refine = None
+        if cfg.refine_channels:
+            self.refine = nn.Sequential(
+                nn.SiLU(), nn.Conv2d(out, cfg.refine_hidden, 3, padding=1),
+                nn.SiLU(), nn.Conv2d(cfg.refine_hidden, 3, 3, padding=1),
+            )
+            nn.init.zeros_(self.refine[-1].weight)  # starts as the plain sub-pixel decoder
+            nn.init.zeros_(self.refine[-1].bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)  # [B, Cz, h, w] -> [B, 3, H, W] in about [-1, 1]
+        y = self.net(z)  # [B, 3 + refine_channels, H, W]
+        if self.refine is None:
+            return y  # [B, 3, H, W] in about [-1, 1]
+        return y[:, :3] + self.refine(y)  # [B, 3, H, W]
+
+
+def fsq_batch_entropy(fsq: nn.Module, z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of the batch's soft code distribution under an FSQ, divided by log(codebook size).
+
+    z [B, Cz, h, w] (the quantizer's input). Each latent dimension is bounded exactly as FSQ does
+    before rounding, then softly assigned to its levels (softmax of -distance^2 / temperature); a
+    latent's code distribution is the outer product over dimensions, and the batch's is its mean.
+    Large codebooks (where [N, K] would not fit comfortably) use the mean of the per-dimension
+    marginal entropies instead. Returns a scalar in [0, 1]."""
+    levels = fsq._levels  # [d] int
+    u = fsq.project_in(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())  # [N, d]
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    pos = torch.tanh(u + torch.atanh(offset / half_l)) * half_l - offset + levels // 2  # [N, d] in [0, L-1]
+    probs = []
+    for d, n_levels in enumerate(levels.tolist()):
+        grid = torch.arange(n_levels, device=z.device, dtype=pos.dtype)  # [L]
+        probs.append(torch.softmax(-(pos[:, d, None] - grid) ** 2 / temperature, dim=-1))  # [N, L]
+    n, k = pos.shape[0], int(levels.prod())
+    if n * k <= 1 << 24:
+        joint = probs[0]
+        for p in probs[1:]:
+            joint = (joint[:, :, None] * p[:, None, :]).reshape(n, -1)  # [N, prod of levels so far]
+        dists = [joint.mean(0)]  # [K]
+        norm = math.log(k)
+    else:
+        dists = [p.mean(0) for p in probs]
+        norm = sum(math.log(n_l) for n_l in levels.tolist())
+    entropy = sum(-(p * p.clamp_min(1e-12).log()).sum() for p in dists)
+    return entropy / norm
 
 
 def build_quantizer(cfg: ImageQuantizerConfig, dim: int) -> nn.Module:
@@ -323,6 +386,9 @@ class ImageTokenizer(nn.Module):
         elif kind == "fsq":
             q, ids = self.quantizer(z)
             aux = z.new_zeros(())
+            w = self.cfg.quantizer.fsq_entropy_weight
+            if w > 0 and self.training and torch.is_grad_enabled():
+                aux = w * (1.0 - fsq_batch_entropy(self.quantizer, z, self.cfg.quantizer.fsq_entropy_temp))
         else:
             q, ids, aux = self.quantizer(z)
         return q, ids.long(), aux.sum()

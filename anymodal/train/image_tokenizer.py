@@ -38,6 +38,7 @@ from ..errors import UserError
 from ..tokenizers.image import ImageTokenizer, ImageTokenizerConfig, load_image_config
 from ..tokenizers.image_losses import ImageLoss, hinge_d_loss, ssim
 from .common import BudgetBar, atomic_torch_save, keep_last, latest_checkpoint, rng_state, set_rng_state
+from .cpu_memory import keep_freed_memory
 
 # ----------------------------------------------------------------------------------------------
 # process group
@@ -75,7 +76,7 @@ def _world_shards(out: Path, cfg: ImageTokenizerConfig, rank: int) -> tuple[str,
 
     d = cfg.data
     root = out / "world"
-    for split, docs in (("train", d.world_docs), ("val", max(64, d.world_docs // 5))):
+    for split, docs in (("train", d.world_docs), ("val", d.val_docs or max(64, d.world_docs // 5))):
         if rank == 0 and not (root / split / f"{split}.json").is_file():
             generate_world(root / split, split=split, docs=docs, seed=d.world_seed, audio=False, progress=False)
         _barrier()
@@ -176,6 +177,31 @@ def permute_colours(batch: torch.Tensor, share: float, seed: int, step: int) -> 
     return batch.gather(-1, perms[:, None, None, :].expand_as(batch))  # [B, R, R, 3]
 
 
+def mix_colours(batch: torch.Tensor, share: float, seed: int, step: int) -> torch.Tensor:
+    """Recolour a random `share` of a uint8 batch [B, R, R, 3] by a random ink-mixing matrix.
+
+    In "ink" space (255 - pixel, white = 0) each picked image gets ink' = M ink with M a random
+    row-stochastic 3x3 matrix (a channel permutation blended with random mixing weights), so
+    white stays white, every ink stays in range and any shape can come in (nearly) any colour.
+    Channel permutation alone only reaches six fixed recolourings of each palette colour; the
+    demo world's val-only pairs (a purple triangle) were still drawn in the nearest train colour.
+    Depends only on (seed, step), so a resumed run sees the same batches."""
+    if share <= 0:
+        return batch
+    b = len(batch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + 29)
+    pick = torch.rand(b, generator=g) < share  # [B]
+    perm = torch.eye(3)[torch.stack([torch.randperm(3, generator=g) for _ in range(b)])]  # [B, 3, 3]
+    e = -torch.log(torch.rand(b, 3, 3, generator=g).clamp_min(1e-12))
+    mix = e / e.sum(-1, keepdim=True)  # rows: Dirichlet(1, 1, 1)
+    alpha = torch.rand(b, 1, 1, generator=g)
+    m = (1 - alpha) * perm + alpha * mix  # [B, 3, 3], rows sum to 1
+    m[~pick] = torch.eye(3)
+    ink = 255.0 - batch.float()  # [B, R, R, 3]
+    out = 255.0 - torch.einsum("bhwc,bdc->bhwd", ink, m)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def to_model_space(batch: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
     """uint8 [B, R, R, 3] -> float [B, 3, R, R] in [-1, 1]."""
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -263,6 +289,8 @@ def train(cfg: ImageTokenizerConfig, out: str | Path, resume: bool = False, perc
     rank, world, device = _setup_distributed(t.device)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(t.seed + rank)
     np.random.seed((t.seed + rank) % 2**32)
     if rank == 0:
@@ -348,7 +376,8 @@ def train(cfg: ImageTokenizerConfig, out: str | Path, resume: bool = False, perc
         lr_f = _lr_factor(frac, step, t.warmup_steps, t.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = t.lr * lr_f
-        x = to_model_space(permute_colours(batches.get(step), t.colour_aug, t.seed, step), device, t.channels_last)  # [B, 3, R, R]
+        raw = mix_colours(permute_colours(batches.get(step), t.colour_aug, t.seed, step), t.colour_mix, t.seed, step)
+        x = to_model_space(raw, device, t.channels_last)  # [B, 3, R, R]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             rec, ids, aux = model(x)
         rec = rec.float()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from anymodal.cli import main as cli
 from anymodal.config import load_config
-from anymodal.errors import UserError
+from anymodal.errors import ConfigError, UserError
 from anymodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, read_ids_json
 from anymodal.tokenizers.image_losses import ImageLoss, PatchDiscriminator, corner_mask, edge_mask, ssim
 from anymodal.train.image_tokenizer import evaluate, train
@@ -253,3 +253,104 @@ def test_two_process_gloo_training(world, tmp_path):
         "step_00000006.pt", "step_00000012.pt"]
     tok = ImageTokenizer.load(tmp_path / "run")
     assert tok.encode(torch.rand(1, 3, 32, 32)).shape == (1, 4, 4)
+
+def test_refine_starts_as_the_plain_decoder_then_learns(tmp_path):
+    torch.manual_seed(0)
+    tok = ImageTokenizer(tiny_cfg(model={"refine_channels": 4, "refine_hidden": 8}))
+    dec = tok.decoder
+    assert dec.net[-1].__class__.__name__ == "PixelShuffle"
+    z = torch.randn(2, 16, 4, 4)
+    y = dec.net(z)  # [B, 3 + 4, 32, 32]: RGB plus the feature maps carried to full resolution
+    assert y.shape == (2, 7, 32, 32)
+    torch.testing.assert_close(dec(z), y[:, :3])  # zero-initialised residual: exactly the RGB part
+
+    # one optimiser step moves the residual off zero and changes the output per pixel
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    opt = torch.optim.SGD(tok.parameters(), lr=0.1)
+    rec, _, aux = tok(x)
+    ((rec - x).abs().mean() + aux).backward()
+    assert dec.refine[-1].weight.grad is not None and float(dec.refine[-1].weight.grad.abs().sum()) > 0
+    opt.step()
+    assert float((dec(z) - dec.net(z)[:, :3]).abs().max()) > 0
+
+    # save/load keeps the stage, and decode(encode(x)) is the eval forward
+    tok.eval()
+    tok.save(tmp_path)
+    back = ImageTokenizer.load(tmp_path)
+    img = (x + 1) / 2
+    ids = tok.encode(img)
+    assert torch.equal(back.encode(img), ids)
+    with torch.no_grad():
+        rec, ids2, _ = tok(x)
+    assert torch.equal(ids, ids2)
+    torch.testing.assert_close(back.decode(ids), ((rec + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_refine_off_adds_no_weights_and_bad_values_are_refused():
+    plain = ImageTokenizer(tiny_cfg())
+    assert plain.decoder.refine is None
+    assert not any("refine" in k for k in plain.state_dict())
+    with pytest.raises(ConfigError):
+        tiny_cfg(model={"refine_channels": -1})
+
+
+def test_fsq_batch_entropy_matches_hard_codes_and_spreads_them():
+    from vector_quantize_pytorch import FSQ
+
+    from anymodal.tokenizers.image import fsq_batch_entropy
+
+    torch.manual_seed(0)
+    fsq = FSQ(levels=[4, 4, 3], dim=6, channel_first=True)
+    z = torch.randn(8, 6, 4, 4) * 2
+    _, ids = fsq(z)
+    counts = torch.bincount(ids.flatten(), minlength=48).float()
+    p = counts[counts > 0] / counts.sum()
+    hard = float(-(p * p.log()).sum() / np.log(48))
+    # a cold soft assignment is the hard code histogram; a warm one is more spread
+    assert abs(float(fsq_batch_entropy(fsq, z, 1e-3)) - hard) < 1e-3
+    assert float(fsq_batch_entropy(fsq, z, 1.0)) > hard
+    # the large-codebook fallback (per-dimension marginals) stays a normalised entropy
+    # (32,768 codes x 2,048 latents is past the joint table's budget; FSQ itself keeps an implicit
+    # codebook of every code, so far larger level sets cannot be built in a test)
+    big = FSQ(levels=[8, 8, 8, 8, 8], dim=5, channel_first=True)
+    e = float(fsq_batch_entropy(big, torch.randn(8, 5, 16, 16), 0.5))
+    assert 0 < e <= 1
+
+    # collapsed latents: maximising the term alone spreads them over more codes
+    z = (torch.randn(4, 6, 4, 4) * 0.01).requires_grad_()
+    used_before = fsq(z)[1].unique().numel()
+    opt = torch.optim.Adam([z], lr=0.1)
+    for _ in range(60):
+        loss = 1 - fsq_batch_entropy(fsq, z, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fsq(z)[1].unique().numel() >= used_before + 10
+
+
+def test_fsq_entropy_weight_enters_the_training_loss_only():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(quantizer={"kind": "fsq", "fsq_levels": [4, 4, 4], "fsq_entropy_weight": 0.5})
+    tok = ImageTokenizer(cfg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    _, _, aux = tok(x)
+    assert 0 < float(aux) <= 0.5 and aux.requires_grad
+    tok.eval()
+    with torch.no_grad():
+        assert float(tok(x)[2]) == 0.0
+    with pytest.raises(ConfigError):
+        tiny_cfg(quantizer={"kind": "fsq", "fsq_entropy_temp": 0.0})
+
+
+def test_generated_world_sizes_follow_world_and_val_docs(tmp_path):
+    from anymodal.train.image_tokenizer import _world_shards
+
+    cfg = tiny_cfg(data={"world_docs": 12, "val_docs": 7})
+    train_glob, val_glob = _world_shards(tmp_path, cfg, rank=0)
+    assert train_glob.endswith("train/*.tar") and val_glob.endswith("val/*.tar")
+    assert json.loads((tmp_path / "world" / "train" / "train.json").read_text())["docs"] == 12
+    assert json.loads((tmp_path / "world" / "val" / "val.json").read_text())["docs"] == 7
+    # val_docs 0: a fifth of world_docs, at least 64
+    cfg = tiny_cfg(data={"world_docs": 12})
+    _world_shards(tmp_path / "b", cfg, rank=0)
+    assert json.loads((tmp_path / "b" / "world" / "val" / "val.json").read_text())["docs"] == 64
