@@ -98,11 +98,16 @@ class ImageQuantizerConfig:
     # codes and leaves the rest of the grid unused.
     fsq_entropy_weight: float = 0.0
     fsq_entropy_temp: float = 0.5
+    # fsq: weight of the mean per-latent entropy of those soft assignments (MAGVIT-v2's confidence
+    # term). The batch term alone is also raised by latents parked between levels, which spreads
+    # nothing and blurs the decode; this one makes each latent commit to one level.
+    fsq_sample_entropy_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("quantizer.kind", self.kind, ("vq", "fsq", "lfq"))
-        if self.fsq_entropy_weight < 0 or self.fsq_entropy_temp <= 0:
-            raise ConfigError("quantizer.fsq_entropy_weight must be >= 0 and fsq_entropy_temp > 0")
+        if self.fsq_entropy_weight < 0 or self.fsq_sample_entropy_weight < 0 or self.fsq_entropy_temp <= 0:
+            raise ConfigError("quantizer.fsq_entropy_weight and fsq_sample_entropy_weight must be >= 0, "
+                              "fsq_entropy_temp > 0")
         if self.kind == "lfq" and (self.codebook_size & (self.codebook_size - 1)):
             raise ConfigError(f"quantizer.codebook_size must be a power of 2 for lfq, got {self.codebook_size}")
         if self.codebook_size < 2:
@@ -289,14 +294,17 @@ class Decoder(nn.Module):
         return y[:, :3] + self.refine(y)  # [B, 3, H, W]
 
 
-def fsq_batch_entropy(fsq: nn.Module, z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of the batch's soft code distribution under an FSQ, divided by log(codebook size).
+def fsq_code_entropies(fsq: nn.Module, z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropies of soft FSQ code assignments, each divided by log(codebook size): (batch, per-latent).
 
     z [B, Cz, h, w] (the quantizer's input). Each latent dimension is bounded exactly as FSQ does
     before rounding, then softly assigned to its levels (softmax of -distance^2 / temperature); a
-    latent's code distribution is the outer product over dimensions, and the batch's is its mean.
-    Large codebooks (where [N, K] would not fit comfortably) use the mean of the per-dimension
-    marginal entropies instead. Returns a scalar in [0, 1]."""
+    latent's code distribution is the outer product over dimensions. `batch` is the entropy of the
+    batch's mean distribution (high when the batch spreads over many codes); large codebooks (where
+    [N, K] would not fit comfortably) use the mean of the per-dimension marginal entropies instead.
+    `per-latent` is the mean entropy of each latent's own distribution (low when every latent sits
+    on a level); for a product distribution it is the sum of the per-dimension entropies. Both lie
+    in [0, 1]."""
     levels = fsq._levels  # [d] int
     u = fsq.project_in(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())  # [N, d]
     half_l = (levels - 1) * (1 + 1e-3) / 2
@@ -307,17 +315,24 @@ def fsq_batch_entropy(fsq: nn.Module, z: torch.Tensor, temperature: float) -> to
         grid = torch.arange(n_levels, device=z.device, dtype=pos.dtype)  # [L]
         probs.append(torch.softmax(-(pos[:, d, None] - grid) ** 2 / temperature, dim=-1))  # [N, L]
     n, k = pos.shape[0], int(levels.prod())
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:  # over the last dim
+        return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
     if n * k <= 1 << 24:
         joint = probs[0]
         for p in probs[1:]:
             joint = (joint[:, :, None] * p[:, None, :]).reshape(n, -1)  # [N, prod of levels so far]
-        dists = [joint.mean(0)]  # [K]
-        norm = math.log(k)
+        batch = entropy(joint.mean(0)) / math.log(k)
     else:
-        dists = [p.mean(0) for p in probs]
-        norm = sum(math.log(n_l) for n_l in levels.tolist())
-    entropy = sum(-(p * p.clamp_min(1e-12).log()).sum() for p in dists)
-    return entropy / norm
+        batch = sum(entropy(p.mean(0)) for p in probs) / sum(math.log(n_l) for n_l in levels.tolist())
+    per_latent = sum(entropy(p) for p in probs).mean() / math.log(k)  # [N] summed over dims, then mean
+    return batch, per_latent
+
+
+def fsq_batch_entropy(fsq: nn.Module, z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The batch part of `fsq_code_entropies`: how widely a batch spreads over the codes, in [0, 1]."""
+    return fsq_code_entropies(fsq, z, temperature)[0]
 
 
 def build_quantizer(cfg: ImageQuantizerConfig, dim: int) -> nn.Module:
@@ -386,9 +401,10 @@ class ImageTokenizer(nn.Module):
         elif kind == "fsq":
             q, ids = self.quantizer(z)
             aux = z.new_zeros(())
-            w = self.cfg.quantizer.fsq_entropy_weight
-            if w > 0 and self.training and torch.is_grad_enabled():
-                aux = w * (1.0 - fsq_batch_entropy(self.quantizer, z, self.cfg.quantizer.fsq_entropy_temp))
+            qc = self.cfg.quantizer
+            if (qc.fsq_entropy_weight > 0 or qc.fsq_sample_entropy_weight > 0) and self.training and torch.is_grad_enabled():
+                batch, per_latent = fsq_code_entropies(self.quantizer, z, qc.fsq_entropy_temp)
+                aux = qc.fsq_entropy_weight * (1.0 - batch) + qc.fsq_sample_entropy_weight * per_latent
         else:
             q, ids, aux = self.quantizer(z)
         return q, ids.long(), aux.sum()

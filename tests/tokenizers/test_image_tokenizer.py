@@ -328,6 +328,55 @@ def test_fsq_batch_entropy_matches_hard_codes_and_spreads_them():
     assert fsq(z)[1].unique().numel() >= used_before + 10
 
 
+def test_fsq_per_latent_entropy_is_low_on_levels_and_pulls_latents_onto_them():
+    from vector_quantize_pytorch import FSQ
+
+    from anymodal.tokenizers.image import fsq_code_entropies
+
+    torch.manual_seed(0)
+    fsq = FSQ(levels=[4, 4, 3], dim=3, channel_first=True)  # dim == len(levels): project_in is identity
+    z = torch.randn(4, 3, 4, 4)
+    batch, per_latent = fsq_code_entropies(fsq, z, 1e-3)
+    assert float(per_latent) < 0.01 < float(batch)  # cold: (nearly) every latent is one code
+    warm_b, warm_l = fsq_code_entropies(fsq, z, 1.0)
+    assert 0 < float(warm_l) <= float(warm_b) <= 1 + 1e-6  # a mean's entropy bounds its parts'
+    # by hand for one latent and one dimension: softmax(-(pos - level)^2 / T) over the levels
+    one = torch.zeros(1, 3, 1, 1)
+    _, h1 = fsq_code_entropies(fsq, one, 1.0)
+    levels = fsq._levels.tolist()
+    half = [(n - 1) * (1 + 1e-3) / 2 for n in levels]
+    off = [0.5 if n % 2 == 0 else 0.0 for n in levels]
+    total = 0.0
+    for n, hl, o in zip(levels, half, off):
+        pos = np.tanh(np.arctanh(o / hl)) * hl - o + n // 2
+        w = np.exp(-((pos - np.arange(n)) ** 2))
+        p = w / w.sum()
+        total += float(-(p * np.log(p)).sum())
+    assert abs(float(h1) - total / np.log(48)) < 1e-5
+
+    # minimising it moves latents from between levels onto them (the rounding error shrinks)
+    z = torch.randn(4, 3, 4, 4).requires_grad_()
+
+    lv = fsq._levels.float()
+    hl = (lv - 1) * (1 + 1e-3) / 2
+    off = torch.where(fsq._levels % 2 == 0, 0.5, 0.0)
+
+    def off_level() -> float:  # mean distance of the bounded latents (FSQ's, before rounding) to a level
+        b = torch.tanh(z.detach().permute(0, 2, 3, 1) + torch.atanh(off / hl)) * hl - off
+        return float((b - b.round()).abs().mean())
+
+    opt = torch.optim.Adam([z], lr=0.05)
+    _, before = fsq_code_entropies(fsq, z, 0.5)
+    off_before = off_level()
+    for _ in range(80):
+        loss = fsq_code_entropies(fsq, z, 0.5)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(fsq_code_entropies(fsq, z, 0.5)[1]) < 0.8 * float(before)
+    assert off_level() < 0.5 * off_before
+
+
 def test_fsq_entropy_weight_enters_the_training_loss_only():
     torch.manual_seed(0)
     cfg = tiny_cfg(quantizer={"kind": "fsq", "fsq_levels": [4, 4, 4], "fsq_entropy_weight": 0.5})
@@ -335,11 +384,17 @@ def test_fsq_entropy_weight_enters_the_training_loss_only():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     _, _, aux = tok(x)
     assert 0 < float(aux) <= 0.5 and aux.requires_grad
+    both = ImageTokenizer(tiny_cfg(quantizer={"kind": "fsq", "fsq_levels": [4, 4, 4], "fsq_entropy_weight": 0.5,
+                                              "fsq_sample_entropy_weight": 0.25}))
+    both.load_state_dict(tok.state_dict())
+    assert float(both(x)[2]) > float(aux)  # the per-latent term adds on top
     tok.eval()
     with torch.no_grad():
         assert float(tok(x)[2]) == 0.0
     with pytest.raises(ConfigError):
         tiny_cfg(quantizer={"kind": "fsq", "fsq_entropy_temp": 0.0})
+    with pytest.raises(ConfigError):
+        tiny_cfg(quantizer={"kind": "fsq", "fsq_sample_entropy_weight": -1.0})
 
 
 def test_generated_world_sizes_follow_world_and_val_docs(tmp_path):
