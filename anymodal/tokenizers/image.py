@@ -97,6 +97,9 @@ class ImageQuantizerConfig:
     # units). FSQ has no dead codes to re-seed; without this the encoder settles on a few hundred
     # codes and leaves the rest of the grid unused.
     fsq_entropy_weight: float = 0.0
+    # the spreading weight at the end of training, reached linearly over the run (the trainer
+    # reports progress); < 0 keeps fsq_entropy_weight throughout
+    fsq_entropy_weight_end: float = -1.0
     fsq_entropy_temp: float = 0.5
     # fsq: weight of the mean per-latent entropy of those soft assignments (MAGVIT-v2's confidence
     # term). The batch term alone is also raised by latents parked between levels, which spreads
@@ -376,6 +379,14 @@ class ImageTokenizer(nn.Module):
         self.encoder = Encoder(cfg.model)
         self.decoder = Decoder(cfg.model)
         self.quantizer = build_quantizer(cfg.quantizer, cfg.model.z_channels)
+        self.train_progress = 0.0  # share of training done, set by the trainer (entropy schedule)
+
+    def fsq_entropy_weight_now(self) -> float:
+        qc = self.cfg.quantizer
+        if qc.fsq_entropy_weight_end < 0:
+            return qc.fsq_entropy_weight
+        p = min(1.0, max(0.0, self.train_progress))
+        return qc.fsq_entropy_weight + (qc.fsq_entropy_weight_end - qc.fsq_entropy_weight) * p
 
     # -- properties the rest of anymodal relies on
     @property
@@ -402,9 +413,10 @@ class ImageTokenizer(nn.Module):
             q, ids = self.quantizer(z)
             aux = z.new_zeros(())
             qc = self.cfg.quantizer
-            if (qc.fsq_entropy_weight > 0 or qc.fsq_sample_entropy_weight > 0) and self.training and torch.is_grad_enabled():
+            w = self.fsq_entropy_weight_now()
+            if (w > 0 or qc.fsq_sample_entropy_weight > 0) and self.training and torch.is_grad_enabled():
                 batch, per_latent = fsq_code_entropies(self.quantizer, z, qc.fsq_entropy_temp)
-                aux = qc.fsq_entropy_weight * (1.0 - batch) + qc.fsq_sample_entropy_weight * per_latent
+                aux = w * (1.0 - batch) + qc.fsq_sample_entropy_weight * per_latent
         else:
             q, ids, aux = self.quantizer(z)
         return q, ids.long(), aux.sum()

@@ -374,6 +374,7 @@ def train(cfg: ImageTokenizerConfig, out: str | Path, resume: bool = False, perc
     frac = progress_now()
     while frac < 1.0:
         lr_f = _lr_factor(frac, step, t.warmup_steps, t.min_lr_ratio)
+        tok.train_progress = frac
         for g in opt.param_groups:
             g["lr"] = t.lr * lr_f
         raw = mix_colours(permute_colours(batches.get(step), t.colour_aug, t.seed, step), t.colour_mix, t.seed, step)

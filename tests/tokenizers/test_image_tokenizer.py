@@ -397,6 +397,22 @@ def test_fsq_entropy_weight_enters_the_training_loss_only():
         tiny_cfg(quantizer={"kind": "fsq", "fsq_sample_entropy_weight": -1.0})
 
 
+def test_fsq_entropy_weight_follows_the_training_progress_when_scheduled():
+    torch.manual_seed(0)
+    q = {"kind": "fsq", "fsq_levels": [4, 4, 4], "fsq_entropy_weight": 0.4, "fsq_entropy_weight_end": 0.1}
+    tok = ImageTokenizer(tiny_cfg(quantizer=q))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    const = ImageTokenizer(tiny_cfg(quantizer={**q, "fsq_entropy_weight_end": -1.0}))
+    const.load_state_dict(tok.state_dict())
+    gap = float(const(x)[2]) / 0.4  # the spreading term itself, 1 - H(batch)
+    for p, w in ((0.0, 0.4), (0.5, 0.25), (1.0, 0.1), (3.0, 0.1)):
+        tok.train_progress = p
+        assert tok.fsq_entropy_weight_now() == pytest.approx(w)
+        assert float(tok(x)[2]) == pytest.approx(w * gap, rel=1e-5)
+    const.train_progress = 1.0
+    assert const.fsq_entropy_weight_now() == 0.4
+
+
 def test_generated_world_sizes_follow_world_and_val_docs(tmp_path):
     from anymodal.train.image_tokenizer import _world_shards
 
