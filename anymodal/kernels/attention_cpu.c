@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fast_exp.h"
+
 typedef void (*sgemm_fn)(const char *ta, const char *tb, const int *m, const int *n, const int *k,
                          const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
                          const float *beta, float *c, const int *ldc);
@@ -43,26 +45,6 @@ static void gemm(sgemm_fn f, char ta, char tb, int64_t m, int64_t n, int64_t k, 
   f(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
 }
 
-/* exp(x) for x <= 0 (x - rowmax), ~2e-7 relative error; written so that gcc vectorizes the loops
-   that call it (no libm call): 2^(x log2 e) = 2^n * e^(f ln 2) with |f| <= 1/2, Taylor to degree 7. */
-static inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = floorf(t + 0.5f);
-  const float g = (t - n) * 0.69314718055994531f;
-  float p = 1.0f / 5040.0f;
-  p = p * g + 1.0f / 720.0f;
-  p = p * g + 1.0f / 120.0f;
-  p = p * g + 1.0f / 24.0f;
-  p = p * g + 1.0f / 6.0f;
-  p = p * g + 0.5f;
-  p = p * g + 1.0f;
-  p = p * g + 1.0f;
-  union { int32_t i; float f; } s;
-  s.i = ((int32_t)n + 127) << 23;
-  return p * s.f;
-}
-
 /* Row softmax in place over columns [lo, hi) of `row`; columns [0, lo) and [hi, width) are zeroed.
    Kept out of line: inlined into the OpenMP loop body, gcc ran its scalar version (4x slower). */
 __attribute__((noinline)) static void softmax_row(float *restrict row, int64_t lo, int64_t hi, int64_t width) {
@@ -72,7 +54,7 @@ __attribute__((noinline)) static void softmax_row(float *restrict row, int64_t l
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = lo; j < hi; ++j) {
-    const float e = exp_nonpos(row[j] - m);
+    const float e = exp_clamped(row[j] - m);
     row[j] = e;
     s += e;
   }

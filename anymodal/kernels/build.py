@@ -57,7 +57,8 @@ def build_library(source: str | Path, force: bool = False) -> Path:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     # no-trapping-math lets gcc if-convert and vectorize the clamps and max reductions of the loops
     flags = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *_cpu_flags()]
-    src = source.read_bytes()
+    # the local headers a source includes are part of its version
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     key = hashlib.sha256(src + " ".join([cc, *flags]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{source.stem}-{key}.so"
     if out.exists() and not force:

@@ -102,8 +102,8 @@ class ImageQuantizerConfig:
     fsq_entropy_weight_end: float = -1.0
     fsq_entropy_temp: float = 0.5
     # fsq: weight of the mean per-latent entropy of those soft assignments (MAGVIT-v2's confidence
-    # term). The batch term alone is also raised by latents parked between levels, which spreads
-    # nothing and blurs the decode; this one makes each latent commit to one level.
+    # term). The batch term alone can also be raised by latents parked between levels, which
+    # spreads no real codes; this one pushes each latent onto one level.
     fsq_sample_entropy_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -331,11 +331,6 @@ def fsq_code_entropies(fsq: nn.Module, z: torch.Tensor, temperature: float) -> t
         batch = sum(entropy(p.mean(0)) for p in probs) / sum(math.log(n_l) for n_l in levels.tolist())
     per_latent = sum(entropy(p) for p in probs).mean() / math.log(k)  # [N] summed over dims, then mean
     return batch, per_latent
-
-
-def fsq_batch_entropy(fsq: nn.Module, z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The batch part of `fsq_code_entropies`: how widely a batch spreads over the codes, in [0, 1]."""
-    return fsq_code_entropies(fsq, z, temperature)[0]
 
 
 def build_quantizer(cfg: ImageQuantizerConfig, dim: int) -> nn.Module:

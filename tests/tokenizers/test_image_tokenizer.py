@@ -297,7 +297,10 @@ def test_refine_off_adds_no_weights_and_bad_values_are_refused():
 def test_fsq_batch_entropy_matches_hard_codes_and_spreads_them():
     from vector_quantize_pytorch import FSQ
 
-    from anymodal.tokenizers.image import fsq_batch_entropy
+    from anymodal.tokenizers.image import fsq_code_entropies
+
+    def fsq_batch_entropy(fsq, z, temperature):
+        return fsq_code_entropies(fsq, z, temperature)[0]
 
     torch.manual_seed(0)
     fsq = FSQ(levels=[4, 4, 3], dim=6, channel_first=True)
