@@ -7,8 +7,9 @@
    (batch, kv-head) slices and runs the sgemm calls of those slices single-threaded, on data that
    stays in its core's cache; softmax, masking and the softmax backward are loops on the same
    blocks. Query rows go in blocks of `bs`; block i multiplies only the keys it can see, so causal
-   attention costs (n+1)/2n of the full T^2 work for n blocks, and keys before every row's
-   `key_start` (packed documents) are skipped altogether.
+   attention costs (n+1)/2n of the full T^2 work for n blocks; with packed documents each block
+   goes in segments of whole documents (see segment_end), which skip the keys before their own
+   document's start.
 
    Layouts (row-major, the ones the model's projections produce, so nothing is copied). Every
    [B, T, heads, hd] buffer is given by its pointer and its row stride ld (floats from one time step
@@ -18,7 +19,9 @@
      y    [B, T, H * hd]       output (forward), dy its gradient (backward), contiguous
      key_start [B, T] int32    first key each query may attend (its document start), or NULL (0)
      probs: for every (b, h), the softmax of each query block i, rows x (keys 0 .. end of block)
-            stored densely (row stride = block end); entries outside a row's [key_start, row] are 0.
+            stored densely (row stride = block end). Of each row, the columns its segment covers
+            (see segment_end) are set, 0 outside the row's [key_start, row]; the rest, which
+            backward never reads, are left unset.
    Query head h uses kv head h / (H / Hkv) (grouped-query attention, Chameleon's repeat_interleave).
 
    sgemm is the BLAS (Fortran-interface) sgemm linked into PyTorch, MKL in the x86 wheels (passed
@@ -45,9 +48,11 @@ static void gemm(sgemm_fn f, char ta, char tb, int64_t m, int64_t n, int64_t k, 
   f(&tb, &ta, &N, &M, &K, &alpha, b, &LDB, a, &LDA, &beta, c, &LDC);
 }
 
-/* Row softmax in place over columns [lo, hi) of `row`; columns [0, lo) and [hi, width) are zeroed.
-   Kept out of line: inlined into the OpenMP loop body, gcc ran its scalar version (4x slower). */
-__attribute__((noinline)) static void softmax_row(float *restrict row, int64_t lo, int64_t hi, int64_t width) {
+/* Row softmax in place over columns [lo, hi) of `row`; columns [z0, lo) and [hi, z1) (the rest of
+   what backward reads) are zeroed. Kept out of line: inlined into the OpenMP loop body, gcc ran its
+   scalar version (4x slower). */
+__attribute__((noinline)) static void softmax_row(float *restrict row, int64_t lo, int64_t hi, int64_t z0,
+                                                  int64_t z1) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t j = lo; j < hi; ++j) m = row[j] > m ? row[j] : m;
@@ -61,8 +66,8 @@ __attribute__((noinline)) static void softmax_row(float *restrict row, int64_t l
   const float r = 1.0f / s;
 #pragma omp simd
   for (int64_t j = lo; j < hi; ++j) row[j] *= r;
-  if (lo > 0) memset(row, 0, (size_t)lo * sizeof(float));
-  if (hi < width) memset(row + hi, 0, (size_t)(width - hi) * sizeof(float));
+  if (lo > z0) memset(row + z0, 0, (size_t)(lo - z0) * sizeof(float));
+  if (hi < z1) memset(row + hi, 0, (size_t)(z1 - hi) * sizeof(float));
 }
 
 /* Softmax backward of one row in place: d = p * (d - sum(p * d)) over n columns. Out of line, as above. */
@@ -86,8 +91,32 @@ static int64_t block_offset(int64_t i, int64_t bs, int64_t T) {
 
 int64_t am_attn_probs_per_head(int64_t T, int64_t bs) { return block_offset((T + bs - 1) / bs, bs, T); }
 
-/* First key any row of block [r0, r1) may see. */
-static int64_t block_key_start(const int32_t *ks, int64_t r0, int64_t r1) {
+/* Rows of a query block go through the GEMMs in segments of whole documents. Without documents
+   (key_start NULL) a segment is the whole block. With them, a block that holds the end of one
+   document and the start of the next would otherwise score every row against the earlier
+   document's keys too (for short packed documents that was ~40% more score work than the masks
+   leave). A document start stays in the current segment when what that saves is smaller than
+   SPLIT_MIN_SCORES: about the cost of the extra GEMM calls (six per segment, forward and backward). */
+#define SPLIT_MIN_SCORES 1024
+
+static int64_t segment_end(const int32_t *ks, int64_t s, int64_t r1) {
+  if (!ks) return r1;
+  int64_t e = s + 1;
+  while (e < r1) {
+    if (ks[e] == ks[e - 1]) {
+      ++e;
+      continue;
+    }
+    int64_t n = e + 1;  // the document starting at row e ends at row n (or the block does)
+    while (n < r1 && ks[n] == ks[e]) ++n;
+    if ((ks[e] - ks[s]) * (n - e) > SPLIT_MIN_SCORES) break;  // scores its rows would skip
+    e = n;
+  }
+  return e;
+}
+
+/* First key any row of [r0, r1) may see. */
+static int64_t rows_key_start(const int32_t *ks, int64_t r0, int64_t r1) {
   if (!ks) return 0;
   int64_t lo = r1;
   for (int64_t r = r0; r < r1; ++r) lo = ks[r] < lo ? ks[r] : lo;
@@ -108,19 +137,20 @@ int am_attn_forward(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, in
     const int32_t *ks = key_start ? key_start + b * T : NULL;
     float *pb = probs + task * per_head;
     for (int64_t i = 0; i < nblk; ++i) {
-      const int64_t r0 = i * bs, r1 = r0 + bs < T ? r0 + bs : T, rb = r1 - r0;
-      const int64_t k0 = block_key_start(ks, r0, r1);
-      float *p = pb + block_offset(i, bs, T);  // [rb, r1]
-      // scores of the visible keys: p[:, k0:r1] = scale * q[r0:r1] @ k[k0:r1]^T
-      gemm(blas, NO_TRANS, TRANS, rb, (r1 - k0), hd, scale, q + r0 * ldqk, ldqk,
-           k + k0 * ldqk, ldqk, 0.f, p + k0, r1);
-      for (int64_t r = 0; r < rb; ++r) {
-        const int64_t lo = ks ? ks[r0 + r] : 0;
-        softmax_row(p + r * r1, lo, r0 + r + 1, r1);
+      const int64_t r0 = i * bs, r1 = r0 + bs < T ? r0 + bs : T;
+      float *pblk = pb + block_offset(i, bs, T);  // [r1 - r0, r1]
+      for (int64_t s0 = r0, s1; s0 < r1; s0 = s1) {
+        s1 = segment_end(ks, s0, r1);
+        const int64_t k0 = rows_key_start(ks, s0, s1), w = s1 - k0;
+        float *p = pblk + (s0 - r0) * r1;  // the segment's rows [s1 - s0, r1]
+        // scores of the keys the segment may see: p[:, k0:s1] = scale * q[s0:s1] @ k[k0:s1]^T
+        gemm(blas, NO_TRANS, TRANS, s1 - s0, w, hd, scale, q + s0 * ldqk, ldqk,
+             k + k0 * ldqk, ldqk, 0.f, p + k0, r1);
+        for (int64_t r = s0; r < s1; ++r) softmax_row(p + (r - s0) * r1, ks ? ks[r] : 0, r + 1, k0, s1);
+        // y[s0:s1, h] = p[:, k0:s1] @ v[k0:s1]
+        gemm(blas, NO_TRANS, NO_TRANS, s1 - s0, hd, w, 1.f, p + k0, r1,
+             vb + k0 * ldv, ldv, 0.f, y + b * T * ldy + s0 * ldy + h * hd, ldy);
       }
-      // y[r0:r1, h] = p[:, k0:r1] @ v[k0:r1]
-      gemm(blas, NO_TRANS, NO_TRANS, rb, hd, (r1 - k0), 1.f, p + k0, r1,
-           vb + k0 * ldv, ldv, 0.f, y + b * T * ldy + r0 * ldy + h * hd, ldy);
     }
   }
   return 0;
@@ -156,22 +186,26 @@ int am_attn_backward(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, i
       float *dq = dqk + b * T * lddqk + h * hd;
       const float *dyb = dy + b * T * ldy + h * hd;
       for (int64_t i = nblk - 1; i >= 0; --i) {
-        const int64_t r0 = i * bs, r1 = r0 + bs < T ? r0 + bs : T, rb = r1 - r0;
-        const int64_t k0 = block_key_start(ks, r0, r1), w = r1 - k0;
-        const float *p = pb + block_offset(i, bs, T) + k0;  // [rb, w], row stride r1
-        // dp = dy[r0:r1] @ v[k0:r1]^T
-        gemm(blas, NO_TRANS, TRANS, rb, w, hd, 1.f, dyb + r0 * ldy, ldy,
-             vb + k0 * ldv, ldv, 0.f, ds, w);
-        // ds = p * (dp - sum(p * dp)) (softmax backward; masked entries have p = 0)
-        for (int64_t r = 0; r < rb; ++r) softmax_backward_row(p + r * r1, ds + r * w, w);
-        // dq[r0:r1] = scale * ds @ k[k0:r1];  dk[k0:r1] += scale * ds^T @ q[r0:r1];
-        // dv[k0:r1] += p^T @ dy[r0:r1]
-        gemm(blas, NO_TRANS, NO_TRANS, rb, hd, w, scale, ds, w, k + k0 * ldqk,
-             ldqk, 0.f, dq + r0 * lddqk, lddqk);
-        gemm(blas, TRANS, NO_TRANS, w, hd, rb, scale, ds, w, q + r0 * ldqk,
-             ldqk, 1.f, dk + k0 * lddqk, lddqk);
-        gemm(blas, TRANS, NO_TRANS, w, hd, rb, 1.f, p, r1, dyb + r0 * ldy,
-             ldy, 1.f, dvb + k0 * lddv, lddv);
+        const int64_t r0 = i * bs, r1 = r0 + bs < T ? r0 + bs : T;
+        const float *pblk = pb + block_offset(i, bs, T);
+        for (int64_t s0 = r0, s1; s0 < r1; s0 = s1) {  // the forward pass's segments
+          s1 = segment_end(ks, s0, r1);
+          const int64_t k0 = rows_key_start(ks, s0, s1), w = s1 - k0, rs = s1 - s0;
+          const float *p = pblk + (s0 - r0) * r1 + k0;  // [rs, w], row stride r1
+          // dp = dy[s0:s1] @ v[k0:s1]^T
+          gemm(blas, NO_TRANS, TRANS, rs, w, hd, 1.f, dyb + s0 * ldy, ldy,
+               vb + k0 * ldv, ldv, 0.f, ds, w);
+          // ds = p * (dp - sum(p * dp)) (softmax backward; masked entries have p = 0)
+          for (int64_t r = 0; r < rs; ++r) softmax_backward_row(p + r * r1, ds + r * w, w);
+          // dq[s0:s1] = scale * ds @ k[k0:s1];  dk[k0:s1] += scale * ds^T @ q[s0:s1];
+          // dv[k0:s1] += p^T @ dy[s0:s1]
+          gemm(blas, NO_TRANS, NO_TRANS, rs, hd, w, scale, ds, w, k + k0 * ldqk,
+               ldqk, 0.f, dq + s0 * lddqk, lddqk);
+          gemm(blas, TRANS, NO_TRANS, w, hd, rs, scale, ds, w, q + s0 * ldqk,
+               ldqk, 1.f, dk + k0 * lddqk, lddqk);
+          gemm(blas, TRANS, NO_TRANS, w, hd, rs, 1.f, p, r1, dyb + s0 * ldy,
+               ldy, 1.f, dvb + k0 * lddv, lddv);
+        }
       }
     }
     free(ds);

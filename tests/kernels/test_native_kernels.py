@@ -52,6 +52,18 @@ def _docs(b: int, t: int, seed: int) -> torch.Tensor:
     return doc
 
 
+def _short_docs(b: int, t: int, seed: int) -> torch.Tensor:
+    """Many packed documents of 1-40 tokens, so query blocks hold several (the kernel's segments)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 41, (b, t), generator=g)
+    doc = torch.zeros(b, t, dtype=torch.long)
+    for row in range(b):
+        starts = lengths[row].cumsum(0)
+        starts = starts[starts < t]
+        doc[row, starts] = 1
+    return doc.cumsum(1)
+
+
 def _reference(qkv, w, bias, rot, doc, h):
     """The model's PyTorch path from the fused projection: QK-Norm, RoPE, blocked attention."""
     hkv = (qkv.shape[2] - h) // 2
@@ -75,6 +87,7 @@ def _reference(qkv, w, bias, rot, doc, h):
         (3, 130, 4, 2, 32, True, True),  # grouped-query heads
         (1, 64, 2, 1, 16, False, False),  # no QK-Norm, one block
         (2, 257, 2, 2, 8, True, True),
+        (2, 300, 4, 4, 32, True, "short"),  # several short documents in every query block
     ],
 )
 def test_attention_matches_pytorch_path(pytorch_paths, b, t, h, hkv, hd, qk_norm, docs):
@@ -83,7 +96,7 @@ def test_attention_matches_pytorch_path(pytorch_paths, b, t, h, hkv, hd, qk_norm
     qkv = torch.randn(b, t, h + 2 * hkv, hd, requires_grad=True)
     w = (1 + 0.3 * torch.randn(h + hkv, hd)).requires_grad_() if qk_norm else None
     bias = (0.2 * torch.randn(h + hkv, hd)).requires_grad_() if qk_norm else None
-    doc = _docs(b, t, seed=t) if docs else None
+    doc = (_short_docs if docs == "short" else _docs)(b, t, seed=t) if docs else None
     pos = tr.positions_from_docs(doc) if docs else torch.arange(t).expand(b, t)
     rot = tr.rope_tables(pos, hd, 10000.0)
     key_start = tr.doc_key_start(doc) if docs else None
