@@ -96,7 +96,8 @@ int64_t am_attn_probs_per_head(int64_t T, int64_t bs) { return block_offset((T +
    document and the start of the next would otherwise score every row against the earlier
    document's keys too (for short packed documents that was ~40% more score work than the masks
    leave). A document start stays in the current segment when what that saves is smaller than
-   SPLIT_MIN_SCORES: about the cost of the extra GEMM calls (six per segment, forward and backward). */
+   SPLIT_MIN_SCORES: an estimate of what the extra GEMM calls cost (six per segment, forward and
+   backward; a few microseconds each). */
 #define SPLIT_MIN_SCORES 1024
 
 static int64_t segment_end(const int32_t *ks, int64_t s, int64_t r1) {
