@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+DOC_LENGTHS = (40, 110, 250, 500)  # tokens: captions, t2i/i2t, speech, stories (the demo world's kinds)
+
 
 def synthetic_tokens(out: Path, vocab: int = 4608, docs: int = 3000, seed: int = 0) -> Path:
     from anymodal.data.prepare import write_token_dataset
@@ -36,7 +38,7 @@ def synthetic_tokens(out: Path, vocab: int = 4608, docs: int = 3000, seed: int =
 
     def gen():
         for _ in range(docs):
-            n = int(rng.choice([40, 110, 250, 500]))  # captions, t2i/i2t, speech, stories
+            n = int(rng.choice(DOC_LENGTHS))
             ids = rng.integers(0, 4272, size=n)
             ids[0], ids[-1] = space.bos, space.eos
             yield ids, space.modality_of(ids), "prose"

@@ -28,6 +28,7 @@ import statistics
 import time
 
 import torch
+from train_cli_throughput import DOC_LENGTHS  # same directory (run as a script)
 
 from anymodal.config import load_config
 from anymodal.kernels import install as install_kernels
@@ -53,17 +54,20 @@ def build_hf(cfg: ModelConfig, ours: Transformer, attn: str):
 
 
 def packed_doc_ids(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
-    """doc_ids [B, T] of rows packed from documents of the demo world's typical lengths (captions,
-    t2i/i2t, speech, stories: the same mix as benchmarks/train_cli_throughput.py's corpus)."""
+    """doc_ids [B, T] of rows packed from documents of the demo world's typical lengths (the mix
+    of benchmarks/train_cli_throughput.py's corpus)."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([40, 110, 250, 500])
+    lengths = torch.tensor(DOC_LENGTHS)
+
+    def draw() -> int:
+        return int(lengths[torch.randint(len(lengths), (1,), generator=g)])
+
     starts = torch.zeros(batch, seq, dtype=torch.long)
     for row in range(batch):
-        t = int(lengths[torch.randint(4, (1,), generator=g)])  # the first document starts mid-way
-        t = int(torch.randint(1, t + 1, (1,), generator=g))
+        t = int(torch.randint(1, draw() + 1, (1,), generator=g))  # a row opens inside a document
         while t < seq:
             starts[row, t] = 1
-            t += int(lengths[torch.randint(4, (1,), generator=g)])
+            t += draw()
     return starts.cumsum(1)
 
 

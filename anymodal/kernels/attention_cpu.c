@@ -169,7 +169,7 @@ int am_attn_backward(int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t hd, i
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < B * Hkv; ++task) {
     const int64_t b = task / Hkv, kvh = task % Hkv;
-    float *ds = malloc((size_t)(bs * T) * sizeof(float));  // d scores of one block [rb, r1 - k0]
+    float *ds = malloc((size_t)(bs * T) * sizeof(float));  // d scores of one segment [rs, w]
     if (!ds) {
 #pragma omp atomic write
       failed = 1;
