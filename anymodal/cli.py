@@ -25,7 +25,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("export", "turn a run directory into a self-contained model bundle"),
     ("sample", "generate mixed text, images and audio from a prompt"),
     ("ground", "find the box of a phrase in an image"),
-    ("eval", "measure a model bundle on a validation split (WORLD.md metrics)"),
+    ("eval", "measure a model bundle on a validation split (docs/world.md metrics)"),
     ("demo", "run the whole pipeline on the demo world"),
 ]
 

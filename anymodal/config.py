@@ -85,6 +85,22 @@ def _fields_at(schema: type, dotted: str) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+def _open_mappings(node: Any, schema: type) -> None:
+    """Let overrides add keys to dict-typed fields (e.g. `kind_weights.t2i=2`): their keys are data
+    (document kinds, ...) that the schema cannot list, so struct mode must not refuse them; the
+    dataclass's `__post_init__` checks them instead."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        child = node.get(f.name) if isinstance(node, DictConfig) else None
+        if not isinstance(child, DictConfig):
+            continue
+        hint = hints[f.name]
+        if typing.get_origin(hint) is dict:
+            OmegaConf.set_struct(child, False)
+        elif dataclasses.is_dataclass(hint):
+            _open_mappings(child, hint)
+
+
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
@@ -114,6 +130,7 @@ def load_config(
     """Build `schema` from its defaults, a YAML file, a dict and dotlist overrides (in that order)."""
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
+    _open_mappings(cfg, schema)
     layers: list[Any] = []
     if path is not None:
         layers.append(_read_yaml(resolve_config_path(path)))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import load_config
+from .data.cues import cue
 from .errors import UserError
 
 
@@ -29,6 +30,9 @@ class WorldStage:
     val_docs: int = 300
     train_seed: int = 0
     val_seed: int = 1
+    overrides: list[str] = field(default_factory=list)  # world config keys for both splits
+    train_overrides: list[str] = field(default_factory=list)  # e.g. the training mix of kinds
+    val_overrides: list[str] = field(default_factory=list)  # e.g. equal kinds, so eval sees enough of each
 
 
 @dataclass
@@ -37,6 +41,7 @@ class DemoConfig:
     text_tokenizer: str = "tokenizer/text_demo"
     image_tokenizer: str = "tokenizer/image_demo"
     audio_tokenizer: str = "tokenizer/audio_demo"
+    text_tokenizer_overrides: list[str] = field(default_factory=list)
     image_tokenizer_overrides: list[str] = field(default_factory=list)
     audio_tokenizer_overrides: list[str] = field(default_factory=list)
     train: str = "train/demo"
@@ -90,15 +95,15 @@ class Demo:
         world, toks, tokens = o / "world", o / "tokenizers", o / "tokens"
         self.stage("world", lambda: (
             self.anymodal("world", "--out", str(world), "--split", "train", "--docs", str(c.world.train_docs),
-                          "--seed", str(c.world.train_seed)),
+                          "--seed", str(c.world.train_seed), *c.world.overrides, *c.world.train_overrides),
             self.anymodal("world", "--out", str(world), "--split", "val", "--docs", str(c.world.val_docs),
-                          "--seed", str(c.world.val_seed)),
+                          "--seed", str(c.world.val_seed), *c.world.overrides, *c.world.val_overrides),
         ))
         train_shards = str(world / "train-*.tar")
         val_shards = str(world / "val-*.tar")
         self.stage("text_tokenizer", lambda: self.anymodal(
             "tokenizer", "train", "text", "--config", c.text_tokenizer, f"input={train_shards}",
-            "--out", str(toks / "text")))
+            *c.text_tokenizer_overrides, "--out", str(toks / "text")))
         self.stage("image_tokenizer", lambda: self.anymodal(
             "tokenizer", "train", "image", "--config", c.image_tokenizer, f"data.train_shards=[{train_shards}]",
             f"data.val_shards=[{val_shards}]", *c.image_tokenizer_overrides, "--out", str(toks / "image"), *_resume_flag(toks / "image")))
@@ -146,11 +151,12 @@ class Demo:
         jobs = [(f"t2i_{i}", p + "<boi>", (), (), SampleOptions(cfg=3.0, max_new_tokens=80, **span))
                 for i, p in enumerate(c.prompts)]
         picture, clip = _showcase_inputs(world, show)
+        # media go before the prompt text, so each prompt is the media followed by its task cue
         if picture is not None:
-            jobs.append(("describe", "", (str(picture),), (), greedy_text))
+            jobs.append(("describe", cue("i2t"), (str(picture),), (), greedy_text))
         if clip is not None:
-            jobs.append(("hear", "", (), (str(clip),), greedy_text))
-            jobs.append(("a2i", "<boi>", (), (str(clip),), SampleOptions(cfg=3.0, max_new_tokens=80, **span)))
+            jobs.append(("hear", cue("asr"), (), (str(clip),), greedy_text))
+            jobs.append(("a2i", cue("a2i") + "<boi>", (), (str(clip),), SampleOptions(cfg=3.0, max_new_tokens=80, **span)))
         jobs += [(f"tts_{i}", p + "<boa>", (), (), SampleOptions(cfg=3.0, max_new_tokens=1200, **span))
                  for i, p in enumerate(c.speech_prompts)]
         with open(os.devnull, "w") as quiet:

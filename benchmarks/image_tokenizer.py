@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/image_tokenizer.py --tokenizer /tmp/bench-image   # measure only
 
 Quality on the demo world's val split (images the tokenizer never trained on): PSNR (dB, of the
-8-bit reconstruction), SSIM, codebook usage and perplexity over all val tokens, and the WORLD.md
+8-bit reconstruction), SSIM, codebook usage and perplexity over all val tokens, and the docs/world.md
 image check's agreement (same (colour, shape) objects found in reconstruction and original).
 Speed: encode+decode images/s on this machine's CPU (median of repeats, batch 64), reported
 separately for encode and decode too.

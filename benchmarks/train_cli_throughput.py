@@ -68,6 +68,7 @@ def main() -> None:
         if r.returncode != 0:
             sys.exit(r.stderr[-3000:])
         recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        recs = [r for r in recs if "tokens_per_s" in r]  # the step records (not the data-mix record)
         model = (run / "model.yaml").read_text()
         cfg = (run / "config.yaml").read_text()
     body = recs[args.warmup_steps:]

@@ -1,6 +1,6 @@
 """`anymodal eval --model BUNDLE --data SHARDS --out metrics.json [--limit N]`.
 
-Every WORLD.md metric (t2i / a2i image checks, caption, grounding Acc@0.5 and mIoU, refer, ASR
+Every docs/world.md metric (t2i / a2i image checks, caption, grounding Acc@0.5 and mIoU, refer, ASR
 WER, TTS round trip, bits per token per modality), overall and on the unseen-combination subset.
 """
 
@@ -20,15 +20,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale for generated images/audio")
     parser.add_argument("--max-text-tokens", type=int, default=160, help="cap on generated captions/transcripts")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated generation tasks to run (default: t2i,a2i,i2t,ground,refer,asr,tts)")
+    parser.add_argument("--temperature", default=None,
+                        help="sampling temperature of images and audio: one number or image=T,audio=T "
+                             "(text and boxes stay greedy; default 1)")
+    parser.add_argument("--top-k", default=None, help="top-k of images and audio (default 100), same forms")
     add_runtime_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.run import EvalOptions, evaluate
+    from ..errors import UserError
+    from ..eval.run import GEN_KINDS, EvalOptions, eval_sampling, evaluate
+    from ..sample.session import per_modality
 
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else GEN_KINDS
+    sampling = eval_sampling()
+    media = ("image", "audio")
+    temps = per_modality(args.temperature, "temperature", float, media)
+    ks = per_modality(args.top_k, "top-k", int, media)
+    for m in set(temps) | set(ks):
+        if m not in media:
+            raise UserError(f"eval decodes {m} greedily; --temperature/--top-k apply to image and audio only")
+        cur = getattr(sampling, m)
+        setattr(sampling, m, type(cur)(temps.get(m, cur.temperature), ks.get(m, cur.top_k), cur.top_p))
     bundle = open_bundle(args)
     opts = EvalOptions(limit=args.limit, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
-                       max_text_tokens=args.max_text_tokens)
+                       max_text_tokens=args.max_text_tokens, tasks=tasks, sampling=sampling)
     evaluate(bundle, args.data, out=args.out, opts=opts)
     print(f"wrote {args.out}")
     return 0

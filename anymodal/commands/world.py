@@ -1,4 +1,4 @@
-"""`anymodal world`: write the embedded demo world as raw webdataset shards (WORLD.md)."""
+"""`anymodal world`: write the embedded demo world as raw webdataset shards (docs/world.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The demo world's checks (WORLD.md "Measuring what the model learned").
+"""The demo world's checks (docs/world.md, "Measuring what the model learned").
 
 - `parse_caption(text)`: a caption back into objects (size, colour, shape, position), or None.
 - `analyse_image(img)`: objects found in an image by the image check: each pixel goes to the

@@ -2,9 +2,13 @@
 
 Each epoch the documents are shuffled (numpy Generator seeded by (seed, epoch)), optionally lose
 their conditioning prompt (classifier-free-guidance dropout, decided by the same generator), and
-are packed whole into rows of `seq_len + 1` tokens: first-fit over a small look-ahead window of
-upcoming documents, so rows fill up without splitting documents. A document longer than a row is
-cut into row-sized pieces, each treated as its own document. The rest of a row is `<pad>`.
+are packed whole into rows of `seq_len + 1` tokens. A weighted mixture of several folders
+(`anymodal.data.mixture.Mixture`) instead hands over the epoch's document occurrences (a
+document may occur several times or not at all, each occurrence with its own dropout), drawn from
+the same (seed, epoch) generator; one folder without weights gives exactly the plain order.
+Rows are filled first-fit over a small look-ahead window of upcoming documents, so rows fill up
+without splitting documents. A document longer than a row is cut into row-sized pieces, each
+treated as its own document. The rest of a row is `<pad>`.
 
 A row becomes (ids = row[:-1], labels = row[1:]), with
 - doc_ids   [T]: index of the piece each token belongs to (pad: one more id) -> attention mask,
@@ -26,12 +30,16 @@ import json
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import UserError
 from .prepare import FORMAT, INDEX_DTYPE, VERSION
+
+if TYPE_CHECKING:  # mixture.py builds on this module
+    from .mixture import Mixture
 
 IGNORE_INDEX = -100
 MAX_OPEN = 64  # shards kept memory-mapped at once (each map holds a file descriptor)
@@ -137,20 +145,31 @@ class EpochPlan:
 
 
 def plan_epoch(lengths: np.ndarray, cond_len: np.ndarray, row_len: int, seed: int, epoch: int,
-               cond_dropout: float = 0.0, shuffle: bool = True, lookahead: int = 64) -> EpochPlan:
-    """Pack documents (lengths [N]) into rows of `row_len` tokens; see the module docstring."""
-    n = len(lengths)
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n) if shuffle else np.arange(n)
-    u = rng.random(n)  # drawn even when unused so cond_dropout does not change the shuffle
-    drop = (u < cond_dropout) & (cond_len > 0)
-    eff = lengths - np.where(drop, cond_len, 0)
+               cond_dropout: float = 0.0, shuffle: bool = True, lookahead: int = 64,
+               order: np.ndarray | None = None, drop: np.ndarray | None = None) -> EpochPlan:
+    """Pack documents (lengths [N]) into rows of `row_len` tokens; see the module docstring.
+
+    `order` [M] and `drop` [M] (bool) give the epoch's document occurrences in packing order and
+    whether each loses its conditioning span (`anymodal.data.mixture.epoch_occurrences`); then
+    `seed`, `epoch`, `cond_dropout` and `shuffle` are not used. Without them every document occurs
+    once, shuffled by the (seed, epoch) generator.
+    """
+    if order is None:
+        n = len(lengths)
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        u = rng.random(n)  # drawn even when unused so cond_dropout does not change the shuffle
+        drop = ((u < cond_dropout) & (cond_len > 0))[order]
+    elif drop is None or len(drop) != len(order):
+        raise ValueError("plan_epoch: `drop` must give one flag per occurrence in `order`")
+    # per occurrence j (a document may occur more than once): its tokens once dropout is applied
+    eff = lengths[order] - np.where(drop, cond_len[order], 0)
 
     def candidates():
-        for d in order:
-            d = int(d)
-            for s in range(0, int(eff[d]), row_len):
-                yield d, s, min(row_len, int(eff[d]) - s)
+        for j in range(len(order)):
+            n_j = int(eff[j])
+            for s in range(0, n_j, row_len):
+                yield j, s, min(row_len, n_j - s)
 
     src = candidates()
     window: deque = deque()
@@ -184,7 +203,9 @@ def plan_epoch(lengths: np.ndarray, cond_len: np.ndarray, row_len: int, seed: in
     if len(pieces) > row_ptr[-1]:
         row_ptr.append(len(pieces))
     arr = np.asarray(pieces, dtype=np.int64).reshape(-1, 3)
-    return EpochPlan(np.asarray(row_ptr, np.int64), arr[:, 0], arr[:, 1], arr[:, 2], drop[arr[:, 0]])
+    occ = arr[:, 0]
+    return EpochPlan(np.asarray(row_ptr, np.int64), np.asarray(order, np.int64)[occ], arr[:, 1], arr[:, 2],
+                     np.asarray(drop, bool)[occ])
 
 
 class PackedLoader:
@@ -192,11 +213,12 @@ class PackedLoader:
 
     Each item is a dict of CPU tensors: ids, labels, positions, doc_ids [B, T] int64 and
     modality [B, T] int64 (of the labels), plus `epoch` and `rows` (global row indices) for logs.
+    `data` is one token-shard folder (a path or a TokenDataset) or a weighted `Mixture` of several.
     """
 
     def __init__(
         self,
-        data: TokenDataset | str | Path,
+        data: TokenDataset | Mixture | str | Path,
         seq_len: int,
         micro_batch: int = 1,
         rank: int = 0,
@@ -208,7 +230,7 @@ class PackedLoader:
         lookahead: int = 64,
         loop: bool = True,
     ):
-        self.data = data if isinstance(data, TokenDataset) else TokenDataset(data)
+        self.data = TokenDataset(data) if isinstance(data, (str, Path)) else data
         if seq_len < 2 or micro_batch < 1 or grad_accum < 1 or not 0 <= rank < world_size:
             raise UserError(f"bad loader settings: seq_len={seq_len} micro_batch={micro_batch} "
                             f"grad_accum={grad_accum} rank={rank}/{world_size}")
@@ -230,8 +252,12 @@ class PackedLoader:
     # ---- plan ------------------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan_epoch != epoch:
+            order = drop = None
+            occurrences = getattr(self.data, "occurrences", None)
+            if occurrences is not None:  # a mixture draws which documents the epoch holds, how often
+                order, drop = occurrences(self.seed, epoch, self.cond_dropout, self.shuffle)
             self._plan = plan_epoch(self.data.lengths, self.cond_len, self.seq_len + 1, self.seed, epoch,
-                                    self.cond_dropout, self.shuffle, self.lookahead)
+                                    self.cond_dropout, self.shuffle, self.lookahead, order, drop)
             self._plan_epoch = epoch
         return self._plan  # type: ignore[return-value]
 
@@ -300,13 +326,23 @@ class PackedLoader:
 
     # ---- resume ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        # a mixture adds its sources (name, weight share, size) and kind weights: any change to
+        # them changes every epoch's rows, so a resume must notice
+        mix = self.data.signature() if hasattr(self.data, "signature") else {}
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len,
                 "cond_dropout": self.cond_dropout, "global_batch": self.global_batch,
-                "docs": len(self.data), "tokens": self.data.num_tokens}
+                "docs": len(self.data), "tokens": self.data.num_tokens, **mix}
 
     def load_state_dict(self, state: dict) -> None:
+        now = self.state_dict()
+        if "sources" in state and "sources" in now and state["sources"] != now["sources"]:
+            raise UserError(f"cannot resume the data loader: the data sources changed (were "
+                            f"{_sources_text(state['sources'])}; now {_sources_text(now['sources'])})")
+        if "sources" in now and state.get("kind_weights", {}) != now["kind_weights"]:
+            raise UserError(f"cannot resume the data loader: kind_weights were {state.get('kind_weights', {})}, "
+                            f"now {now['kind_weights']}")
         for key in ("seed", "seq_len", "cond_dropout", "docs", "tokens"):
-            mine = self.state_dict()[key]
+            mine = now[key]
             if key in state and state[key] != mine:
                 raise UserError(f"cannot resume the data loader: {key} was {state[key]}, now {mine} "
                                 f"(the data or its settings changed)")
@@ -316,3 +352,7 @@ class PackedLoader:
                             f"grad_accum must stay the same)")
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
+
+
+def _sources_text(sources: list[dict]) -> str:
+    return ", ".join(f"{s['name']} (share {s['share']:.4g}, {s['docs']} docs, {s['tokens']} tokens)" for s in sources)

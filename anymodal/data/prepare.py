@@ -169,7 +169,7 @@ class _Encoder:
                 x = torch.zeros(len(group), n)  # [B, frames * hop]
                 for row, i in enumerate(group):
                     x[row, : len(waves[i])] = torch.from_numpy(np.asarray(waves[i], dtype=np.float32))
-                codes = audio.encode(x.to(self.device)).cpu().numpy().astype(np.int64)  # [B, frames, n_q]
+                codes = audio.encode_stream(x.to(self.device)).cpu().numpy().astype(np.int64)  # [B, frames, levels]
                 for row, i in enumerate(group):
                     out[i] = codes[row]
         return out  # type: ignore[return-value]

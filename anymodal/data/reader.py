@@ -1,6 +1,6 @@
 """Read raw interleaved corpora (webdataset .tar shards) into `RawDocument`s.
 
-A shard holds samples `KEY.json` + media `KEY.0.png`, `KEY.1.wav`, ... (WORLD.md's raw format).
+A shard holds samples `KEY.json` + media `KEY.0.png`, `KEY.1.wav`, ... (the raw format of docs/world.md).
 Also read: OBELICS-style records (parallel `texts` / `images` lists, images as file names inside
 the tar or base64 bytes), MMC4-style records (`text_list` + `image_info`), and plain
 image-caption pairs (`KEY.jpg` + `KEY.txt`, the img2dataset layout).

@@ -1,4 +1,4 @@
-"""Scenes of the demo world: sampling, rendering and the texts that describe them (WORLD.md).
+"""Scenes of the demo world: sampling, rendering and the texts that describe them (docs/world.md).
 
 A scene is 1-3 solid shapes on a white `S x S` canvas. Boxes are square, in pixels,
 `(x1, y1, x2, y2)` with exclusive ends (side = x2 - x1), at least 2 px apart and inside the canvas.

@@ -1,4 +1,4 @@
-"""The demo world corpus (WORLD.md): scenes, captions, boxes, speech and prose as raw shards.
+"""The demo world corpus (docs/world.md): scenes, captions, boxes, speech and prose as raw shards.
 
 `generate_world(out, split, docs, seed)` writes webdataset shards `{split}-00000.tar`, ... in the
 raw format the reader understands, plus `{split}.json` (counts, shard list, config). Document `i`
@@ -11,18 +11,19 @@ Segment layout per kind (`meta["prompt_segments"]` = how many leading segments a
 the rest is what a model should produce):
 
     t2i     text caption | image
-    i2t     image | text caption
-    ground  image, text "<ref>the blue square</ref>" | box
-    refer   image, box | text "<ref>the blue square</ref>"
-    asr     audio | text transcript
+    i2t     image, text cue "describe:" | text caption
+    ground  image, text "find <ref>the blue square</ref>" | box [, "find <ref>…</ref>", box …]
+    refer   image, text cue "what is at", box | text "<ref>the blue square</ref>" [, cue, box, text …]
+    asr     audio, text cue "transcribe:" | text transcript
     tts     text "say: ..." | audio
-    a2i     audio (spoken caption) | image
+    a2i     audio (spoken caption), text cue "draw what you hear:" | image
     story   text caption, image, text "then ...", image [, text "then ...", image]   (prompt: 1)
     prose   text                                                                       (prompt: 0)
 
 `meta` holds the truth: `objects` (of image 0 or of the spoken text), `frames` (story), `target`
 (ground/refer object), `transcript`, `voice`, `speed`, and `unseen` (true when any object is a
-colour+shape pair held out of train).
+colour+shape pair held out of train). Cues come in a few phrasings each (`cues.CUES`), drawn per
+document.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 from ..config import check_choice, load_config, to_dict
 from ..errors import ConfigError, UserError
 from . import scenes as S
+from .cues import CUES, cue
 from .media import encode_png, encode_wav
 from .speech import SpeechPool, Utterance, espeak_available
 
@@ -80,6 +82,9 @@ class WorldConfig:
     pitch_max: int = 65
     instruction_fraction: float = 0.4  # asr/tts texts that are short instructions, not captions
     story_max_images: int = 3
+    # ground / refer documents ask about up to this many objects of their scene, one query and
+    # answer after the other (the first is the eval target): more answers per image tokenized
+    max_queries: int = 1
     prose_max_chars: int = 900
     shard_size: int = 1000
     speech_batch: int = 128  # documents per speech batch (fixed: audio depends on batch boundaries)
@@ -107,6 +112,8 @@ class WorldConfig:
             raise ConfigError("config key 'voices' must list at least one espeak-ng voice")
         if self.speed_min > self.speed_max or self.pitch_min > self.pitch_max:
             raise ConfigError("speed_min/pitch_min must not exceed speed_max/pitch_max")
+        if self.max_queries < 1:
+            raise ConfigError("config key 'max_queries' must be at least 1")
         if self.story_max_images not in (2, 3):
             raise ConfigError("config key 'story_max_images' must be 2 or 3")
         for name in ("shard_size", "speech_batch", "speech_workers", "sample_rate", "prose_max_chars"):
@@ -220,32 +227,45 @@ class _Planner:
         held = [i for i, o in enumerate(scene.objects) if o.combo in self.cfg.unseen_pairs]
         return held[0] if held else int(rng.integers(len(scene.objects)))
 
+    def _queries(self, rng, scene: S.Scene) -> list[int]:
+        """The objects a ground/refer document asks about: the target, then others in random order."""
+        t = self._target(rng, scene)
+        rest = [i for i in rng.permutation(len(scene.objects)).tolist() if i != t]
+        return [t, *rest][: self.cfg.max_queries]
+
     # --- one method per kind: (segments, meta)
     def _t2i(self, rng, unseen):
         sc = self.scene(rng, unseen)
         return [{"text": self.caption(rng, sc)}, {"image": sc}], \
             {"objects": sc.to_dicts(), "prompt_segments": 1}
 
+    def cue(self, rng, task: str, ref: str | None = None) -> str:
+        return cue(task, int(rng.integers(len(CUES[task]))), ref=ref)
+
     def _i2t(self, rng, unseen):
         sc = self.scene(rng, unseen)
-        return [{"image": sc}, {"text": self.caption(rng, sc)}], \
-            {"objects": sc.to_dicts(), "prompt_segments": 1}
+        return [{"image": sc}, {"text": self.cue(rng, "i2t")}, {"text": self.caption(rng, sc)}], \
+            {"objects": sc.to_dicts(), "prompt_segments": 2}
 
     def _ground(self, rng, unseen):
         sc = self.scene(rng, unseen)
-        t = self._target(rng, sc)
-        o = sc.objects[t]
-        segs = [{"image": sc}, {"text": f"<ref>{S.referring_expression(o)}</ref>"},
-                {"box": list(o.box), "image_index": 0}]
-        return segs, {"objects": sc.to_dicts(), "target": t, "prompt_segments": 2}
+        queries = self._queries(rng, sc)
+        segs: list[dict] = [{"image": sc}]
+        for t in queries:
+            o = sc.objects[t]
+            segs += [{"text": self.cue(rng, "ground", ref=S.referring_expression(o))},
+                     {"box": list(o.box), "image_index": 0}]
+        return segs, {"objects": sc.to_dicts(), "target": queries[0], "prompt_segments": 2}
 
     def _refer(self, rng, unseen):
         sc = self.scene(rng, unseen)
-        t = self._target(rng, sc)
-        o = sc.objects[t]
-        segs = [{"image": sc}, {"box": list(o.box), "image_index": 0},
-                {"text": f"<ref>{S.referring_expression(o)}</ref>"}]
-        return segs, {"objects": sc.to_dicts(), "target": t, "prompt_segments": 2}
+        queries = self._queries(rng, sc)
+        segs: list[dict] = [{"image": sc}]
+        for t in queries:
+            o = sc.objects[t]
+            segs += [{"text": self.cue(rng, "refer")}, {"box": list(o.box), "image_index": 0},
+                     {"text": f"<ref>{S.referring_expression(o)}</ref>"}]
+        return segs, {"objects": sc.to_dicts(), "target": queries[0], "prompt_segments": 3}
 
     def _spoken_text(self, rng, unseen) -> tuple[str, list[dict]]:
         """A caption of a fresh scene, or a short instruction about one object."""
@@ -261,22 +281,22 @@ class _Planner:
     def _asr(self, rng, unseen):
         text, objs = self._spoken_text(rng, unseen)
         u = self.utterance(rng, text)
-        return [{"audio": u}, {"text": text}], \
-            {"objects": objs, "transcript": text, "voice": u.voice, "speed": u.speed, "prompt_segments": 1}
+        return [{"audio": u}, {"text": self.cue(rng, "asr")}, {"text": text}], \
+            {"objects": objs, "transcript": text, "voice": u.voice, "speed": u.speed, "prompt_segments": 2}
 
     def _tts(self, rng, unseen):
         text, objs = self._spoken_text(rng, unseen)
         u = self.utterance(rng, text)
-        return [{"text": f"say: {text}"}, {"audio": u}], \
+        return [{"text": self.cue(rng, "tts") + text}, {"audio": u}], \
             {"objects": objs, "transcript": text, "voice": u.voice, "speed": u.speed, "prompt_segments": 1}
 
     def _a2i(self, rng, unseen):
         sc = self.scene(rng, unseen, max_objects=self.cfg.speech_max_objects)
         text = self.caption(rng, sc)
         u = self.utterance(rng, text)
-        return [{"audio": u}, {"image": sc}], \
+        return [{"audio": u}, {"text": self.cue(rng, "a2i")}, {"image": sc}], \
             {"objects": sc.to_dicts(), "transcript": text, "voice": u.voice, "speed": u.speed,
-             "prompt_segments": 1}
+             "prompt_segments": 2}
 
     def _story(self, rng, unseen):
         sc = self.scene(rng, unseen, n_objects=int(rng.integers(1, self.cfg.max_objects + 1)))

@@ -1,1 +1,1 @@
-"""Evaluation: the WORLD.md metrics (`metrics`) and the `anymodal eval` runner (`run.evaluate`)."""
+"""Evaluation: the docs/world.md metrics (`metrics`) and the `anymodal eval` runner (`run.evaluate`)."""

@@ -1,7 +1,7 @@
-"""The WORLD.md metrics as plain functions, and the aggregator that writes `metrics.json`.
+"""The docs/world.md metrics as plain functions, and the aggregator that writes `metrics.json`.
 
 Each check returns numbers for one example; `Metrics` sums them per task, overall and on the
-unseen-combination subset, and `Metrics.result()` lays them out under the exact keys of WORLD.md.
+unseen-combination subset, and `Metrics.result()` lays them out under the exact keys of docs/world.md.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def word_errors(ref: str, hyp: str) -> tuple[int, int]:
 
 # ---- images ---------------------------------------------------------------------------------------
 def image_check(truth: list[dict], found: list[dict]) -> dict[str, float]:
-    """WORLD.md's image check of one generated image against the objects its prompt asked for.
+    """The image check (docs/world.md) of one generated image against the objects its prompt asked for.
 
     correct: the (colour, shape) multiset equals the prompt's (`checker.objects_match`);
     position / size: share of the prompt's objects found with the right colour, shape AND position
@@ -74,7 +74,7 @@ BPT_MODALITIES = ("text", "image", "audio", "loc")
 
 @dataclass
 class Metrics:
-    """Accumulates per-example results; `result()` is the metrics.json layout of WORLD.md."""
+    """Accumulates per-example results; `result()` is the metrics.json layout of docs/world.md."""
 
     sums: dict[str, _Sum] = field(default_factory=dict)
     unseen_sums: dict[str, _Sum] = field(default_factory=dict)

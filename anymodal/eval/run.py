@@ -1,16 +1,19 @@
-"""`anymodal eval`: measure a bundle on a validation split with the WORLD.md metrics.
+"""`anymodal eval`: measure a bundle on a validation split with the demo world's metrics (docs/world.md).
 
 Documents are read with the data reader, cut at `meta.prompt_segments` into the prompt (what the
 model is given) and the truth, and grouped by kind. Each kind's prompts are generated in batches by
 the sampling engine, with the grammar forcing the span the task asks for:
 
     t2i / a2i   prompt, then forced `<boi>`: one image, checked by the image check
-    i2t         image, then text until `</s>` (greedy): caption accuracy
-    ground      image + `<ref>…</ref>`, then forced `<box>` (greedy locations): Acc@0.5 and mean IoU
-    refer       image + box, then text (greedy): refer accuracy
-    asr         audio, then text (greedy): corpus WER against the transcript
+    i2t         image + "describe:", then text until `</s>` (greedy): caption accuracy
+    ground      image + "find <ref>…</ref>", then forced `<box>` (greedy locations): Acc@0.5, mean IoU
+    refer       image + "what is at" + box, then text (greedy): refer accuracy
+    asr         audio + "transcribe:", then text (greedy): corpus WER against the transcript
     tts         "say: …", then forced `<boa>`: the clip is decoded to a waveform, re-tokenized and
-                transcribed by the model itself (the asr prompt); WER against the text
+                transcribed by the model itself (the asr prompt with the first ASR cue); WER
+                against the text
+
+Prompts carry the documents' task cues (docs/world.md), exactly as training saw them.
 
 Images and clips are sampled (per-document fixed seeds) with classifier-free guidance; text and
 locations are greedy. Bits per token per modality are measured by teacher forcing on every
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.cues import cue
 from ..errors import UserError
 from ..sample.engine import Engine, Request
 from ..sample.media import audio_codes, decode_audio, decode_images, image_codes, image_mode
@@ -48,6 +52,8 @@ class EvalOptions:
     max_text_tokens: int = 160  # 3-object captions are ~90 tokens with a tiny BPE vocab
     bits_docs: int | None = None  # documents for bits per token (None = every document read)
     progress: bool = True
+    tasks: tuple[str, ...] = GEN_KINDS  # the generation tasks to run
+    sampling: ModalitySampling | None = None  # None = eval_sampling()
 
 
 def eval_sampling() -> ModalitySampling:
@@ -70,9 +76,11 @@ class Evaluator:
         self.tok = bundle.tok
         self.engine = Engine(bundle.model, self.sp, device=bundle.device)
         self.metrics = Metrics()
-        self.sampling = eval_sampling()
+        self.sampling = opts.sampling or eval_sampling()
         self.bar = None
         self.over_context = 0  # documents whose prompt leaves no room for the answer
+        # prompt ids per document key: media are tokenized once, however often the docs are evaluated
+        self._prompts: dict[str, list[int]] = {}
 
     # ---- reading -----------------------------------------------------------------------------
     def read(self, data) -> tuple[dict[str, list], list, int]:
@@ -137,16 +145,18 @@ class Evaluator:
         return out
 
     def prompt(self, doc) -> list[int]:
-        n = int(doc.meta.get("prompt_segments", len(doc.segments) - 1))
-        ids, _ = self.b.stream.encode(self.segments(doc, n), bos=True, eos=False)
-        return [int(i) for i in ids]
+        if doc.key not in self._prompts:
+            n = int(doc.meta.get("prompt_segments", len(doc.segments) - 1))
+            ids, _ = self.b.stream.encode(self.segments(doc, n), bos=True, eos=False)
+            self._prompts[doc.key] = [int(i) for i in ids]
+        return self._prompts[doc.key]
 
     def _fits(self, prompt: list[int], new: int) -> int:
         """New tokens that fit after the prompt (0 = the prompt alone fills the context)."""
         return max(0, min(new, self.engine.max_len - len(prompt)))
 
     def generate(self, prompts: list[list[int]], new: int | list[int], seeds: list[int], force=None,
-                 cfg: float = 1.0, min_new: int = 1) -> list:
+                 cfg: float = 1.0, min_new: int = 1, stop_ids=()) -> list:
         """One result per prompt; None where fewer than `min_new` tokens fit after the prompt."""
         news = new if isinstance(new, list) else [new] * len(prompts)
         reqs, idx = [], []
@@ -158,7 +168,8 @@ class Evaluator:
                 self.over_context += 1
                 continue
             reqs.append(Request(p, room, self.sampling, seed=s, cfg_scale=cfg,
-                                force=[force] if force is not None else (), stop_after_span=force is not None))
+                                force=[force] if force is not None else (), stop_after_span=force is not None,
+                                stop_ids=stop_ids))
             idx.append(i)
         results = [None] * len(prompts)
         for chunk in _batches(list(zip(idx, reqs)), self.o.batch_size):
@@ -200,7 +211,9 @@ class Evaluator:
 
         for chunk in _batches(docs, self.o.batch_size):
             prompts = [self.prompt(d) for d in chunk]
-            results = self.generate(prompts, self.o.max_text_tokens, [self.o.seed] * len(chunk))
+            # a referring expression ends with </ref> (a document may go on with another query)
+            stop = (self.sp.eref,) if kind == "refer" else ()
+            results = self.generate(prompts, self.o.max_text_tokens, [self.o.seed] * len(chunk), stop_ids=stop)
             for d, res in zip(chunk, results):
                 text = self.text_of(res.tokens) if res is not None else ""
                 unseen = bool(d.meta.get("unseen"))
@@ -221,7 +234,8 @@ class Evaluator:
             prompts = [self.prompt(d) for d in chunk]
             results = self.generate(prompts, 6, [self.o.seed] * len(chunk), force=sp.box, min_new=6)
             for d, res in zip(chunk, results):
-                truth = [s["box"] for s in d.segments if "box" in s][-1]
+                n = int(d.meta.get("prompt_segments", len(d.segments) - 1))
+                truth = next(s["box"] for s in d.segments[n:] if "box" in s)  # the first query's answer
                 boxes = [s for s in self.b.stream.decode(res.tokens).segments if isinstance(s, Box)] if res else []
                 iou = box_iou(boxes[0].as_tuple(), truth) if boxes else 0.0
                 self.metrics.add_ground(iou, bool(d.meta.get("unseen")))
@@ -239,14 +253,14 @@ class Evaluator:
                 news.append(sp.audio_n_q * (frames * 3 // 2 + int(sp.audio_frame_rate) // 2) + 2)
             seeds = [self.o.seed + hash_key(d.key) for d in chunk]
             results = self.generate(prompts, news, seeds, force=sp.boa, cfg=self.o.cfg, min_new=sp.audio_n_q + 2)
-            # The model's own ASR on its speech: waveform -> codec -> `<s><boa>…<eoa>` -> text.
+            # The model's own ASR on its speech: waveform -> codec -> `<s><boa>…<eoa>transcribe:` -> text.
             asr_prompts = []
             for res in results:
                 clips = [s for s in self.b.stream.decode(res.tokens).segments if isinstance(s, Audio)] if res else []
                 if clips and clips[0].codes.shape[0] > 0:
                     wave = decode_audio(clips[0].codes, self.tok.audio)
                     codes = audio_codes(wave, self.tok.audio)
-                    ids, _ = self.b.stream.encode([Audio(codes)], bos=True, eos=False)
+                    ids, _ = self.b.stream.encode([Audio(codes), Text(cue("asr"))], bos=True, eos=False)
                     asr_prompts.append([int(i) for i in ids])
                 else:
                     asr_prompts.append(None)
@@ -292,13 +306,22 @@ class Evaluator:
 
     # ---- all ---------------------------------------------------------------------------------------
     def run(self, data) -> dict:
+        per_kind, bits, skipped = self.read(data)
+        return self.run_docs(per_kind, bits, skipped, kinds=self.o.tasks)
+
+    def run_docs(self, per_kind: dict[str, list], bits: list, skipped: int = 0, kinds=GEN_KINDS) -> dict:
+        """Every metric on documents already read (`read`); only the generation tasks in `kinds`.
+
+        Metrics start from zero and the sampling engine is rebuilt from the model's current weights,
+        so a trainer can call this again on the same documents as the weights change."""
         from tqdm import tqdm
 
-        per_kind, bits, skipped = self.read(data)
-        total = sum(len(v) for v in per_kind.values()) + len(bits)
+        self.engine = Engine(self.b.model, self.sp, device=self.b.device)
+        self.metrics, self.over_context = Metrics(), 0
+        total = sum(len(per_kind[k]) for k in kinds) + len(bits)
         self.bar = tqdm(total=total, desc="eval", unit="doc", disable=not self.o.progress or None, file=sys.stderr)
         try:
-            for kind in GEN_KINDS:
+            for kind in kinds:
                 docs = per_kind[kind]
                 if not docs:
                     continue
@@ -342,6 +365,9 @@ def evaluate(bundle, data, out: str | Path | None = None, opts: EvalOptions | No
         raise UserError(f"--limit must be >= 1, got {opts.limit}")
     if opts.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    bad = [t for t in opts.tasks if t not in GEN_KINDS]
+    if bad:
+        raise UserError(f"--tasks: unknown task {bad[0]!r} (valid: {', '.join(GEN_KINDS)})")
     result = Evaluator(bundle, opts).run(data)
     if out is not None:
         out = Path(out)

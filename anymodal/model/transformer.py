@@ -333,6 +333,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
         self.reset_parameters()
 
     @torch.no_grad()
@@ -349,6 +351,21 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             else:
                 nn.init.ones_(p)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint or bundle stores: the state dict, without the head when it is
+        the embedding (tied), so every stored tensor has memory of its own (safetensors needs that)."""
+        state = self.state_dict()
+        if self.cfg.tie_embeddings:
+            state.pop("head.weight", None)
+        return state
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load `weights()` (or a full state dict); returns (missing, unexpected) keys."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if self.cfg.tie_embeddings:
+            missing = [k for k in missing if k != "head.weight"]
+        return missing, unexpected
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -100,7 +100,7 @@ def load_bundle(path: str | Path, device: str | None = None) -> Bundle:
         raise UserError(f"{path}: model vocab {cfg.vocab_size} != token space {tok.space.vocab_size}")
     model = Transformer(cfg)
     state = load_file(str(weights), device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_weights(state)
     if missing or unexpected:
         raise UserError(f"{weights} does not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return Bundle(model.to(device).eval(), tok, path)
@@ -115,7 +115,7 @@ def save_bundle_layout(bundle: Bundle, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(bundle.model.cfg, out / "config.yaml")
-    state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.weights().items()}
     save_file(state, str(out / "model.safetensors.tmp"))
     (out / "model.safetensors.tmp").replace(out / "model.safetensors")
     t = bundle.tok

@@ -49,6 +49,7 @@ class Request:
     cfg_scale: float = 1.0  # classifier-free guidance on image and audio spans; 1 = off
     force: Sequence[int] = ()  # e.g. [<box>] for grounding, [<boi>] for text-to-image
     stop_after_span: bool = False  # finish as soon as the first image/audio/box span closes
+    stop_ids: Sequence[int] = ()  # finish after generating one of these ids (e.g. `</ref>`)
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Result:
     tokens: list[int]  # generated ids (forced ones included), without the prompt or trailing pad
     probs: list[float]  # probability of each generated id under the constrained distribution
     modes: list[int]  # grammar mode each id was generated in (TEXT/IMAGE/AUDIO/BOX)
-    finish: str  # 'eos' | 'length' | 'span'
+    finish: str  # 'eos' | 'length' | 'span' | 'stop'
 
 
 # A callback per step: (request index, token id, mode it was generated in) for every live row.
@@ -145,6 +146,7 @@ class Engine:
         params = [r.sampling.table() for r in requests]  # per request: (temps, top_ks, top_ps) by modality
         max_new_l = [r.max_new_tokens for r in requests]
         stop_span = [r.stop_after_span for r in requests]
+        stop_ids = [set(r.stop_ids) for r in requests]
         force_len = max((len(r.force) for r in requests), default=0)
         forced = torch.full((n, max(1, force_len)), -1, dtype=torch.long, device=dev)
         for i, r in enumerate(requests):
@@ -207,11 +209,13 @@ class Engine:
                 out_mode[i].append(modes[i])
                 if on_token is not None:
                     on_token(i, tok_l[i], modes[i])
-                # Stop conditions, per row: </s>, a closed span (when asked), or the token budget.
+                # Stop conditions, per row: </s>, a closed span (when asked), a stop id, or the budget.
                 if new_modes[i] == DONE:
                     finish[i] = "eos"
                 elif stop_span[i] and modes[i] != TEXT and new_modes[i] == TEXT:
                     finish[i] = "span"
+                elif tok_l[i] in stop_ids[i]:
+                    finish[i] = "stop"
                 elif len(out_tok[i]) >= max_new_l[i]:
                     finish[i] = "length"
                 else:

@@ -1,7 +1,8 @@
 """Grounding: the box of a phrase in an image, in pixels of the input image.
 
 The prompt is laid out like the world's `ground` documents,
-`<s> <boi> c_1 … c_{h·w} <eoi> <ref>the red circle</ref>`, and generation is forced to start with
+`<s> <boi> c_1 … c_{h·w} <eoi> find <ref>the red circle</ref>` (the grounding cue of
+docs/world.md), and generation is forced to start with
 `<box>`; the grammar then allows exactly four `<loc_*>` (x1 < x2, y1 < y2) and `</box>`. Locations
 are decoded greedily by default.
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.cues import ground_query
 from ..errors import UserError
 from ..tokenizers.stream import bins_to_box
 from .engine import Engine, Request
@@ -34,11 +36,11 @@ class Grounding:
 
 
 def ground_prompt(space, text_tok, codes: np.ndarray, query: str) -> list[int]:
-    """`<s> <boi> codes <eoi> <ref>query</ref>` as ids (the `ground` document layout)."""
+    """`<s> <boi> codes <eoi> find <ref>query</ref>` as ids (the `ground` document layout)."""
     codes = np.asarray(codes, dtype=np.int64).reshape(-1)
-    # The query goes through the tokenizer inside its <ref> markers, exactly as training text did.
+    # The query goes through the tokenizer inside its cue and <ref> markers, exactly as training text did.
     return ([space.bos, space.boi] + (codes + space.image_offset).tolist() + [space.eoi]
-            + text_tok.encode(f"<ref>{query}</ref>"))
+            + text_tok.encode(ground_query(query)))
 
 
 def greedy_loc() -> ModalitySampling:

@@ -84,9 +84,9 @@ def image_codes(pixels: np.ndarray | list[np.ndarray], image_tok) -> list[np.nda
 
 @torch.inference_mode()
 def audio_codes(wave: np.ndarray, audio_tok) -> np.ndarray:
-    """float32 [T] -> int64 codes [frames, n_q]."""
+    """float32 [T] -> int64 codes [frames, stream_levels] (the levels the token stream carries)."""
     dev = next(audio_tok.parameters()).device
-    return audio_tok.encode(torch.from_numpy(np.asarray(wave, dtype=np.float32))[None].to(dev))[0].cpu().numpy()
+    return audio_tok.encode_stream(torch.from_numpy(np.asarray(wave, dtype=np.float32))[None].to(dev))[0].cpu().numpy()
 
 
 @torch.inference_mode()

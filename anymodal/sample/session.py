@@ -35,14 +35,14 @@ class SampleOptions:
     stop_after_span: bool = False  # end each sample when its first image / clip / box closes
 
 
-def _per_modality(value: str | None, name: str, cast) -> dict[str, object]:
-    """'0.8' -> every modality; 'text=0.8,image=1' -> those modalities."""
+def per_modality(value: str | None, name: str, cast, every=MODALITIES) -> dict[str, object]:
+    """'0.8' -> every modality (of `every`); 'text=0.8,image=1' -> those modalities."""
     if value is None:
         return {}
     value = str(value).strip()
     try:
         if "=" not in value:
-            return {m: cast(value) for m in MODALITIES}
+            return {m: cast(value) for m in every}
         out = {}
         for item in value.split(","):
             k, v = (s.strip() for s in item.split("=", 1))
@@ -57,9 +57,9 @@ def _per_modality(value: str | None, name: str, cast) -> dict[str, object]:
 def sampling_from_flags(temperature=None, top_k=None, top_p=None) -> ModalitySampling:
     """The default per-modality sampling with the given flags laid over it."""
     base = ModalitySampling.default()
-    temps = _per_modality(temperature, "temperature", float)
-    ks = _per_modality(top_k, "top-k", int)
-    ps = _per_modality(top_p, "top-p", float)
+    temps = per_modality(temperature, "temperature", float)
+    ks = per_modality(top_k, "top-k", int)
+    ps = per_modality(top_p, "top-p", float)
     for m in MODALITIES:
         cur: SamplingParams = getattr(base, m)
         setattr(base, m, SamplingParams(temps.get(m, cur.temperature), ks.get(m, cur.top_k), ps.get(m, cur.top_p)))

@@ -33,7 +33,7 @@ def build_space(text: TextTokenizer, image=None, audio=None) -> TokenSpace:
         text,
         image_codebook_size=image.codebook_size if image is not None else 0,
         image_grid=tuple(image.grid_shape) if image is not None else (0, 0),
-        audio_n_q=audio.n_q if audio is not None else 0,
+        audio_n_q=audio.stream_levels if audio is not None else 0,
         audio_codebook_size=audio.codebook_size if audio is not None else 0,
         audio_frame_rate=audio.frame_rate if audio is not None else 0.0,
         audio_sample_rate=audio.sample_rate if audio is not None else 0,

@@ -62,6 +62,10 @@ class AudioTokenizerConfig:
     ema_decay: float = 0.95
     dead_code_threshold: float = 0.5  # EMA usage below this (codes per batch) -> replaced by a batch vector
     quantizer_dropout: bool = True
+    # Levels the LM token stream carries, the coarsest first (0 = all n_q). The first level holds
+    # most of what is said; each finer level adds frame_rate tokens per second that refine the
+    # sound. The decoder renders fewer levels as it does any prefix of them.
+    stream_levels: int = 0
     # inference
     chunk_seconds: float = 20.0  # encode/decode longer inputs in overlapping chunks of this length
 
@@ -71,6 +75,8 @@ class AudioTokenizerConfig:
             raise ConfigError(f"config key 'strides' must be a non-empty list of positive ints, got {self.strides}")
         if self.n_q < 1 or self.codebook_size < 2:
             raise ConfigError("config keys 'n_q' >= 1 and 'codebook_size' >= 2 are required")
+        if not 0 <= self.stream_levels <= self.n_q:
+            raise ConfigError(f"config key 'stream_levels' must be 0 (all) to n_q={self.n_q}, got {self.stream_levels}")
         if self.sample_rate % self.hop != 0:
             # a fractional frame rate would make the token stream's timing ambiguous
             raise ConfigError(f"sample_rate {self.sample_rate} is not a multiple of hop {self.hop} (prod of strides)")
@@ -236,6 +242,11 @@ class AudioTokenizer(nn.Module):
         return self.cfg.n_q
 
     @property
+    def stream_levels(self) -> int:
+        """Levels per frame in the token stream (`cfg.stream_levels`, or all n_q)."""
+        return self.cfg.stream_levels or self.cfg.n_q
+
+    @property
     def codebook_size(self) -> int:
         return self.cfg.codebook_size
 
@@ -298,6 +309,10 @@ class AudioTokenizer(nn.Module):
             codes = self._encode_frames(x[:, ca * self.hop : cb * self.hop])  # [B, cb - ca, n_q]
             out.append(codes[:, a - ca : b - ca])
         return torch.cat(out, dim=1).long()
+
+    def encode_stream(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave [B, T] -> the codes the token stream carries: [B, frames, stream_levels]."""
+        return self.encode(wave)[..., : self.stream_levels]
 
     def codes_to_latent(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, N, k <= n_q] -> quantized latent [B, N, D]: sum of the first k levels' code vectors."""

@@ -1,4 +1,4 @@
-"""Codec quality figures (WORLD.md's audio tokenizer figures) and a spectrogram picture.
+"""Codec quality figures (the audio tokenizer figures of docs/world.md) and a spectrogram picture.
 
 - `si_snr(ref, est)`: scale-invariant SNR in dB.
 - `mel_distance(ref, est, sr)`: mean L1 between log-mel spectrograms (80 bands, 1024-point FFT,

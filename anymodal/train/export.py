@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..data.mixture import parse_sources
+from ..errors import ConfigError, UserError
 
 
 def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -48,12 +49,16 @@ def _tokenizer_dir(run: Path, given: str | Path | None) -> Path:
     import yaml
 
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    data = Path(cfg.get("data") or "")
-    manifest = data / "manifest.json"
-    if manifest.is_file():
-        tok = json.loads(manifest.read_text()).get("tokenizers") or ""
-        if tok and Path(tok).is_dir():
-            return Path(tok)
+    try:  # one folder or a mixture (its sources share one token space: any manifest will do)
+        folders = [Path(s.path) for s in parse_sources(cfg.get("data"))]
+    except ConfigError:
+        folders = []
+    for data in folders:
+        manifest = data / "manifest.json"
+        if manifest.is_file():
+            tok = json.loads(manifest.read_text()).get("tokenizers") or ""
+            if tok and Path(tok).is_dir():
+                return Path(tok)
     raise UserError(f"cannot find the tokenizer set of {run} (its data manifest names none, or it moved); "
                     f"pass --tokenizers DIR")
 
@@ -86,7 +91,7 @@ def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = Non
 
     state = consolidate(ckpt)
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_weights(state)
     if missing or unexpected:
         raise UserError(f"checkpoint {ckpt} does not fit {run}/model.yaml: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
@@ -98,7 +103,7 @@ def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_config(cfg, tmp / "config.yaml")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
+    save_file({k: v.contiguous() for k, v in model.weights().items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt", "step": str(ckpt_step)})
     space.save(tmp / "token_space.json")
     for name in ("text", "image", "audio"):

@@ -12,7 +12,7 @@ that depends only on (seed, rank, step), so a resumed run sees exactly the batch
 seen); large ones are streamed with a shuffle buffer.
 
 Every `train.val_every` steps: PSNR, SSIM, codebook usage and perplexity on the val images, the
-WORLD.md image check's agreement between original and reconstruction, and a reconstruction grid PNG
+docs/world.md image check's agreement between original and reconstruction, and a reconstruction grid PNG
 (`OUT/val/step_*.png`: originals on top, reconstructions below). Checkpoints (`OUT/checkpoints/`) hold
 model, optimizer(s), step, elapsed time and RNG state, written atomically; `--resume` continues from
 the newest. At the end: `OUT/config.yaml`, `OUT/model.safetensors`, `OUT/metrics.json`.
@@ -248,7 +248,7 @@ def evaluate(tok: ImageTokenizer, images: torch.Tensor, batch: int = 64, image_c
 
 
 def image_check_agreement(originals: np.ndarray, recons: np.ndarray) -> float:
-    """Share of images whose WORLD.md image check finds the same (colour, shape) objects in both."""
+    """Share of images whose image check (docs/world.md) finds the same (colour, shape) objects in both."""
     from ..data.checker import analyse_image, objects_match
 
     same = [objects_match(analyse_image(b), analyse_image(a)) for a, b in zip(originals, recons)]

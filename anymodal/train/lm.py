@@ -19,8 +19,9 @@ skipped steps in a row stop the run. SIGINT/SIGTERM finish the current step, sav
 and exit; `--resume` continues bit-exactly from the newest complete checkpoint.
 
 Run dir: config.yaml (resolved TrainConfig), model.yaml (ModelConfig), token_space.json,
-ds_config.json, metrics.jsonl (one record per logged step), loss*.png, checkpoints/. With several
-nodes the run dir must be on a filesystem all nodes share (each rank writes its ZeRO partition into
+ds_config.json, metrics.jsonl (one record per logged step; val and data-mix records),
+data_mix.json (planned and realized data mix, anymodal.data.mixture), loss*.png, checkpoints/.
+With several nodes the run dir must be on a filesystem all nodes share (each rank writes its ZeRO partition into
 the same checkpoint folder, which rank 0 then renames into place).
 """
 
@@ -44,6 +45,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import check_choice, load_config, resolve_config_path, save_config, to_dict
+from ..data.mixture import MixCounter, Mixture, check_kind_weights, format_plan, parse_sources, write_mix_json
 from ..errors import ConfigError, UserError
 from ..model.config import ModelConfig
 
@@ -65,17 +67,22 @@ ModelOverrides = _overrides_of(ModelConfig)
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/lm"
-    data: str = ""  # token-shard folder written by `anymodal prepare`
+    # token-shard folder written by `anymodal prepare`, or a weighted mixture of such folders:
+    # [{path: DIR, weight: W, name: N}, ...], weight = share of an epoch's tokens (anymodal.data.mixture)
+    data: Any = ""
     val_data: str = ""  # optional held-out token shards: val loss every `eval_every` steps
+    # sampling-rate factor per document kind, e.g. {t2i: 2, prose: 0} (0 drops a kind); {} = all 1
+    kind_weights: dict[str, float] = field(default_factory=dict)
     model_preset: str | None = "model/demo"  # ModelConfig YAML (path, or name under configs/); empty = defaults
     model: ModelOverrides = field(default_factory=ModelOverrides)  # preset overrides, e.g. model.n_layers=4
     seq_len: int = 512  # tokens per packed row (the model sees rows of seq_len, predicts seq_len labels)
     micro_batch: int = 8  # rows per process per forward
     grad_accum: int = 1  # micro-batches per optimizer step
     steps: int = 1000  # optimizer steps in total
-    # Wall-clock budget of the training loop in minutes (0 = none; resumed runs count earlier time):
-    # from the measured step time the run is cut to the steps that fit, and the LR decay is
-    # re-aimed at that last step, so a slower or busier machine trains less but still anneals.
+    # Wall-clock budget of the whole command in minutes, set-up and final save included (0 = none;
+    # resumed runs count earlier time): after every step the last step that fits is re-planned from
+    # the measured step time (anymodal.train.budget) and the LR decay is re-aimed at it, so a slower
+    # or busier machine trains less but still anneals, and the run ends when its minutes are up.
     max_minutes: float = 0.0
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # the decay ends at lr · min_lr_ratio
@@ -97,6 +104,13 @@ class TrainConfig:
     log_every: int = 1  # steps between metrics.jsonl records
     eval_every: int = 0  # steps between val-loss passes over val_data; 0 = off
     eval_batches: int = 20  # micro-batches per rank per val pass
+    # Task metrics during training (anymodal.train.task_eval): every N steps and at the end, the
+    # demo world's checks on up to `task_eval_limit` raw val documents per task; 0 = off.
+    task_eval_every: int = 0
+    task_eval_data: str = ""  # raw val shards (path, folder, glob) of the demo world
+    task_eval_limit: int = 10  # documents per task and pass
+    task_eval_tasks: list[str] = field(default_factory=lambda: ["t2i", "a2i", "i2t", "ground", "refer", "asr"])
+    tokenizers: str = ""  # tokenizer set for task_eval; "" = the one the training data was prepared with
     seed: int = 0
     cond_dropout: float = 0.1  # drop the prompt of t2i/a2i/tts documents (classifier-free guidance)
     lookahead: int = 64  # packing look-ahead window (documents)
@@ -123,6 +137,15 @@ class TrainConfig:
             raise ConfigError(f"config key 'cond_dropout' must be in [0, 1], got {self.cond_dropout}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
+        parse_sources(self.data)  # a malformed source list fails here, before any process starts
+        self.kind_weights = check_kind_weights(self.kind_weights)
+        if self.task_eval_every < 0 or self.task_eval_limit < 1:
+            raise ConfigError("config keys task_eval_every >= 0 and task_eval_limit >= 1")
+        if self.task_eval_every and not self.task_eval_data:
+            raise ConfigError("task_eval_every is set but task_eval_data (raw val shards) is not")
+        from .task_eval import check_tasks
+
+        check_tasks(self.task_eval_tasks)
 
 
 class DivergedError(UserError):
@@ -295,25 +318,28 @@ class StopFlag:
 # ---- the loop --------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     """Train (or with `resume`, continue) the run `cfg.run_dir`; see the module docstring."""
+    started = time.perf_counter()  # the max_minutes budget counts set-up too
     deepspeed, added_env = setup_distributed()
     try:
-        return _train(cfg, resume, deepspeed)
+        return _train(cfg, resume, deepspeed, started)
     finally:
         for k in added_env:
             os.environ.pop(k, None)
 
 
-def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
+def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainResult:
     import numpy as np
     import torch.distributed as dist
 
     from ..data.packing import PackedLoader, TokenDataset
     from ..kernels import install as install_kernels
     from ..model import MODALITY_NAMES, Transformer, flops_per_token, lm_loss
+    from .budget import StepBudget
     from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from .cpu_memory import keep_freed_memory
     from .metrics import MetricsLog
     from .schedule import WarmupCosine
+    from .task_eval import print_tasks
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = torch.cuda.is_available()
@@ -331,9 +357,10 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
             dist.barrier()
 
     # -- data, model config, run dir
-    if not cfg.data:
-        raise UserError("no training data: set data=DIR (a folder written by `anymodal prepare`)")
-    data = TokenDataset(cfg.data)
+    sources = parse_sources(cfg.data)
+    if not sources:
+        raise UserError("no training data: set data=DIR (a folder written by `anymodal prepare`) or a list of sources")
+    data = Mixture(sources, cfg.kind_weights)  # one folder is a mixture of one: exactly the plain loader's rows
     space = data.space
     model_cfg = build_model_config(cfg, space.vocab_size)
     run_dir = Path(cfg.run_dir)
@@ -369,10 +396,13 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
         engine.compile()
     loader = PackedLoader(data, cfg.seq_len, cfg.micro_batch, rank, world, cfg.grad_accum, cfg.seed,
                           cfg.cond_dropout, lookahead=cfg.lookahead)
+    mix = MixCounter(data)  # realized tokens per source / kind / modality, kept in the checkpoint meta
+    if rank == 0:
+        print("[train] " + format_plan(data.planned()), file=sys.stderr)
     val_loader = None
     if cfg.val_data and cfg.eval_every:
         val = TokenDataset(cfg.val_data)
-        val.space.check_same(space, f"{cfg.val_data} vs {cfg.data}")
+        val.space.check_same(space, f"{cfg.val_data} vs {data.path}")
         val_loader = PackedLoader(val, cfg.seq_len, cfg.micro_batch, rank, world, seed=cfg.seed,
                                   shuffle=False, loop=False, lookahead=cfg.lookahead)
 
@@ -389,6 +419,7 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
             total = max(step, min(cfg.steps, int(meta["budget_steps"])))
             schedule.total = total
         loader.load_state_dict(meta["loader"])
+        mix.load_state_dict(meta.get("mix"))
         # the schedule follows the current config (e.g. more steps), not the saved one
         scheduler.lr_lambdas[0].__dict__.update(schedule.__dict__)
         scheduler._last_lr = [base * schedule(scheduler.last_epoch) for base in scheduler.base_lrs]
@@ -418,15 +449,23 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
     tokens_per_step = cfg.micro_batch * cfg.seq_len * cfg.grad_accum * world
     engine.train()
 
-    step_times: list[float] = []  # this process's step times (for the max_minutes budget)
-    run_t0 = time.perf_counter()
+    budget = StepBudget(started + cfg.max_minutes * 60.0 - spent, cfg.steps)
+    tasks = _task_eval(cfg, engine.module, data) if cfg.task_eval_every and rank == 0 else None
+    if tasks is not None and step == 0:  # where the curve starts: the untrained model
+        metrics.write({"step": 0, "minutes": 0.0, "tasks": tasks()})
+        budget.evaluated(tasks.seconds[-1], cfg.task_eval_every)
 
     def save(at_step: int) -> None:
+        t0 = time.perf_counter()
         meta = {"loader": loader.state_dict(), "skipped_total": skipped_total, "tokens_seen": tokens_seen,
-                "world_size": world, "seq_len": cfg.seq_len,
-                "train_seconds": spent + time.perf_counter() - run_t0,
+                "world_size": world, "seq_len": cfg.seq_len, "mix": mix.state_dict(),
+                "train_seconds": spent + t0 - started,
                 "budget_steps": total if cfg.max_minutes else None}
         save_checkpoint(engine, run_dir, at_step, {"rng": rng_state()}, meta, cfg.keep_last, rank, barrier)
+        if rank == 0:
+            write_mix_json(run_dir / "data_mix.json", data, mix, at_step)
+        # what the run needs after its last step: one more save, the plots
+        budget.reserve = (time.perf_counter() - t0) + 1.0 + budget.last_eval
 
     with StopFlag() as stop:
         while step < total:
@@ -456,11 +495,16 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
                                        *(out.per_modality_count[m][None] for m in MODALITY_NAMES)]).double()
             acc[-1] = 1.0 if stop.signal else 0.0
             if rank == 0 and cfg.max_minutes:
-                acc[-2] = _budget_steps(step_times, step + 1, total, cfg.max_minutes * 60.0
-                                        - spent - (time.perf_counter() - run_t0))
+                now = time.perf_counter()
+                budget.step_done(step + 1, now)
+                acc[-2] = budget.last_step(step + 1, now, total)
             if world > 1:  # one small all-reduce: losses of all ranks and whether any rank must stop
                 dist.all_reduce(acc)
             acc = acc.cpu()
+            # realized mix: this step's global rows s·G … (s+1)·G from the epoch plan (every rank
+            # counts the same, whatever the process count) and all ranks' label tokens per modality
+            mix.add_rows(loader.plan(loader.epoch), loader.consumed - loader.global_batch, loader.consumed)
+            mix.add_labels({m: acc[2 + n_mod + i] for i, m in enumerate(MODALITY_NAMES)})
             # ZeRO counts overflow steps in the engine; at stage 0 our optimizer knows (under a
             # bf16 wrapper the engine does not see its flag)
             skipped = engine.skipped_steps - skipped_before or int(bool(getattr(optimizer, "overflow", False)))
@@ -474,9 +518,8 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
                 nan_streak = 0
                 losses[step] = ce
             dt = time.perf_counter() - t0
-            step_times.append(dt)
             tps = tokens_per_step / dt
-            if cfg.max_minutes and 0 < int(acc[-2]) < total:
+            if cfg.max_minutes and int(acc[-2]) > 0 and int(acc[-2]) != total:
                 total = max(step, int(acc[-2]))
                 schedule.total = scheduler.lr_lambdas[0].total = total
                 bar.total = total
@@ -505,7 +548,18 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
                     f"check the data, then --resume")
             if val_loader is not None and step % cfg.eval_every == 0:
                 metrics.write({"step": step, **_evaluate(engine, val_loader, cfg, device, z_weight, world, dist)})
+            if cfg.task_eval_every and (step % cfg.task_eval_every == 0 or step == total):
+                t_eval = time.perf_counter()
+                if tasks is not None:  # rank 0 measures, the others wait
+                    rec = tasks()
+                    metrics.write({"step": step, "minutes": round((spent + time.perf_counter() - started) / 60, 3),
+                                   "tasks": rec})
+                    print_tasks(step, rec)
+                barrier()
+                budget.evaluated(time.perf_counter() - t_eval, cfg.task_eval_every)
             stopping = float(acc[-1]) > 0
+            if (val_loader is not None and step % cfg.eval_every == 0) or step == total or stopping:
+                metrics.write({"step": step, "mix": mix.record()})
             if step % cfg.checkpoint_every == 0 or step == total or stopping:
                 save(step)
                 last_saved = step
@@ -515,6 +569,8 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
     metrics.close()
     if last_saved != step:
         save(step)
+    if rank == 0:  # also when no step ran (a resume at its last step)
+        write_mix_json(run_dir / "data_mix.json", data, mix, step)
     if rank == 0:
         from .plot import plot_run
 
@@ -527,17 +583,17 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed) -> TrainResult:
     return TrainResult(step, losses, engine.module, run_dir, interrupted, skipped_total)
 
 
-def _budget_steps(step_times: list[float], done: int, total: int, seconds_left: float) -> int:
-    """The last step that fits the time left (never above `total`, never below `done`).
+def _task_eval(cfg: TrainConfig, model, data):
+    """The in-training task evaluator, with the tokenizer set the training data was prepared with."""
+    from .task_eval import TaskEval
 
-    The first step of a process (allocation, thread-pool start) is left out of the estimate; the
-    median of the recent steps follows a machine that slows down without chasing one slow step.
-    """
-    recent = step_times[1:][-20:]
-    if not recent:
-        return total
-    per_step = sorted(recent)[len(recent) // 2]
-    return max(done, min(total, done + int(max(0.0, seconds_left) // per_step)))
+    if cfg.zero_stage == 3:
+        raise UserError("task_eval_every needs the whole model in one process; it does not work with zero_stage=3")
+    tok_dir = cfg.tokenizers or data.manifest.get("tokenizers", "")
+    if not tok_dir or not Path(tok_dir, "text").is_dir():
+        raise UserError(f"task_eval_every: no tokenizer set found ({tok_dir or 'none recorded by prepare'}); "
+                        "set tokenizers=DIR")
+    return TaskEval(model, tok_dir, cfg.task_eval_data, cfg.task_eval_limit, cfg.task_eval_tasks, seed=cfg.seed)
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, space, resuming: bool) -> None:
@@ -546,7 +602,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, space, resuming
     run_dir.mkdir(parents=True, exist_ok=True)
     if resuming:
         if (run_dir / "token_space.json").is_file():
-            TokenSpace.load(run_dir).check_same(space, f"{run_dir} vs {cfg.data}")
+            TokenSpace.load(run_dir).check_same(space, f"{run_dir} vs {' + '.join(s.path for s in parse_sources(cfg.data))}")
         if (run_dir / "model.yaml").is_file():
             import yaml
 

@@ -1,26 +1,51 @@
-"""Loss curves as PNG files, one per series (total and each modality), train and validation.
+"""A run's curves as PNG files: loss per series (total and each modality, train and validation) and,
+when the run measured them, the task metrics against minutes (`tasks.png`).
 
-Uses matplotlib when it is installed; otherwise draws the chart with PIL (axes, ticks, the raw
-curve in a light colour and an exponential moving average on top), so a run always ends with
-pictures of its curves.
+Uses matplotlib when it is installed; otherwise draws the same chart with PIL (axes, ticks, lines,
+markers, a legend), so a run always ends with pictures of its curves.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .metrics import read_metrics
 
 SERIES = ("loss", "loss_text", "loss_image", "loss_audio", "loss_loc")
+# task metric -> (legend label, colour); WER is an error rate: lower is better
+TASK_LINES = {
+    "t2i_accuracy": ("t2i", "#08519c"), "a2i_accuracy": ("a2i", "#6baed6"),
+    "caption_accuracy": ("caption", "#238b45"), "grounding_acc50": ("grounding Acc@0.5", "#d94801"),
+    "refer_accuracy": ("refer", "#ae017e"), "asr_wer": ("ASR WER (lower is better)", "#525252"),
+}
 
 
-def _points(records: list[dict], key: str) -> list[tuple[float, float]]:
+@dataclass
+class Line:
+    label: str
+    points: list[tuple[float, float]]
+    colour: str
+    width: int = 2
+    markers: bool = False
+
+
+@dataclass
+class Chart:
+    title: str
+    xlabel: str
+    ylabel: str
+    lines: list[Line] = field(default_factory=list)
+    ylim: tuple[float, float] | None = None
+
+
+def _points(records: list[dict], key: str, x: str = "step") -> list[tuple[float, float]]:
     pts = []
     for r in records:
         v = r.get(key)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            pts.append((float(r["step"]), float(v)))
+        if isinstance(v, (int, float)) and math.isfinite(v) and isinstance(r.get(x), (int, float)):
+            pts.append((float(r[x]), float(v)))
     return pts
 
 
@@ -35,45 +60,71 @@ def _ema(ys: list[float], alpha: float | None = None) -> list[float]:
     return out
 
 
+def loss_chart(records: list[dict], key: str) -> Chart | None:
+    train, val = _points(records, key), _points(records, "val_" + key)
+    if not train and not val:
+        return None
+    chart = Chart("total loss" if key == "loss" else f"{key[5:]} loss", "step", "cross-entropy (nats/token)")
+    if train:
+        chart.lines.append(Line("train", train, "#9ecae1", 1))
+        chart.lines.append(Line("train (EMA)", list(zip([x for x, _ in train], _ema([y for _, y in train]))),
+                                "#08519c"))
+    if val:
+        chart.lines.append(Line("val", val, "#d94801", 1, markers=True))
+    return chart
+
+
+def task_chart(records: list[dict]) -> Chart | None:
+    """Task metrics (anymodal.train.task_eval) against training minutes."""
+    rows = [{"minutes": r["minutes"], **r["tasks"]} for r in records if isinstance(r.get("tasks"), dict)
+            and isinstance(r.get("minutes"), (int, float))]
+    lines = [Line(label, _points(rows, key, "minutes"), colour, markers=True)
+             for key, (label, colour) in TASK_LINES.items()]
+    lines = [ln for ln in lines if ln.points]
+    if not lines:
+        return None
+    return Chart("task metrics on val documents", "minutes of training", "accuracy / WER", lines, (0.0, 1.0))
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write `RUN/loss*.png` from `RUN/metrics.jsonl`; returns the files written."""
+    """Write `RUN/loss*.png` (and `RUN/tasks.png`) from `RUN/metrics.jsonl`; returns the files written."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
+    charts = [(key, loss_chart(records, key)) for key in SERIES] + [("tasks", task_chart(records))]
     written = []
-    for key in SERIES:
-        train = _points(records, key)
-        val = _points(records, "val_" + key)
-        if not train and not val:
+    for name, chart in charts:
+        if chart is None:
             continue
-        title = "total loss" if key == "loss" else f"{key[5:]} loss"
-        path = run_dir / f"{key}.png"
-        try:
-            _plot_matplotlib(train, val, title, path)
-        except ImportError:
-            _plot_pil(train, val, title, path)
+        path = run_dir / f"{name}.png"
+        plot(chart, path)
         written.append(path)
     return written
 
 
-def _plot_matplotlib(train, val, title, path: Path) -> None:
+def plot(chart: Chart, path: Path) -> None:
+    try:
+        _plot_matplotlib(chart, path)
+    except ImportError:
+        _plot_pil(chart, path)
+
+
+def _plot_matplotlib(chart: Chart, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train:
-        xs, ys = zip(*train)
-        ax.plot(xs, ys, color="#9ecae1", lw=1, label="train")
-        ax.plot(xs, _ema(list(ys)), color="#08519c", lw=2, label="train (EMA)")
-    if val:
-        xs, ys = zip(*val)
-        ax.plot(xs, ys, "o-", color="#d94801", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
+    for ln in chart.lines:
+        xs, ys = zip(*ln.points)
+        ax.plot(xs, ys, "o-" if ln.markers else "-", color=ln.colour, lw=ln.width, label=ln.label)
+    if chart.ylim:
+        ax.set_ylim(*chart.ylim)
+    ax.set_xlabel(chart.xlabel)
+    ax.set_ylabel(chart.ylabel)
+    ax.set_title(chart.title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -89,22 +140,26 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
 
 
-def _plot_pil(train, val, title, path: Path, size=(640, 420)) -> None:
+def _plot_pil(chart: Chart, path: Path, size=(640, 420)) -> None:
     from PIL import Image, ImageDraw
 
     w, h = size
     left, right, top, bottom = 64, 16, 32, 44
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    pts = train + val
+    pts = [p for ln in chart.lines for p in ln.points]
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     if x1 == x0:
         x1 = x0 + 1
-    pad = (y1 - y0) * 0.05 or 0.5
-    y0, y1 = y0 - pad, y1 + pad
+    if chart.ylim:
+        y0, y1 = chart.ylim
+    else:
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+        pad = (y1 - y0) * 0.05 or 0.5
+        y0, y1 = y0 - pad, y1 + pad
 
     def xy(x, y):
+        y = min(max(y, y0), y1)  # a value off a fixed axis (a WER above 1) sits on its edge
         return (left + (x - x0) / (x1 - x0) * (w - left - right),
                 top + (1 - (y - y0) / (y1 - y0)) * (h - top - bottom))
 
@@ -117,16 +172,16 @@ def _plot_pil(train, val, title, path: Path, size=(640, 420)) -> None:
         px, _ = xy(t, y0)
         d.line([px, h - bottom, px, h - bottom + 4], fill="black")
         d.text((px - 10, h - bottom + 8), f"{t:g}", fill="black")
-    d.text((w // 2 - 40, 8), title, fill="black")
-    d.text((w // 2 - 10, h - 16), "step", fill="black")
-    if len(train) > 1:
-        xs, ys = zip(*train)
-        d.line([xy(x, y) for x, y in train], fill="#9ecae1", width=1)
-        d.line([xy(x, y) for x, y in zip(xs, _ema(list(ys)))], fill="#08519c", width=2)
-    for x, y in val:
-        px, py = xy(x, y)
-        d.ellipse([px - 3, py - 3, px + 3, py + 3], fill="#d94801")
-    if len(val) > 1:
-        d.line([xy(x, y) for x, y in val], fill="#d94801", width=1)
-    d.text((w - right - 210, top + 6), "train (light), EMA (dark)" + (", val (orange)" if val else ""), fill="black")
+    d.text((w // 2 - 40, 8), chart.title, fill="black")
+    d.text((w // 2 - 20, h - 16), chart.xlabel, fill="black")
+    for i, ln in enumerate(chart.lines):
+        if len(ln.points) > 1:
+            d.line([xy(x, y) for x, y in ln.points], fill=ln.colour, width=ln.width)
+        if ln.markers or len(ln.points) == 1:
+            for x, y in ln.points:
+                px, py = xy(x, y)
+                d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=ln.colour)
+        ly = top + 6 + 12 * i  # legend, top right
+        d.line([w - right - 200, ly + 5, w - right - 185, ly + 5], fill=ln.colour, width=3)
+        d.text((w - right - 180, ly), ln.label, fill="black")
     img.save(path)

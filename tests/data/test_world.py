@@ -14,6 +14,7 @@ import pytest
 from anymodal.cli import main
 from anymodal.data import world as W
 from anymodal.data.checker import analyse_image, caption_correct, parse_caption, parse_referring
+from anymodal.data.cues import CUES
 from anymodal.data.reader import iter_documents, iter_samples
 from anymodal.data.speech import espeak_available
 from anymodal.errors import UserError
@@ -54,9 +55,11 @@ def test_every_kind_with_its_layout(corpus):
     root, train, _ = corpus
     kinds = set(W.KINDS) if HAVE_ESPEAK else set(W.KINDS) - set(W.AUDIO_KINDS)
     assert {k for k, n in train["counts"].items() if n} == kinds
-    layouts = {"t2i": ["text", "image"], "i2t": ["image", "text"], "ground": ["image", "text", "box"],
-               "refer": ["image", "box", "text"], "asr": ["audio", "text"], "tts": ["text", "audio"],
-               "a2i": ["audio", "image"], "prose": ["text"]}
+    # cued kinds: the cue is the prompt's last text segment, the answer follows it
+    layouts = {"t2i": ["text", "image"], "i2t": ["image", "text", "text"], "ground": ["image", "text", "box"],
+               "refer": ["image", "text", "box", "text"], "asr": ["audio", "text", "text"],
+               "tts": ["text", "audio"], "a2i": ["audio", "text", "image"], "prose": ["text"]}
+    cue_at = {"i2t": 1, "ground": 1, "refer": 1, "asr": 1, "a2i": 1, "tts": 0}
     seen = set()
     for doc in iter_documents(root / "a" / "train-*.tar"):
         seen.add(doc.kind)
@@ -71,15 +74,22 @@ def test_every_kind_with_its_layout(corpus):
         else:
             assert names == layouts[doc.kind], doc.kind
         assert 0 <= doc.meta["prompt_segments"] < len(doc.segments)
+        if doc.kind in cue_at:
+            text = doc.segments[cue_at[doc.kind]]["text"]
+            phrasings = [p.split("{ref}")[0] for p in CUES[doc.kind]]
+            assert any(text.startswith(p) for p in phrasings), (doc.kind, text)
+            if doc.kind != "tts":  # the prompt ends with its cue
+                assert doc.meta["prompt_segments"] == cue_at[doc.kind] + 1 + (doc.kind == "refer")
+        texts = [s["text"] for s in doc.segments if "text" in s]
         if doc.kind in ("ground", "refer"):
             target = doc.meta["objects"][doc.meta["target"]]
             box = next(s["box"] for s in doc.segments if "box" in s)
             assert np.allclose(np.array(box) * 64, target["box"])  # normalized to the 64 px image
-            ref = next(s["text"] for s in doc.segments if "text" in s)
-            assert parse_referring(ref) == (target["colour"], target["shape"])
+            assert parse_referring(texts[-1]) == (target["colour"], target["shape"])
         if doc.kind in ("t2i", "i2t"):
-            cap = next(s["text"] for s in doc.segments if "text" in s)
-            assert caption_correct(cap, doc.meta["objects"])
+            assert caption_correct(texts[0 if doc.kind == "t2i" else -1], doc.meta["objects"])
+        if doc.kind in ("asr", "tts"):
+            assert texts[-1].endswith(doc.meta["transcript"])
         if doc.kind in ("asr", "tts", "a2i"):
             wav = doc.audio[0]
             assert wav.dtype == np.float32 and 0.4 * 16000 < len(wav) < 15 * 16000
@@ -137,13 +147,32 @@ def test_checker_recovers_fresh_world_images_and_captions(corpus):
         n_img += 1
         ok_img += sorted((o["colour"], o["shape"], o["size"], o["position"], tuple(o["box"])) for o in got) == \
             sorted((o["colour"], o["shape"], o["size"], o["position"], tuple(o["box"])) for o in truth)
-        for s in doc.segments:
-            if "text" in s and doc.kind in ("t2i", "i2t"):
-                parsed = parse_caption(s["text"])
-                assert parsed is not None and caption_correct(s["text"], truth), s["text"]
-                n_cap += 1
+        if doc.kind in ("t2i", "i2t"):  # the caption: the t2i prompt, the i2t answer (after its cue)
+            cap = [s["text"] for s in doc.segments if "text" in s][0 if doc.kind == "t2i" else -1]
+            assert parse_caption(cap) is not None and caption_correct(cap, truth), cap
+            n_cap += 1
     assert n_img > 80 and n_cap > 40
     assert ok_img / n_img >= 0.995
+
+
+def test_ground_and_refer_ask_about_several_objects(tmp_path):
+    W.generate_world(tmp_path, "val", docs=120, seed=2, progress=False, audio=False,
+                     overrides=["max_queries=3", "kinds.ground=5", "kinds.refer=5"])
+    n_multi = 0
+    for doc in iter_documents(str(tmp_path / "val-*.tar"), audio=False, kinds=["ground", "refer"]):
+        objs, n = doc.meta["objects"], doc.meta["prompt_segments"]
+        boxes = [s["box"] for s in doc.segments if "box" in s]
+        refs = [parse_referring(s["text"]) for s in doc.segments if "text" in s and "<ref>" in s["text"]]
+        assert len(boxes) == len(refs) == min(3, len(objs))  # one query per object, up to 3
+        assert len({tuple(b) for b in boxes}) == len(boxes)
+        for box, ref in zip(boxes, refs):  # each answer belongs to its own query
+            o = next(o for o in objs if (o["colour"], o["shape"]) == ref)
+            assert np.allclose(np.array(box) * 64, o["box"])
+        target = objs[doc.meta["target"]]
+        assert refs[0] == (target["colour"], target["shape"])  # the first query is the eval target
+        assert n == (2 if doc.kind == "ground" else 3) and ("box" in doc.segments[n]) == (doc.kind == "ground")
+        n_multi += len(boxes) > 1
+    assert n_multi > 40
 
 
 def test_without_espeak_no_audio_docs_and_one_notice(tmp_path, monkeypatch, capsys):

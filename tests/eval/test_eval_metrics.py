@@ -110,6 +110,14 @@ def test_eval_command_on_a_tiny_world(bundle, world, tmp_path, capsys):
     for m, bpt in r["bits_per_token"].items():
         assert bpt == pytest.approx(math.log2(bundle.space.vocab_size), abs=0.3), m
     assert main(["eval", "--model", str(bdir), "--data", str(tmp_path / "none-*.tar"), "--out", str(out)]) == 2
+    # a subset of the tasks, with greedy images: the others are null, not zero
+    assert main(["eval", "--model", str(bdir), "--data", world, "--out", str(out), "--limit", "2",
+                 "--tasks", "t2i,ground", "--temperature", "0"]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"]["t2i"] >= 1 and r["n"]["ground"] >= 1 and r["grounding_miou"] is not None
+    assert r["n"]["i2t"] == 0 and r["caption_accuracy"] is None and r["asr_wer"] is None
+    for bad in (["--tasks", "t2i,draw"], ["--temperature", "text=0.5"]):
+        assert main(["eval", "--model", str(bdir), "--data", world, "--out", str(out), *bad]) == 2
 
 
 class Oracle(torch.nn.Module):

@@ -219,6 +219,17 @@ def test_every_output_is_well_formed(bundle):
     assert all(f.finish == "span" for f in forced)
 
 
+def test_stop_ids_end_a_row_after_the_id(bundle):
+    sp = bundle.space
+    eng = Engine(Biased(bundle.model, opener_bias(sp, 2.0)), sp)
+    prompt = [sp.bos] + bundle.tok.text.encode("there is")
+    free = eng.generate([Request(prompt, 40, ModalitySampling.uniform(1.0), seed=5)])[0]
+    stop = next(t for t in free.tokens[3:] if t != sp.eos)  # an id the free run emits, not first
+    cut = eng.generate([Request(prompt, 40, ModalitySampling.uniform(1.0), seed=5, stop_ids=[stop])])[0]
+    k = free.tokens.index(stop)
+    assert cut.tokens == free.tokens[: k + 1] and cut.finish == "stop"  # same path, ended on the id
+
+
 def test_seeds_reproduce_and_rows_are_independent(bundle):
     sp = bundle.space
     eng = Engine(Biased(bundle.model, opener_bias(sp, 2.0)), sp)

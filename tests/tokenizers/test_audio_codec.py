@@ -106,6 +106,31 @@ def test_fewer_levels_decode():
     assert not torch.allclose(m.decode(ids[..., :1]), m.decode(ids))
 
 
+def test_stream_levels_put_the_coarsest_levels_in_the_token_space(tmp_path, text_tokenizer):
+    from anymodal.tokenizers import build_space
+    from anymodal.tokenizers.stream import Audio, Stream
+
+    m = tiny_model(stream_levels=1)
+    m.train()
+    m(torch.randn(4, 800) * 0.1)
+    m.eval()
+    x = torch.randn(1, 1600) * 0.1
+    full, coarse = m.encode(x), m.encode_stream(x)
+    assert full.shape[-1] == 3 and coarse.shape[-1] == m.stream_levels == 1
+    assert torch.equal(coarse, full[..., :1])
+    space = build_space(text_tokenizer, audio=m)
+    assert space.audio_n_q == 1 and space.used_size == space.audio_offset + m.codebook_size
+    ids, _ = Stream(space, text_tokenizer).encode([Audio(coarse[0].numpy())])
+    back = Stream(space, text_tokenizer).decode(ids).segments[0]
+    assert np.array_equal(back.codes, coarse[0].numpy())
+    assert m.decode(back.codes[None]).shape == (1, full.shape[1] * m.hop)  # rendered from level 0 alone
+    m.save(tmp_path / "a")
+    assert AudioTokenizer.load(tmp_path / "a").stream_levels == 1
+    assert tiny_model().stream_levels == 3  # 0 = every level
+    with pytest.raises(Exception, match="stream_levels"):
+        AudioTokenizerConfig(**{**TINY, "stream_levels": 4})
+
+
 def test_bad_ids_raise_user_error():
     m = tiny_model().eval()
     with pytest.raises(UserError, match="out of range"):

@@ -57,6 +57,25 @@ def tiny_tokens(tiny_tokset, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_tokens_b(tiny_tokset, tmp_path_factory):
+    """A second, smaller token folder of the same token space (other documents): a mixture's
+    second source."""
+    from anymodal.data.prepare import write_token_dataset
+
+    tok_dir, tok = tiny_tokset
+    out = tmp_path_factory.mktemp("tokens_b")
+    write_token_dataset(out, tok.space, tiny_corpus(tok, n=120, seed=1), tokenizers=tok_dir)
+    return out
+
+
+@pytest.fixture
+def mix_args(tiny_tokens, tiny_tokens_b) -> list[str]:
+    """Overrides that train on a mixture of the two tiny folders: weights 3:1, no prose, t2i twice."""
+    return [f"data=[{{path: {tiny_tokens}, weight: 3, name: world}}, {{path: {tiny_tokens_b}, weight: 1}}]",
+            "kind_weights={prose: 0, t2i: 2}"]
+
+
 @pytest.fixture
 def tiny_args(tiny_tokens, tmp_path) -> list[str]:
     """Overrides for a tiny run on the tiny corpus, in a fresh run dir."""

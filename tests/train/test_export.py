@@ -40,6 +40,22 @@ def test_export_bundle_gives_the_live_logits(tiny_args, tiny_tokset, tmp_path):
         export(tmp_path / "nowhere", tmp_path / "b2")
 
 
+def test_tied_embeddings_train_as_one_matrix_and_export(tiny_args, tiny_tokset, tmp_path):
+    from safetensors.torch import load_file
+
+    tok_dir, tok = tiny_tokset
+    res = train(load_train_config("train/demo", [*tiny_args, "steps=4", "model.tie_embeddings=true"]))
+    live = res.model.eval()
+    assert live.head.weight is live.tok_emb.weight  # still one tensor after the optimizer's steps
+    bundle = export(res.run_dir, tmp_path / "bundle")
+    assert "head.weight" not in load_file(str(bundle / "model.safetensors"))  # stored once
+    b = load_bundle(bundle)
+    assert b.model.head.weight is b.model.tok_emb.weight
+    x = _batch(tok)
+    with torch.no_grad():
+        assert torch.equal(b.model(x), live(x))
+
+
 def test_export_consolidates_zero3(tiny_args, tiny_tokset, tmp_path):
     import deepspeed
 

@@ -1,4 +1,5 @@
-"""Kill-and-resume: a run stopped by SIGTERM and resumed gives exactly the losses of an uninterrupted run."""
+"""Kill-and-resume: a run stopped by SIGTERM and resumed gives exactly the losses (and realized data
+mix) of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from anymodal.train.lm import load_train_config, train
 from anymodal.train.metrics import read_metrics
 
 
-def test_sigterm_then_resume_is_exact(tiny_args, cli_env, tmp_path):
+def test_sigterm_then_resume_is_exact(tiny_args, mix_args, cli_env, tmp_path):
     run = tmp_path / "killed"
     # constant lr after warmup: the total step count does not shape the schedule, so the killed
-    # run (asked for many steps) and the reference (asked for exactly k + 4) follow the same curve
-    common = [*tiny_args, "schedule=constant", "checkpoint_every=1000"]
+    # run (asked for many steps) and the reference (asked for exactly k + 4) follow the same curve.
+    # The data: a mixture of two folders (weights 3:1, kind weights), whose epochs repeat documents.
+    common = [*tiny_args, *mix_args, "schedule=constant", "checkpoint_every=1000"]
     cmd = [sys.executable, "-m", "anymodal.cli", "train", "--config", "train/demo", *common,
            f"run_dir={run}", "steps=100000"]
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -47,10 +49,16 @@ def test_sigterm_then_resume_is_exact(tiny_args, cli_env, tmp_path):
     for a, b in zip(resumed.model.parameters(), reference.model.parameters()):
         assert a.equal(b)
     # the metrics file reads as one run: steps 1..n once each, the killed part equal to the reference
-    killed = read_metrics(run / "metrics.jsonl")
-    ref = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    killed = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    ref = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in killed] == list(range(1, n + 1))
     assert [r["loss"] for r in killed] == [r["loss"] for r in ref]
+    # the realized mix continued from the checkpoint's counts: the same as the uninterrupted run's
+    mixes = [r for r in read_metrics(run / "metrics.jsonl") if "mix" in r]
+    assert [r["step"] for r in mixes] == [k, n]  # where SIGTERM stopped it, and the last step
+    done = json.loads((run / "data_mix.json").read_text())
+    assert done["step"] == n and done["realized"] == json.loads((tmp_path / "ref" / "data_mix.json").read_text())["realized"]
+    assert mixes[-1]["mix"]["source"] == done["realized"]["source"]
 
 
 def test_resume_finds_latest_complete_checkpoint(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_nan_loss_skips_the_step(tiny_args, monkeypatch):
     monkeypatch.setattr(model_pkg, "lm_loss", flaky)
     cfg = load_train_config("train/demo", [*tiny_args, "steps=6", "checkpoint_every=100"])
     res = train(cfg)
-    recs = read_metrics(res.run_dir / "metrics.jsonl")
+    recs = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]  # not the mix record
     assert [r["skipped"] for r in recs] == [False, False, True, True, False, False]
     assert recs[-1]["skipped_total"] == 2 and res.skipped_steps == 2
     assert all(torch.isfinite(p).all() for p in res.model.parameters())  # the NaN never reached the weights
@@ -122,25 +123,19 @@ def test_deepspeed_config_from_templates():
         json.dumps(ds)
 
 
-def test_budget_steps_estimate():
-    from anymodal.train.lm import _budget_steps
-
-    assert _budget_steps([], 1, 100, 10.0) == 100  # nothing measured yet
-    assert _budget_steps([5.0, 0.5, 0.5, 0.5], 4, 100, 10.0) == 24  # first step left out: 20 more fit
-    assert _budget_steps([1.0, 0.1, 0.1], 3, 100, 60.0) == 100  # never past the configured steps
-    assert _budget_steps([1.0, 1.0, 1.0], 3, 100, -5.0) == 3  # out of time: stop now
-
-
 def test_max_minutes_cuts_the_run_and_still_anneals(tiny_args):
-    cfg = load_train_config("train/demo", [*tiny_args, "steps=100000", "max_minutes=0.05", "checkpoint_every=1000",
+    cfg = load_train_config("train/demo", [*tiny_args, "steps=100000", "max_minutes=0.15", "checkpoint_every=1000",
                                            "warmup=5", "min_lr_ratio=0.1"])
+    t0 = time.perf_counter()
     res = train(cfg)
+    wall = time.perf_counter() - t0
     recs = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
     total = res.step
     assert 10 < total < 100000 and res.interrupted is None
-    assert sum(r["step_time"] for r in recs) < 0.05 * 60 + 2.0  # the loop kept to its budget (first step aside)
+    # the whole call (set-up, steps, final save and plots) ends when its 9 s are up, not before
+    assert 0.85 * 9.0 < wall < 9.0 + 1.5, wall
     # the decay was re-aimed at the cut: the last update ran at (nearly) the floor lr
     assert recs[-1]["lr"] == pytest.approx(3e-3 * 0.1, rel=0.25)
     # the budget is in the checkpoint: resuming does not train past it
-    again = train(load_train_config("train/demo", [*tiny_args, "steps=100000", "max_minutes=0.05"]), resume=True)
+    again = train(load_train_config("train/demo", [*tiny_args, "steps=100000", "max_minutes=0.15"]), resume=True)
     assert again.step == total
