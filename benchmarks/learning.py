@@ -54,6 +54,7 @@ def run_recipe(args, name: str, overrides: list[str]) -> dict:
     metrics_path = out / "metrics.json"
     eval_s = _run([*anymodal, "eval", "--model", str(bundle), "--data", args.val, "--out", str(metrics_path),
                    "--limit", str(args.eval_limit), "--cfg", str(args.cfg),
+                   "--examples", str(out / "examples.jsonl"),
                    *(["--tasks", args.tasks] if args.tasks else [])], log)
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps_recs = [r for r in recs if "tokens_per_s" in r]
@@ -73,6 +74,7 @@ def run_recipe(args, name: str, overrides: list[str]) -> dict:
                                           "grounding_miou", "refer_accuracy", "asr_wer", "tts_wer")},
         "unseen": {k: m["unseen"].get(k) for k in ("t2i_accuracy", "a2i_accuracy", "caption_accuracy",
                                                    "grounding_acc50", "refer_accuracy")},
+        "by_objects": m.get("by_objects"),
         "bits_per_token": m.get("bits_per_token"),
         "n": m.get("n"),
         "eval_minutes": round(eval_s / 60, 2),

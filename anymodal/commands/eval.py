@@ -1,7 +1,8 @@
 """`anymodal eval --model BUNDLE --data SHARDS --out metrics.json [--limit N]`.
 
 Every docs/world.md metric (t2i / a2i image checks, caption, grounding Acc@0.5 and mIoU, refer, ASR
-WER, TTS round trip, bits per token per modality), overall and on the unseen-combination subset.
+WER, TTS round trip, bits per token per modality), overall and on the unseen-combination subset,
+and the accuracies per number of objects in the scene (`by_objects`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling temperature of images and audio: one number or image=T,audio=T "
                              "(text and boxes stay greedy; default 1)")
     parser.add_argument("--top-k", default=None, help="top-k of images and audio (default 100), same forms")
+    parser.add_argument("--examples", default=None,
+                        help="also write every generated answer as JSON lines here (task, document, right or "
+                             "not, what the model said or drew)")
     add_runtime_arguments(parser)
 
 
@@ -46,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         setattr(sampling, m, type(cur)(temps.get(m, cur.temperature), ks.get(m, cur.top_k), cur.top_p))
     bundle = open_bundle(args)
     opts = EvalOptions(limit=args.limit, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
-                       max_text_tokens=args.max_text_tokens, tasks=tasks, sampling=sampling)
+                       max_text_tokens=args.max_text_tokens, tasks=tasks, sampling=sampling,
+                       examples=args.examples)
     evaluate(bundle, args.data, out=args.out, opts=opts)
     print(f"wrote {args.out}")
     return 0

@@ -34,6 +34,7 @@ import torch
 
 from ..data.cues import cue
 from ..errors import UserError
+from ..fileio import write_atomic
 from ..sample.engine import Engine, Request
 from ..sample.media import audio_codes, decode_audio, decode_images, image_codes, image_mode
 from ..sample.sampling import ModalitySampling, SamplingParams
@@ -54,6 +55,7 @@ class EvalOptions:
     progress: bool = True
     tasks: tuple[str, ...] = GEN_KINDS  # the generation tasks to run
     sampling: ModalitySampling | None = None  # None = eval_sampling()
+    examples: str | Path | None = None  # JSON lines, one per generated answer (None = not written)
 
 
 def eval_sampling() -> ModalitySampling:
@@ -79,6 +81,7 @@ class Evaluator:
         self.sampling = opts.sampling or eval_sampling()
         self.bar = None
         self.over_context = 0  # documents whose prompt leaves no room for the answer
+        self.examples: list[dict] = []  # one record per generated answer, for error analysis
         # prompt ids per document key: media are tokenized once, however often the docs are evaluated
         self._prompts: dict[str, list[int]] = {}
 
@@ -181,6 +184,13 @@ class Evaluator:
         dec = self.b.stream.decode(tokens)
         return "".join(s.text for s in dec.segments if isinstance(s, Text))
 
+    def example(self, task: str, doc, correct, **fields) -> None:
+        """One answer for `examples.jsonl` (which document, whether it was right, what was said)."""
+        objects = doc.meta.get("objects", ())
+        self.examples.append({"task": task, "key": doc.key, "unseen": bool(doc.meta.get("unseen")),
+                              "objects": len(objects), "scene": [_brief(o) for o in objects],
+                              "correct": bool(correct), **fields})
+
     def _tick(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
@@ -203,7 +213,10 @@ class Evaluator:
             pics = iter(decode_images([g for g in grids if g is not None], self.tok.image))
             for d, g in zip(chunk, grids):
                 found = analyse_image(next(pics)) if g is not None else []
-                self.metrics.add_image(kind, image_check(d.meta["objects"], found), bool(d.meta.get("unseen")))
+                check = image_check(d.meta["objects"], found)
+                self.metrics.add_image(kind, check, bool(d.meta.get("unseen")))
+                self.example(kind, d, check["correct"], found=[_brief(o) for o in found], position=check["position"],
+                             size=check["size"])
             self._tick(len(chunk))
 
     def text_task(self, kind: str, docs: list) -> None:
@@ -218,12 +231,18 @@ class Evaluator:
                 text = self.text_of(res.tokens) if res is not None else ""
                 unseen = bool(d.meta.get("unseen"))
                 if kind == "i2t":
-                    self.metrics.add_caption(caption_correct(text, d.meta["objects"]), unseen)
+                    ok = caption_correct(text, d.meta["objects"])
+                    self.metrics.add_caption(ok, unseen)
+                    self.example(kind, d, ok, output=text)
                 elif kind == "refer":
                     target = d.meta["objects"][int(d.meta["target"])]
-                    self.metrics.add_refer(refer_correct(text, target["colour"], target["shape"]), unseen)
+                    ok = refer_correct(text, target["colour"], target["shape"])
+                    self.metrics.add_refer(ok, unseen)
+                    self.example(kind, d, ok, output=text, target=_brief(target))
                 else:  # asr
-                    self.metrics.add_wer("asr", d.meta.get("transcript") or _truth_text(d), text, unseen)
+                    truth = d.meta.get("transcript") or _truth_text(d)
+                    self.metrics.add_wer("asr", truth, text, unseen)
+                    self.example(kind, d, text.strip() == truth.strip(), output=text, truth=truth)
             self._tick(len(chunk))
 
     def ground_task(self, docs: list) -> None:
@@ -239,6 +258,8 @@ class Evaluator:
                 boxes = [s for s in self.b.stream.decode(res.tokens).segments if isinstance(s, Box)] if res else []
                 iou = box_iou(boxes[0].as_tuple(), truth) if boxes else 0.0
                 self.metrics.add_ground(iou, bool(d.meta.get("unseen")))
+                self.example("ground", d, iou >= 0.5, iou=round(iou, 4), truth=[float(v) for v in truth],
+                             output=[round(v, 2) for v in boxes[0].as_tuple()] if boxes else None)
             self._tick(len(chunk))
 
     def tts_task(self, docs: list) -> None:
@@ -269,7 +290,9 @@ class Evaluator:
             for d, p in zip(chunk, asr_prompts):
                 res = next(texts) if p is not None else None
                 hyp = self.text_of(res.tokens) if res is not None else ""
-                self.metrics.add_wer("tts", d.meta.get("transcript") or "", hyp, bool(d.meta.get("unseen")))
+                truth = d.meta.get("transcript") or ""
+                self.metrics.add_wer("tts", truth, hyp, bool(d.meta.get("unseen")))
+                self.example("tts", d, hyp.strip() == truth.strip(), output=hyp, truth=truth)
             self._tick(len(chunk))
 
     @torch.inference_mode()
@@ -317,7 +340,7 @@ class Evaluator:
         from tqdm import tqdm
 
         self.engine = Engine(self.b.model, self.sp, device=self.b.device)
-        self.metrics, self.over_context = Metrics(), 0
+        self.metrics, self.over_context, self.examples = Metrics(), 0, []
         total = sum(len(per_kind[k]) for k in kinds) + len(bits)
         self.bar = tqdm(total=total, desc="eval", unit="doc", disable=not self.o.progress or None, file=sys.stderr)
         try:
@@ -342,7 +365,26 @@ class Evaluator:
         result = self.metrics.result()
         result["n"]["skipped_records"] = int(skipped)
         result["n"]["over_context"] = int(self.over_context)
+        result["by_objects"] = by_objects(self.examples)
         return result
+
+
+def by_objects(examples: list[dict]) -> dict[str, dict[str, float]]:
+    """Share of right answers per task and number of objects in the scene (1, 2, 3, ...)."""
+    tally: dict[str, dict[str, list[int]]] = {}
+    for e in examples:
+        if e["task"] in ("t2i", "a2i", "i2t", "ground", "refer") and e["objects"]:
+            n = tally.setdefault(e["task"], {}).setdefault(str(e["objects"]), [0, 0])
+            n[0] += int(e["correct"])
+            n[1] += 1
+    return {t: {k: round(c / m, 4) for k, (c, m) in sorted(v.items())} for t, v in tally.items()}
+
+
+def _brief(obj: dict) -> str:
+    """An object of the image check or of a scene as 'small red circle at top left'."""
+    words = [obj.get("size"), obj.get("colour"), obj.get("shape")]
+    where = obj.get("position")
+    return " ".join(w for w in words if w) + (f" at {where}" if where else "")
 
 
 def hash_key(key: str) -> int:
@@ -368,15 +410,15 @@ def evaluate(bundle, data, out: str | Path | None = None, opts: EvalOptions | No
     bad = [t for t in opts.tasks if t not in GEN_KINDS]
     if bad:
         raise UserError(f"--tasks: unknown task {bad[0]!r} (valid: {', '.join(GEN_KINDS)})")
-    result = Evaluator(bundle, opts).run(data)
+    evaluator = Evaluator(bundle, opts)
+    result = evaluator.run(data)
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out)
+        write_atomic(Path(out), json.dumps(result, indent=1) + "\n")
+    if opts.examples is not None:
+        write_atomic(Path(opts.examples), "".join(json.dumps(e) + "\n" for e in evaluator.examples))
     print(format_table(result), file=console if console is not None else sys.stdout)
     return result
 
 
 __all__ = ["EvalOptions", "Evaluator", "evaluate"]
+

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import write_atomic
+
 
 @dataclass
 class Part:
@@ -33,14 +35,6 @@ class RenderedSample:
     seed: int = 0
     problems: list[str] = field(default_factory=list)
 
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _html_parts(parts: list[Part]) -> str:
@@ -98,8 +92,8 @@ def write_page(out: Path, prompt_text: str, prompt_parts: list[Part], samples: l
         "img{border:1px solid #888;vertical-align:middle;margin:.3em}</style></head>\n<body>\n"
         + "\n".join(body) + "\n</body></html>\n"
     )
-    _atomic_write(out / "index.html", page)
-    _atomic_write(out / "sample.md", "".join(md))
+    write_atomic(out / "index.html", page)
+    write_atomic(out / "sample.md", "".join(md))
     tokens = {
         "prompt_text": prompt_text,
         "prompt": prompt_ids,
@@ -108,7 +102,7 @@ def write_page(out: Path, prompt_text: str, prompt_parts: list[Part], samples: l
                      "probs": [round(p, 6) for p in s.probs], "problems": s.problems} for s in samples],
         **meta,
     }
-    _atomic_write(out / "tokens.json", json.dumps(tokens))
+    write_atomic(out / "tokens.json", json.dumps(tokens))
 
 
 def save_png(arr: np.ndarray, path: Path) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fileio import write_atomic
+
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 
@@ -33,11 +35,6 @@ LATEST = "latest"
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ---- RNG states as JSON ----------------------------------------------------------------------------
@@ -110,15 +107,15 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, rank_state: dict, me
             shutil.rmtree(stale, ignore_errors=True)
     barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    _write_atomic(root / tmp_tag / f"anymodal_rank{rank}.json", json.dumps(rank_state))
+    write_atomic(root / tmp_tag / f"anymodal_rank{rank}.json", json.dumps(rank_state))
     barrier()
     final = root / name
     if rank == 0:
-        _write_atomic(root / tmp_tag / "meta.json", json.dumps({**meta, "step": step, "time": time.time()}))
+        write_atomic(root / tmp_tag / "meta.json", json.dumps({**meta, "step": step, "time": time.time()}))
         if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         (root / tmp_tag).replace(final)
-        _write_atomic(root / LATEST, name)
+        write_atomic(root / LATEST, name)
         for _, old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -569,9 +569,8 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainRe
     metrics.close()
     if last_saved != step:
         save(step)
-    if rank == 0:  # also when no step ran (a resume at its last step)
-        write_mix_json(run_dir / "data_mix.json", data, mix, step)
     if rank == 0:
+        write_mix_json(run_dir / "data_mix.json", data, mix, step)  # also when no step ran (resumed at the end)
         from .plot import plot_run
 
         plot_run(run_dir)

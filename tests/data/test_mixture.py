@@ -1,10 +1,9 @@
-"""Data mixtures: config parsing, the one-source plan is the old plan, weighted sources and kinds
+"""Data mixtures: config parsing, a mixture of one is the plain plan, weighted sources and kinds
 realize their shares, token-space checks, exact loader resume, the realized-mix counter."""
 
 from __future__ import annotations
 
 import json
-from collections import deque
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from anymodal.data.mixture import (
     parse_sources,
     write_mix_json,
 )
-from anymodal.data.packing import EpochPlan, PackedLoader, TokenDataset
+from anymodal.data.packing import EpochPlan, PackedLoader, TokenDataset, plan_epoch
 from anymodal.data.prepare import write_token_dataset
 from anymodal.errors import ConfigError, UserError
 from anymodal.tokenizers.stream import Audio, Image, Text
@@ -54,56 +53,6 @@ def folders(stream, tmp_path_factory):
     write_token_dataset(root / "a", stream.space, _docs(stream, 40, 0), docs_per_shard=15)
     write_token_dataset(root / "b", stream.space, _docs(stream, 24, 1, kinds=("i2t", "t2i", "tts")))
     return root / "a", root / "b"
-
-
-def _old_plan_epoch(lengths, cond_len, row_len, seed, epoch, cond_dropout=0.0, shuffle=True, lookahead=64):
-    """The packing plan as it was before mixtures (a verbatim copy): the one-source reference."""
-    n = len(lengths)
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(n) if shuffle else np.arange(n)
-    u = rng.random(n)
-    drop = (u < cond_dropout) & (cond_len > 0)
-    eff = lengths - np.where(drop, cond_len, 0)
-
-    def candidates():
-        for d in order:
-            d = int(d)
-            for s in range(0, int(eff[d]), row_len):
-                yield d, s, min(row_len, int(eff[d]) - s)
-
-    src = candidates()
-    window: deque = deque()
-    for c in src:
-        window.append(c)
-        if len(window) >= lookahead:
-            break
-    row_ptr = [0]
-    pieces: list = []
-    space = row_len
-    while window:
-        pick = -1
-        for j, c in enumerate(window):
-            if c[2] <= space:
-                pick = j
-                break
-        if pick < 0:
-            row_ptr.append(len(pieces))
-            space = row_len
-            continue
-        c = window[pick]
-        del window[pick]
-        pieces.append(c)
-        space -= c[2]
-        nxt = next(src, None)
-        if nxt is not None:
-            window.append(nxt)
-        if space == 0:
-            row_ptr.append(len(pieces))
-            space = row_len
-    if len(pieces) > row_ptr[-1]:
-        row_ptr.append(len(pieces))
-    arr = np.asarray(pieces, dtype=np.int64).reshape(-1, 3)
-    return EpochPlan(np.asarray(row_ptr, np.int64), arr[:, 0], arr[:, 1], arr[:, 2], drop[arr[:, 0]])
 
 
 def _same_plan(p: EpochPlan, q: EpochPlan) -> None:
@@ -170,13 +119,13 @@ def test_bad_kind_weights_are_config_errors(override, match):
     assert "\n" not in str(e.value)
 
 
-# ---- one source is the old plan ---------------------------------------------------------------------------
+# ---- one source is the plain plan ---------------------------------------------------------------------------
 @pytest.mark.parametrize("seed, epoch, dropout, shuffle", [(0, 0, 0.0, True), (7, 3, 0.5, True), (3, 1, 1.0, False)])
-def test_one_source_without_weights_is_the_old_plan(folders, seed, epoch, dropout, shuffle):
+def test_one_source_without_weights_is_the_plain_plan(folders, seed, epoch, dropout, shuffle):
     a, _ = folders
     ds = TokenDataset(a)
     cond = np.where(ds.cond_end > ds.cond_start, ds.cond_end - ds.cond_start, 0)
-    want = _old_plan_epoch(ds.lengths, cond, 41, seed, epoch, dropout, shuffle)
+    want = plan_epoch(ds.lengths, cond, 41, seed, epoch, dropout, shuffle)  # the one-source path
     # the same for a plain folder, a mixture of one, with a weight, and with kind weights that are all 1
     for data in (ds, Mixture([str(a)]), Mixture([DataSource(str(a), 5.0)]), Mixture([str(a)], {"t2i": 1.0})):
         loader = PackedLoader(data, seq_len=40, seed=seed, cond_dropout=dropout, shuffle=shuffle)

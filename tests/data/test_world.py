@@ -61,7 +61,7 @@ def test_every_kind_with_its_layout(corpus):
                "tts": ["text", "audio"], "a2i": ["audio", "text", "image"], "prose": ["text"]}
     cue_at = {"i2t": 1, "ground": 1, "refer": 1, "asr": 1, "a2i": 1, "tts": 0}
     seen = set()
-    for doc in iter_documents(root / "a" / "train-*.tar"):
+    for doc in iter_documents(root / "a" / "train-*.tar", image_size=None):  # native size: pixel boxes hold
         seen.add(doc.kind)
         names = [next(iter(s)) for s in doc.segments]
         if doc.kind == "story":
@@ -71,6 +71,8 @@ def test_every_kind_with_its_layout(corpus):
                 got = {(o["colour"], o["shape"], tuple(o["box"])) for o in analyse_image(img)}
                 assert got == {(o["colour"], o["shape"], tuple(o["box"])) for o in frame}
             assert all(s["text"].startswith("then ") for s in doc.segments[2::2])
+        elif doc.kind in ("ground", "refer"):  # a query/answer per object, up to the config's max_queries (3)
+            assert names == layouts[doc.kind][:1] + layouts[doc.kind][1:] * min(3, len(doc.meta["objects"]))
         else:
             assert names == layouts[doc.kind], doc.kind
         assert 0 <= doc.meta["prompt_segments"] < len(doc.segments)
@@ -84,8 +86,9 @@ def test_every_kind_with_its_layout(corpus):
         if doc.kind in ("ground", "refer"):
             target = doc.meta["objects"][doc.meta["target"]]
             box = next(s["box"] for s in doc.segments if "box" in s)
-            assert np.allclose(np.array(box) * 64, target["box"])  # normalized to the 64 px image
-            assert parse_referring(texts[-1]) == (target["colour"], target["shape"])
+            assert np.allclose(np.array(box) * doc.images[0].shape[0], target["box"])  # normalized to the image
+            first_ref = next(t for t in texts if "<ref>" in t)  # the first query is about the target
+            assert parse_referring(first_ref) == (target["colour"], target["shape"])
         if doc.kind in ("t2i", "i2t"):
             assert caption_correct(texts[0 if doc.kind == "t2i" else -1], doc.meta["objects"])
         if doc.kind in ("asr", "tts"):
@@ -141,7 +144,7 @@ def test_checker_recovers_fresh_world_images_and_captions(corpus):
     root, _, _ = corpus
     n_img = ok_img = n_cap = 0
     for doc in iter_documents(root / "a" / "val-*.tar", kinds=["t2i", "i2t", "a2i", "ground", "refer"],
-                              audio=False):
+                              audio=False, image_size=None):
         truth = doc.meta["objects"]
         got = analyse_image(doc.images[0])
         n_img += 1
@@ -159,7 +162,7 @@ def test_ground_and_refer_ask_about_several_objects(tmp_path):
     W.generate_world(tmp_path, "val", docs=120, seed=2, progress=False, audio=False,
                      overrides=["max_queries=3", "kinds.ground=5", "kinds.refer=5"])
     n_multi = 0
-    for doc in iter_documents(str(tmp_path / "val-*.tar"), audio=False, kinds=["ground", "refer"]):
+    for doc in iter_documents(str(tmp_path / "val-*.tar"), audio=False, kinds=["ground", "refer"], image_size=None):
         objs, n = doc.meta["objects"], doc.meta["prompt_segments"]
         boxes = [s["box"] for s in doc.segments if "box" in s]
         refs = [parse_referring(s["text"]) for s in doc.segments if "text" in s and "<ref>" in s["text"]]
@@ -167,7 +170,7 @@ def test_ground_and_refer_ask_about_several_objects(tmp_path):
         assert len({tuple(b) for b in boxes}) == len(boxes)
         for box, ref in zip(boxes, refs):  # each answer belongs to its own query
             o = next(o for o in objs if (o["colour"], o["shape"]) == ref)
-            assert np.allclose(np.array(box) * 64, o["box"])
+            assert np.allclose(np.array(box) * doc.images[0].shape[0], o["box"])  # boxes are normalized
         target = objs[doc.meta["target"]]
         assert refs[0] == (target["colour"], target["shape"])  # the first query is the eval target
         assert n == (2 if doc.kind == "ground" else 3) and ("box" in doc.segments[n]) == (doc.kind == "ground")
@@ -212,13 +215,13 @@ def test_cli_argparse_errors_exit_2(tmp_path):
 
 def test_cli_writes_shards_and_summary(tmp_path, capsys):
     assert main(["world", "--out", str(tmp_path), "--split", "val", "--docs", "25", "--seed", "3",
-                 "--shard-size", "10", "--no-audio", "image_size=48"]) == 0
+                 "--shard-size", "10", "--no-audio", "image_size=40"]) == 0
     brief = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert brief["docs"] == 25 and brief["shards"] == 3 and brief["audio"] is False
     summary = json.loads((tmp_path / "val.json").read_text())
-    assert summary["config"]["image_size"] == 48 and len(summary["shards"]) == 3
+    assert summary["config"]["image_size"] == 40 and len(summary["shards"]) == 3
     imgs = [d.images[0] for d in iter_documents(tmp_path, image_size=None, audio=False) if d.images]
-    assert imgs and all(i.shape == (48, 48, 3) for i in imgs)
+    assert imgs and all(i.shape == (40, 40, 3) for i in imgs)
 
 
 @pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng not installed")

@@ -11,7 +11,7 @@ import torch
 from anymodal.cli import main
 from anymodal.data.world import generate_world
 from anymodal.eval.metrics import Metrics, edit_distance, format_table, image_check, word_errors
-from anymodal.eval.run import EvalOptions, Evaluator
+from anymodal.eval.run import EvalOptions, Evaluator, by_objects
 from anymodal.sample.bundle import save_bundle_layout, tiny_bundle
 
 WORLD_KEYS = {"t2i_accuracy", "t2i_position_accuracy", "t2i_size_accuracy", "a2i_accuracy", "caption_accuracy",
@@ -98,7 +98,7 @@ def test_eval_command_on_a_tiny_world(bundle, world, tmp_path, capsys):
     assert main(["eval", "--model", str(bdir), "--data", world, "--out", str(out), "--limit", "2",
                  "--batch-size", "4"]) == 0
     r = json.loads(out.read_text())
-    assert set(r) == WORLD_KEYS
+    assert set(r) == WORLD_KEYS | {"by_objects"}
     printed = capsys.readouterr().out
     assert "grounding_acc50" in printed and "bits_per_token.text" in printed
     for task in ("t2i", "i2t", "ground", "refer", "asr", "tts", "a2i"):
@@ -110,6 +110,21 @@ def test_eval_command_on_a_tiny_world(bundle, world, tmp_path, capsys):
     for m, bpt in r["bits_per_token"].items():
         assert bpt == pytest.approx(math.log2(bundle.space.vocab_size), abs=0.3), m
     assert main(["eval", "--model", str(bdir), "--data", str(tmp_path / "none-*.tar"), "--out", str(out)]) == 2
+    # one JSON line per generated answer, and the per-object-count accuracies agree with them
+    examples_path = tmp_path / "examples.jsonl"
+    assert main(["eval", "--model", str(bdir), "--data", world, "--out", str(out), "--limit", "2",
+                 "--tasks", "t2i,i2t,ground", "--examples", str(examples_path)]) == 0
+    r = json.loads(out.read_text())
+    examples = [json.loads(x) for x in examples_path.read_text().splitlines()]
+    assert sorted({e["task"] for e in examples}) == ["ground", "i2t", "t2i"]
+    assert len(examples) == r["n"]["t2i"] + r["n"]["i2t"] + r["n"]["ground"]
+    for e in examples:
+        assert e["key"] and e["objects"] >= 1 and isinstance(e["correct"], bool)
+        assert ("found" in e) if e["task"] == "t2i" else ("output" in e)
+    t2i = [e for e in examples if e["task"] == "t2i"]
+    for n, acc in r["by_objects"]["t2i"].items():
+        sub = [e["correct"] for e in t2i if e["objects"] == int(n)]
+        assert acc == pytest.approx(sum(sub) / len(sub))
     # a subset of the tasks, with greedy images: the others are null, not zero
     assert main(["eval", "--model", str(bdir), "--data", world, "--out", str(out), "--limit", "2",
                  "--tasks", "t2i,ground", "--temperature", "0"]) == 0
@@ -175,6 +190,9 @@ def test_eval_scores_a_perfect_model_as_perfect(bundle, world):
     r = ev.metrics.result()
     assert r["caption_accuracy"] == 1.0 and r["refer_accuracy"] == 1.0 and r["asr_wer"] == 0.0, (r["caption_accuracy"], r["refer_accuracy"], r["asr_wer"], r["n"])
     assert r["grounding_acc50"] == 1.0 and r["grounding_miou"] > 0.7  # boxes are quantized to 32 bins
+    assert len(ev.examples) == sum(len(per_kind[k]) for k in ("i2t", "ground", "refer", "asr"))
+    assert all(e["correct"] for e in ev.examples if e["task"] != "asr")
+    assert all(set(acc.values()) == {1.0} for acc in by_objects(ev.examples).values())
 
 
 def test_answers_that_cannot_fit_score_as_failures_and_are_counted(bundle, world):
