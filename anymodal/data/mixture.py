@@ -14,9 +14,9 @@ Semantics:
   ...; default 1, 0 drops the kind). Document d of source s so has the expected repetition count
       r_d = k_d · (E · w_s / Σw) / Σ_{d' in s} k_d' · len_d'     (lengths before CFG dropout)
 - In each epoch document d occurs floor(r_d) + (u_d < frac(r_d)) times, u drawn from the epoch's
-  generator (seeded by (seed, epoch)); the occurrences are shuffled, and each decides its
-  classifier-free-guidance dropout on its own. Packing then proceeds as for one folder
-  (`anymodal.data.packing`), so rows stay a pure function of (seed, epoch).
+  generator (seeded by (seed, epoch); `packing.epoch_occurrences`); the occurrences are shuffled,
+  and each decides its classifier-free-guidance dropout on its own. Packing then proceeds as for
+  one folder, so rows stay a pure function of (seed, epoch).
 - One source without kind weights has r_d = 1 for every document: no rounding draw is made and the
   generator's calls are exactly the plain loader's (`permutation(n)`, then `random(n)`), so such a
   run sees the rows a single folder always gave.
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, UserError
+from ..fileio import write_atomic
 from .packing import EpochPlan, TokenDataset
 from .prepare import MODALITY_NAMES
 
@@ -81,10 +82,13 @@ def parse_sources(value: Any, key: str = "data") -> list[DataSource]:
         raise ConfigError(f"config key '{key}' must be a token-shard folder or a list of sources "
                           f"[{{path: DIR, weight: W, name: N}}, ...], got {value!r}")
     sources = [_parse_source(e, f"{key}[{i}]") for i, e in enumerate(entries)]
-    if sources and sum(s.weight for s in sources) <= 0:
-        raise ConfigError(f"config key '{key}': the source weights sum to 0; give a source a positive weight")
-    _check_names(sources, key)
+    if sources:
+        _check_sources(sources, key)
     return sources
+
+
+def _is_weight(w: Any) -> bool:
+    return not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w) and w >= 0
 
 
 def _parse_source(entry: Any, where: str) -> DataSource:
@@ -102,7 +106,7 @@ def _parse_source(entry: Any, where: str) -> DataSource:
     if not isinstance(path, (str, Path)) or not str(path).strip():
         raise ConfigError(f"config key '{where}' needs 'path': a token-shard folder, got {path!r}")
     weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+    if not _is_weight(weight):
         raise ConfigError(f"config key '{where}.weight' must be a finite number >= 0, got {weight!r}")
     name = entry.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip()):
@@ -110,7 +114,10 @@ def _parse_source(entry: Any, where: str) -> DataSource:
     return DataSource(str(path), float(weight), name or "")
 
 
-def _check_names(sources: Sequence[DataSource], key: str) -> None:
+def _check_sources(sources: Sequence[DataSource], key: str) -> None:
+    """Weights >= 0 with a positive sum, and distinct names."""
+    if any(s.weight < 0 for s in sources) or sum(s.weight for s in sources) <= 0:
+        raise ConfigError(f"config key '{key}': source weights must be >= 0 with a positive sum")
     names = [s.name for s in sources]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
@@ -129,48 +136,24 @@ def check_kind_weights(value: Any) -> dict[str, float]:
     for kind, w in value.items():
         if not isinstance(kind, str) or not kind:
             raise ConfigError(f"config key 'kind_weights' has a bad kind {kind!r}")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        if not _is_weight(w):
             raise ConfigError(f"config key 'kind_weights.{kind}' must be a finite number >= 0, got {w!r}")
         out[kind] = float(w)
     return out
-
-
-# ---- an epoch's occurrences --------------------------------------------------------------------------
-def epoch_occurrences(rates: np.ndarray, cond_len: np.ndarray, seed: int, epoch: int, cond_dropout: float = 0.0,
-                      shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(documents [M] in packing order, conditioning dropped [M]) of one epoch; see the module docstring.
-
-    rates [N]: expected occurrences per document; cond_len [N]: tokens of its conditioning span.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    n = len(rates)
-    whole = np.floor(rates)
-    frac = rates - whole
-    counts = whole.astype(np.int64)
-    if frac.any():  # whole rates (one source, no kind weights: all 1) draw nothing: the plain loader's calls
-        counts += rng.random(n) < frac
-    docs = np.repeat(np.arange(n, dtype=np.int64), counts)
-    m = len(docs)
-    perm = rng.permutation(m) if shuffle else np.arange(m)
-    u = rng.random(m)  # per occurrence, in document order: with rates 1 this is the plain loader's draw
-    drop = (u < cond_dropout) & (cond_len[docs] > 0)
-    return docs[perm], drop[perm]
 
 
 # ---- the mixture ---------------------------------------------------------------------------------------
 class Mixture:
     """Several token-shard folders as one document index: global document i is document
     i - offsets[s] of source s = source[i]. Offers what `PackedLoader` reads of a TokenDataset
-    (lengths, cond spans, kinds, `doc`, `space`, `path`) plus `occurrences` for the epoch plan."""
+    (lengths, cond spans, kinds, `rates`, `doc`, `space`, `path`)."""
 
     def __init__(self, sources: Sequence[DataSource | str | Path], kind_weights: Mapping[str, float] | None = None):
         self.sources = [s if isinstance(s, DataSource) else DataSource(str(s)) for s in sources]
         if not self.sources:
             raise UserError("no training data: set data=DIR (a folder written by `anymodal prepare`) or a list "
                             "of sources")
-        if sum(s.weight for s in self.sources) <= 0 or any(s.weight < 0 for s in self.sources):
-            raise ConfigError("data: source weights must be >= 0 with a positive sum")
-        _check_names(self.sources, "data")
+        _check_sources(self.sources, "data")
         self.kind_weights = check_kind_weights(kind_weights)
         self.datasets = [TokenDataset(s.path) for s in self.sources]
         self.space = self.datasets[0].space
@@ -254,10 +237,6 @@ class Mixture:
         s, j = self.locate(i)
         return self.datasets[s].doc(j, drop_cond)
 
-    def occurrences(self, seed: int, epoch: int, cond_dropout: float = 0.0,
-                    shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        return epoch_occurrences(self.rates, self.cond_len, seed, epoch, cond_dropout, shuffle)
-
     def signature(self) -> dict:
         """What fixes every epoch's rows beyond the loader's own settings (kept in its state)."""
         total = sum(s.weight for s in self.sources)
@@ -297,15 +276,12 @@ class Mixture:
 def format_plan(planned: dict) -> str:
     """The planned shares as a short text table (printed at the start of training)."""
     head = f"{'':<14}{'docs':>8}{'tokens':>13}{'weight':>8}{'share':>8}{'tok/epoch':>13}{'repeat':>8}"
-    lines = [f"data mix, planned per epoch of {planned['epoch_tokens']:,.0f} tokens:",
-             "  " + "source".ljust(14) + head[14:]]
-    for name, r in planned["source"].items():
-        lines.append(f"  {name[:13]:<14}{r['docs']:>8,}{r['tokens']:>13,}{r['weight']:>8.3g}{r['share']:>8.1%}"
-                     f"{r['tokens_per_epoch']:>13,.0f}{r['repeat']:>7.2f}x")
-    lines.append("  " + "kind".ljust(14) + head[14:])
-    for name, r in planned["kind"].items():
-        lines.append(f"  {name[:13]:<14}{r['docs']:>8,}{r['tokens']:>13,}{r['weight']:>8.3g}{r['share']:>8.1%}"
-                     f"{r['tokens_per_epoch']:>13,.0f}{r['repeat']:>7.2f}x")
+    lines = [f"data mix, planned per epoch of {planned['epoch_tokens']:,.0f} tokens:"]
+    for table in ("source", "kind"):
+        lines.append("  " + table.ljust(14) + head[14:])
+        for name, r in planned[table].items():
+            lines.append(f"  {name[:13]:<14}{r['docs']:>8,}{r['tokens']:>13,}{r['weight']:>8.3g}{r['share']:>8.1%}"
+                         f"{r['tokens_per_epoch']:>13,.0f}{r['repeat']:>7.2f}x")
     return "\n".join(lines)
 
 
@@ -367,7 +343,4 @@ def write_mix_json(path: str | Path, mixture: Mixture, counter: MixCounter, step
     out = {"step": step, "planned": mixture.planned(),
            "realized": {"tokens": counter.tokens, "label_tokens": sum(rec["modality"].values()), **rec,
                         "share": {k: _shares(v) for k, v in rec.items()}}}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(out, indent=1) + "\n")

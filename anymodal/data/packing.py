@@ -1,12 +1,9 @@
 """The packing loader: token shards -> fixed-length training rows with document masking.
 
-Each epoch the documents are shuffled (numpy Generator seeded by (seed, epoch)), optionally lose
-their conditioning prompt (classifier-free-guidance dropout, decided by the same generator), and
-are packed whole into rows of `seq_len + 1` tokens. A weighted mixture of several folders
-(`anymodal.data.mixture.Mixture`) instead hands over the epoch's document occurrences (a
-document may occur several times or not at all, each occurrence with its own dropout), drawn from
-the same (seed, epoch) generator; one folder without weights gives exactly the plain order.
-Rows are filled first-fit over a small look-ahead window of upcoming documents, so rows fill up
+Each epoch draws its document occurrences from a numpy Generator seeded by (seed, epoch)
+(`epoch_occurrences`): every document of a folder once, or, in a weighted mixture of folders
+(`anymodal.data.mixture.Mixture`), as often as its rate says; the occurrences are shuffled and each
+may lose its conditioning prompt (classifier-free-guidance dropout). Rows are filled first-fit over a small look-ahead window of upcoming documents, so rows fill up
 without splitting documents. A document longer than a row is cut into row-sized pieces, each
 treated as its own document. The rest of a row is `<pad>`.
 
@@ -116,6 +113,11 @@ class TokenDataset:
     def kind(self, i: int) -> str:
         return self.kind_names[int(self.kinds[i])]
 
+    @property
+    def rates(self) -> np.ndarray:
+        """Expected occurrences per document in an epoch: one folder holds each document once."""
+        return np.ones(len(self))
+
     def doc(self, i: int, drop_cond: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [N], modality uint8 [N]) of document i, optionally without its conditioning span."""
         s, o, n = int(self.shard[i]), int(self.offset[i]), int(self.lengths[i])
@@ -144,23 +146,34 @@ class EpochPlan:
         return len(self.row_ptr) - 1
 
 
-def plan_epoch(lengths: np.ndarray, cond_len: np.ndarray, row_len: int, seed: int, epoch: int,
-               cond_dropout: float = 0.0, shuffle: bool = True, lookahead: int = 64,
-               order: np.ndarray | None = None, drop: np.ndarray | None = None) -> EpochPlan:
-    """Pack documents (lengths [N]) into rows of `row_len` tokens; see the module docstring.
+def epoch_occurrences(rates: np.ndarray, cond_len: np.ndarray, seed: int, epoch: int, cond_dropout: float = 0.0,
+                      shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(documents [M] in packing order, conditioning dropped [M]) of one epoch.
 
-    `order` [M] and `drop` [M] (bool) give the epoch's document occurrences in packing order and
-    whether each loses its conditioning span (`anymodal.data.mixture.epoch_occurrences`); then
-    `seed`, `epoch`, `cond_dropout` and `shuffle` are not used. Without them every document occurs
-    once, shuffled by the (seed, epoch) generator.
+    rates [N]: expected occurrences per document; document d occurs floor(r_d) + (u_d < frac(r_d))
+    times. Whole rates (one folder: all 1) draw nothing for that, so the generator's calls are
+    `permutation(M)` then `random(M)`, the order every plain run has always had.
     """
-    if order is None:
-        n = len(lengths)
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(n) if shuffle else np.arange(n)
-        u = rng.random(n)  # drawn even when unused so cond_dropout does not change the shuffle
-        drop = ((u < cond_dropout) & (cond_len > 0))[order]
-    elif drop is None or len(drop) != len(order):
+    rng = np.random.default_rng([seed, epoch])
+    n = len(rates)
+    whole = np.floor(rates)
+    frac = rates - whole
+    counts = whole.astype(np.int64)
+    if frac.any():
+        counts += rng.random(n) < frac
+    docs = np.repeat(np.arange(n, dtype=np.int64), counts)
+    m = len(docs)
+    perm = rng.permutation(m) if shuffle else np.arange(m)
+    u = rng.random(m)  # drawn even when unused so cond_dropout does not change the shuffle
+    drop = (u < cond_dropout) & (cond_len[docs] > 0)
+    return docs[perm], drop[perm]
+
+
+def plan_epoch(lengths: np.ndarray, cond_len: np.ndarray, row_len: int, order: np.ndarray, drop: np.ndarray,
+               lookahead: int = 64) -> EpochPlan:
+    """Pack the occurrences `order` [M] of documents (lengths [N]) into rows of `row_len` tokens,
+    occurrence j without its conditioning span where drop[j]; see the module docstring."""
+    if len(drop) != len(order):
         raise ValueError("plan_epoch: `drop` must give one flag per occurrence in `order`")
     # per occurrence j (a document may occur more than once): its tokens once dropout is applied
     eff = lengths[order] - np.where(drop, cond_len[order], 0)
@@ -252,12 +265,9 @@ class PackedLoader:
     # ---- plan ------------------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan_epoch != epoch:
-            order = drop = None
-            occurrences = getattr(self.data, "occurrences", None)
-            if occurrences is not None:  # a mixture draws which documents the epoch holds, how often
-                order, drop = occurrences(self.seed, epoch, self.cond_dropout, self.shuffle)
-            self._plan = plan_epoch(self.data.lengths, self.cond_len, self.seq_len + 1, self.seed, epoch,
-                                    self.cond_dropout, self.shuffle, self.lookahead, order, drop)
+            order, drop = epoch_occurrences(self.data.rates, self.cond_len, self.seed, epoch, self.cond_dropout,
+                                            self.shuffle)
+            self._plan = plan_epoch(self.data.lengths, self.cond_len, self.seq_len + 1, order, drop, self.lookahead)
             self._plan_epoch = epoch
         return self._plan  # type: ignore[return-value]
 

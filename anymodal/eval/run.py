@@ -332,14 +332,15 @@ class Evaluator:
         per_kind, bits, skipped = self.read(data)
         return self.run_docs(per_kind, bits, skipped, kinds=self.o.tasks)
 
+    def refresh(self) -> None:
+        """Rebuild the sampling engine from the model's current weights (a trainer's next pass)."""
+        self.engine = Engine(self.b.model, self.sp, device=self.b.device)
+
     def run_docs(self, per_kind: dict[str, list], bits: list, skipped: int = 0, kinds=GEN_KINDS) -> dict:
         """Every metric on documents already read (`read`); only the generation tasks in `kinds`.
-
-        Metrics start from zero and the sampling engine is rebuilt from the model's current weights,
-        so a trainer can call this again on the same documents as the weights change."""
+        Metrics start from zero, so a trainer can call this again on the same documents."""
         from tqdm import tqdm
 
-        self.engine = Engine(self.b.model, self.sp, device=self.b.device)
         self.metrics, self.over_context, self.examples = Metrics(), 0, []
         total = sum(len(per_kind[k]) for k in kinds) + len(bits)
         self.bar = tqdm(total=total, desc="eval", unit="doc", disable=not self.o.progress or None, file=sys.stderr)

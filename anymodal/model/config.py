@@ -33,8 +33,7 @@ class ModelConfig:
     qk_norm: bool = True
     dropout: float = 0.0  # on the residual branches, training only
     init_std: float = 0.02
-    # one matrix for the token embedding and the output head (GPT-2's weight tying): each token's
-    # vector learns from being read and from being predicted, which small models learn faster with
+    # one matrix for the token embedding and the output head (GPT-2's weight tying)
     tie_embeddings: bool = False
     z_loss_weight: float = 1e-5
     activation_checkpointing: bool = False  # recompute each block in backward (training only)

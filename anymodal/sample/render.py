@@ -36,7 +36,6 @@ class RenderedSample:
     problems: list[str] = field(default_factory=list)
 
 
-
 def _html_parts(parts: list[Part]) -> str:
     out = []
     for p in parts:

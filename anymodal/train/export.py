@@ -43,7 +43,8 @@ def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() for k, v in state.items()}
 
 
-def _tokenizer_dir(run: Path, given: str | Path | None) -> Path:
+def tokenizer_dir(run: Path, given: str | Path | None = None) -> Path:
+    """`given`, or the tokenizer set the run's training data was prepared with (from its manifest)."""
     if given:
         return Path(given)
     import yaml
@@ -60,7 +61,7 @@ def _tokenizer_dir(run: Path, given: str | Path | None) -> Path:
             if tok and Path(tok).is_dir():
                 return Path(tok)
     raise UserError(f"cannot find the tokenizer set of {run} (its data manifest names none, or it moved); "
-                    f"pass --tokenizers DIR")
+                    f"pass --tokenizers DIR (`anymodal train`: tokenizers=DIR)")
 
 
 def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = None, step: int | None = None) -> Path:
@@ -85,7 +86,7 @@ def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = Non
     ckpt_step, ckpt = found
     cfg = load_config(ModelConfig, run / "model.yaml", ["activation_checkpointing=false"])
     space = TokenSpace.load(run)
-    tok_dir = _tokenizer_dir(run, tokenizers)
+    tok_dir = tokenizer_dir(run, tokenizers)
     toks = load_tokenizers(tok_dir)
     toks.space.check_same(space, f"{tok_dir} vs the run {run}")
 

@@ -450,7 +450,7 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainRe
     engine.train()
 
     budget = StepBudget(started + cfg.max_minutes * 60.0 - spent, cfg.steps)
-    tasks = _task_eval(cfg, engine.module, data) if cfg.task_eval_every and rank == 0 else None
+    tasks = _task_eval(cfg, engine.module, run_dir) if cfg.task_eval_every and rank == 0 else None
     if tasks is not None and step == 0:  # where the curve starts: the untrained model
         metrics.write({"step": 0, "minutes": 0.0, "tasks": tasks()})
         budget.evaluated(tasks.seconds[-1], cfg.task_eval_every)
@@ -582,16 +582,14 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainRe
     return TrainResult(step, losses, engine.module, run_dir, interrupted, skipped_total)
 
 
-def _task_eval(cfg: TrainConfig, model, data):
+def _task_eval(cfg: TrainConfig, model, run_dir: Path):
     """The in-training task evaluator, with the tokenizer set the training data was prepared with."""
+    from .export import tokenizer_dir
     from .task_eval import TaskEval
 
     if cfg.zero_stage == 3:
         raise UserError("task_eval_every needs the whole model in one process; it does not work with zero_stage=3")
-    tok_dir = cfg.tokenizers or data.manifest.get("tokenizers", "")
-    if not tok_dir or not Path(tok_dir, "text").is_dir():
-        raise UserError(f"task_eval_every: no tokenizer set found ({tok_dir or 'none recorded by prepare'}); "
-                        "set tokenizers=DIR")
+    tok_dir = tokenizer_dir(run_dir, cfg.tokenizers or None)
     return TaskEval(model, tok_dir, cfg.task_eval_data, cfg.task_eval_limit, cfg.task_eval_tasks, seed=cfg.seed)
 
 

@@ -61,6 +61,7 @@ class TaskEval:
         was_training = self.model.training
         self.model.eval()
         try:
+            self.evaluator.refresh()
             result = self.evaluator.run_docs(self.per_kind, [], kinds=self.tasks)
         finally:
             self.model.train(was_training)

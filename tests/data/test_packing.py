@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from anymodal.data.packing import IGNORE_INDEX, PackedLoader, TokenDataset, plan_epoch
+from anymodal.data.packing import IGNORE_INDEX, PackedLoader, TokenDataset, epoch_occurrences, plan_epoch
 from anymodal.data.prepare import write_token_dataset
 from anymodal.errors import UserError
 from anymodal.tokenizers.stream import Audio, Box, Image, Text
@@ -94,7 +94,9 @@ def test_rows_masks_and_labels(dataset):
 def test_every_token_once_per_epoch_and_long_docs_split(dataset):
     ds, _ = dataset
     row_len = 33  # shorter than several documents: they must be cut into pieces
-    plan = plan_epoch(ds.lengths, np.zeros(len(ds), np.int64), row_len, seed=3, epoch=0)
+    no_cond = np.zeros(len(ds), np.int64)
+    order, drop = epoch_occurrences(ds.rates, no_cond, seed=3, epoch=0)
+    plan = plan_epoch(ds.lengths, no_cond, row_len, order, drop)
     assert plan.length.max() <= row_len
     pieces: dict[int, list] = {d: [] for d in range(len(ds))}
     for d, s, n in zip(plan.doc, plan.start, plan.length):

@@ -102,11 +102,11 @@ def test_kind_absent_from_every_source_is_a_user_error(tiny_args, mix_args):
 def test_export_finds_the_tokenizer_set_of_a_mixture_run(tiny_tokens, tiny_tokens_b, tiny_tokset, tmp_path):
     import yaml
 
-    from anymodal.train.export import _tokenizer_dir
+    from anymodal.train.export import tokenizer_dir
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": [{"path": str(tiny_tokens_b), "weight": 1},
                                                                    str(tiny_tokens)]}))
-    assert _tokenizer_dir(tmp_path, None).resolve() == tiny_tokset[0].resolve()
+    assert tokenizer_dir(tmp_path, None).resolve() == tiny_tokset[0].resolve()
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": [{"path": str(tmp_path / "gone")}]}))
     with pytest.raises(UserError, match="--tokenizers"):
-        _tokenizer_dir(tmp_path, None)
+        tokenizer_dir(tmp_path, None)
