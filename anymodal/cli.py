@@ -22,7 +22,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("tokenizer", "train a text/image/audio tokenizer, or encode/decode media with one"),
     ("prepare", "run the frozen tokenizers over raw shards and write token shards"),
     ("train", "pretrain the transformer on token shards (DeepSpeed; resumable)"),
-    ("export", "turn a run directory into a self-contained model bundle"),
+    ("export", "turn a run directory into a model bundle, or either into a Hugging Face folder"),
     ("sample", "generate mixed text, images and audio from a prompt"),
     ("ground", "find the box of a phrase in an image"),
     ("eval", "measure a model bundle on a validation split (docs/world.md metrics)"),

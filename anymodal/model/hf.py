@@ -4,7 +4,8 @@ Pure torch: transformers is imported only inside `hf_chameleon`, which builds th
 parity test and the benchmarks compare against. Our fused projections are split back into HF's:
 `wqkv` → q_proj | k_proj | v_proj, `w13` → gate_proj | up_proj, `qk_norm` → q_norm | k_norm. Our q/k
 head dims are stored in RoPE pair order (see transformer.py); they are permuted to HF's half order
-here (and back in `from_hf_state_dict`). Used by the parity test and by a later HF export.
+here (and back in `from_hf_state_dict`). Used by `anymodal.hf` (export, init_from), the parity test
+and the benchmarks.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return out
 
 
-# The smallest VQ HF's Chameleon accepts: the comparisons use its text path only.
-_TINY_VQ = dict(embed_dim=4, num_embeddings=8, latent_channels=4, resolution=8, base_channels=32,
+# The smallest VQ HF's Chameleon builds: the comparisons use its text path only, and an exported
+# folder carries it (zero weights) as a placeholder for our own image tokenizer.
+MINIMAL_VQ = dict(embed_dim=4, num_embeddings=8, latent_channels=4, resolution=8, base_channels=32,
                 channel_multiplier=[1], num_res_blocks=1, attn_resolutions=[])
 
 
@@ -133,6 +135,6 @@ def hf_chameleon(cfg: ModelConfig, attn: str = "sdpa"):
     """
     import transformers
 
-    hf_cfg = transformers.ChameleonConfig(**hf_config_kwargs(cfg), vq_config=_TINY_VQ)
+    hf_cfg = transformers.ChameleonConfig(**hf_config_kwargs(cfg), vq_config=MINIMAL_VQ)
     hf_cfg._attn_implementation = attn
     return transformers.ChameleonForConditionalGeneration(hf_cfg)

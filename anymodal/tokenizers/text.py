@@ -54,6 +54,8 @@ class TextTokenizer:
         while self.sp.piece_to_id(loc_piece(n)) == self.loc_offset + n and n < self.vocab_size:
             n += 1
         self.loc_bins = n
+        self._user_ids = {self._specials[name] for name in SPECIAL_PIECES} | set(
+            range(self.loc_offset, self.loc_offset + n))
         self._mark_bytes = [self._require(f"<0x{b:02X}>") for b in SP_MARK.encode("utf-8")]
 
     def _require(self, piece: str) -> int:
@@ -110,6 +112,10 @@ class TextTokenizer:
                 i += 1
         out.append(self.sp.decode(ids[start:]))
         return "".join(out)
+
+    def is_user_defined(self, i: int) -> bool:
+        """Whether piece `i` is matched whole in input text (a stream special or a `<loc_*>`)."""
+        return int(i) in self._user_ids
 
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))

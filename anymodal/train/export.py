@@ -26,6 +26,7 @@ import torch
 
 from ..data.mixture import parse_sources
 from ..errors import ConfigError, UserError
+from ..fileio import fresh_dir_beside, replace_dir
 
 
 def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -99,10 +100,7 @@ def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = Non
 
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp-export")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = fresh_dir_beside(out, "tmp-export")
     save_config(cfg, tmp / "config.yaml")
     save_file({k: v.contiguous() for k, v in model.weights().items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt", "step": str(ckpt_step)})
@@ -115,11 +113,6 @@ def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = Non
     (tmp / "export.json").write_text(json.dumps({"run": str(run.resolve()), "step": ckpt_step,
                                                  "checkpoint": ckpt.name, "tokenizers": str(tok_dir.resolve()),
                                                  "params": model.num_params()}, indent=1))
-    old = out.with_name(out.name + ".old-export")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.replace(old)
-    tmp.replace(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     print(f"[export] {run} step {ckpt_step} -> {out} ({model.num_params():,} parameters)", file=sys.stderr)
     return out

@@ -47,7 +47,9 @@ import torch
 from ..config import check_choice, load_config, resolve_config_path, save_config, to_dict
 from ..data.mixture import MixCounter, Mixture, check_kind_weights, format_plan, parse_sources, write_mix_json
 from ..errors import ConfigError, UserError
+from ..hf.load import INIT_VOCAB, init_from_hf, model_shape, read_config, read_hf_folder
 from ..model.config import ModelConfig
+from ..tokenizers.text import TextTokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -75,6 +77,10 @@ class TrainConfig:
     kind_weights: dict[str, float] = field(default_factory=dict)
     model_preset: str | None = "model/demo"  # ModelConfig YAML (path, or name under configs/); empty = defaults
     model: ModelOverrides = field(default_factory=ModelOverrides)  # preset overrides, e.g. model.n_layers=4
+    # start from a Hugging Face Chameleon folder (`anymodal export --format hf`, or any of that
+    # format): its config.json fixes the model's shape, its weights the first step (anymodal.hf.load)
+    init_from: str = ""
+    init_vocab: str = "strict"  # strict: same token space or refuse; map: match rows by token
     seq_len: int = 512  # tokens per packed row (the model sees rows of seq_len, predicts seq_len labels)
     micro_batch: int = 8  # rows per process per forward
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -125,6 +131,7 @@ class TrainConfig:
         from .schedule import SCHEDULES
 
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("init_vocab", self.init_vocab, INIT_VOCAB)
         for name in ("seq_len", "micro_batch", "grad_accum", "steps", "checkpoint_every", "log_every",
                      "eval_batches", "lookahead"):
             if getattr(self, name) < 1:
@@ -169,6 +176,8 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
 def build_model_config(cfg: TrainConfig, vocab_size: int):
     """The preset, the run's `model:` overrides, and what the data fixes (vocab, room for seq_len)."""
     overrides = {k: v for k, v in to_dict(cfg.model).items() if v is not None}
+    if cfg.init_from:  # the folder's shape wins over the preset's
+        overrides.update(model_shape(read_config(cfg.init_from)))
     preset = load_config(ModelConfig, cfg.model_preset or None, data=overrides)
     data = {**to_dict(preset), "vocab_size": vocab_size,
             "max_seq_len": max(preset.max_seq_len, cfg.seq_len),
@@ -337,6 +346,7 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainRe
     from .budget import StepBudget
     from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from .cpu_memory import keep_freed_memory
+    from .export import tokenizer_dir
     from .metrics import MetricsLog
     from .schedule import WarmupCosine
     from .task_eval import print_tasks
@@ -380,6 +390,13 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainRe
 
     random.seed(cfg.seed)
     model = Transformer(model_cfg)
+    if cfg.init_from and ckpt is None:  # a resumed run continues from its checkpoint instead
+        text = None
+        if cfg.init_vocab == "map":
+            text = TextTokenizer.load(tokenizer_dir(run_dir, cfg.tokenizers or None) / "text")
+        how = init_from_hf(model, read_hf_folder(cfg.init_from), space, cfg.init_vocab, text)
+        if rank == 0:
+            print(f"[train] initialized from {cfg.init_from} ({how}); optimizer fresh", file=sys.stderr)
     optimizer = make_optimizer(model, cfg)
     schedule = WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio, cfg.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

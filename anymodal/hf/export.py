@@ -1,0 +1,154 @@
+"""`anymodal export --format hf`: a model bundle -> a Hugging Face Chameleon folder.
+
+    DIR/config.json                  ChameleonConfig (sizes, QK-Norm, swin/pre, rope theta, special ids)
+                                     plus `boi_token_id`, `eoi_token_id`, `image_token_range` and an
+                                     `anymodal` block: the whole token space and what HF cannot hold
+    DIR/model.safetensors            the weights in HF's names (or model-0000i-of-0000n.safetensors
+                                     and model.safetensors.index.json above `max_shard_size`)
+    DIR/generation_config.json       <s> </s> <pad>, greedy by default
+    DIR/tokenizer.json, tokenizer_config.json   the text tokenizer for `AutoTokenizer`
+    DIR/token_space.json, text/ image/ audio/   our tokenizer set: images and audio decode with it
+    DIR/README.md                    what is in the folder and how to use it
+
+`ChameleonForConditionalGeneration` holds a VQGAN besides the language model. Ours is a different
+image tokenizer (in `image/`), so the folder's `model.vqmodel.*` is the smallest VQ the class
+accepts, with zero weights: it lets `from_pretrained` load with no missing weights and must not be
+used to encode images. The folder is written beside its destination and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..fileio import fresh_dir_beside, replace_dir, write_atomic
+from ..model.hf import MINIMAL_VQ, check_exportable, hf_config_kwargs, to_hf_state_dict
+
+FORMAT_VERSION = 1
+
+README = """# {name}: an anymodal model in Hugging Face Chameleon format
+
+Exported by `anymodal export --format hf` from `{source}` ({params:,} parameters).
+
+```python
+import torch
+from transformers import AutoTokenizer, ChameleonForConditionalGeneration
+from anymodal.hf import StreamGrammar  # optional: keeps images, clips and boxes well formed
+
+model = ChameleonForConditionalGeneration.from_pretrained("{name}")
+tok = AutoTokenizer.from_pretrained("{name}")
+ids = tok("a small red circle at the top left<boi>", return_tensors="pt").input_ids
+ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], 1)
+out = model.generate(ids, max_new_tokens={image_tokens_plus}, do_sample=False,
+                     logits_processor=[StreamGrammar.from_folder("{name}")])
+```
+
+Image codes are ids [{image_lo}, {image_hi}) (code = id - {image_lo}), {grid_h} x {grid_w} per image
+between `<boi>` ({boi}) and `<eoi>` ({eoi}); write the {grid_h}x{grid_w} codes (id - {image_lo}) as `{{"ids": [...]}}` and
+decode them with this folder's image tokenizer:
+`anymodal tokenizer decode image --tokenizer {name}/image codes.json image.png`.
+
+What `transformers` does not represent, and where it lives instead:
+- the image tokenizer: `image/` (ours, not Chameleon's VQGAN; `model.vqmodel.*` is a zero
+  placeholder so the class loads, never use it to encode images);
+- audio: codec codes are ids [{audio_lo}, {audio_hi}) ({audio_n_q} level(s) x {audio_k} codes, frame-major,
+  between `<boa>` ({boa}) and `<eoa>` ({eoa})), decoded by `audio/`;
+- boxes: `<box>` then four `<loc_*>` pieces (x1 y1 x2 y2, {loc_bins} bins of the image's width and height)
+  then `</box>`; they are ordinary text pieces of the tokenizer;
+- the stream grammar (exactly {grid_h}x{grid_w} codes per image, whole audio frames, ordered box corners):
+  `anymodal.hf.StreamGrammar`, a `LogitsProcessor`.
+`token_space.json` (also under `anymodal` in `config.json`) has every range.
+"""
+
+
+def _hf_config(cfg, space, params: int):
+    import transformers
+
+    lo, hi = space.image_range()
+    not_held = ["the image tokenizer (image/; model.vqmodel is a zero placeholder)",
+                "audio codec tokens and their tokenizer (audio/)",
+                "the stream grammar (anymodal.hf.StreamGrammar)"]
+    return transformers.ChameleonConfig(
+        **hf_config_kwargs(cfg), vq_config=MINIMAL_VQ,
+        bos_token_id=space.bos, eos_token_id=space.eos, pad_token_id=space.pad,
+        boi_token_id=space.boi, eoi_token_id=space.eoi, image_token_range=[lo, hi],
+        anymodal={"format_version": FORMAT_VERSION, "token_space": space.to_dict(), "params": params,
+                  "image_grid": list(space.image_grid), "audio_token_range": list(space.audio_range()),
+                  "loc_token_range": list(space.loc_range()), "not_in_transformers": not_held},
+    )
+
+
+def _placeholder_vq_weights(hf_config) -> dict[str, torch.Tensor]:
+    import transformers
+
+    with torch.device("meta"):
+        vq = transformers.ChameleonVQVAE(hf_config.vq_config)
+    return {f"model.vqmodel.{k}": torch.zeros(v.shape, dtype=torch.float32) for k, v in vq.state_dict().items()}
+
+
+def _save_weights(state: dict[str, torch.Tensor], out: Path, max_shard_size: int | str) -> int:
+    """model.safetensors, or shards plus the index `from_pretrained` reads; returns the shard count."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        write_atomic(out / "model.safetensors.index.json", json.dumps(index, indent=1))
+    return len(split.filename_to_tensors)
+
+
+def export_hf(bundle_dir: str | Path, out: str | Path, max_shard_size: int | str = "5GB") -> Path:
+    """Write the Hugging Face folder of a model bundle (`anymodal export` writes bundles)."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--format hf needs transformers: pip install 'anymodal[hf]'") from None
+
+    from ..sample.bundle import load_bundle
+    from .tokenizer import hf_text_tokenizer
+
+    bundle_dir, out = Path(bundle_dir), Path(out)
+    b = load_bundle(bundle_dir, device="cpu")
+    cfg, space = b.model.cfg, b.space
+    try:
+        check_exportable(cfg)
+    except ValueError as e:
+        raise UserError(f"cannot export {bundle_dir} to Hugging Face format: {e}") from None
+    params = b.model.num_params()
+    hf_config = _hf_config(cfg, space, params)
+    state = to_hf_state_dict(b.model.state_dict(), cfg)
+    if cfg.tie_embeddings:  # one tensor under two names: safetensors stores each name's own copy
+        state["lm_head.weight"] = state["lm_head.weight"].clone()
+    state.update(_placeholder_vq_weights(hf_config))
+
+    tmp = fresh_dir_beside(out, "tmp-export")
+    hf_config.save_pretrained(tmp)
+    shards = _save_weights(state, tmp, max_shard_size)
+    transformers.GenerationConfig(bos_token_id=space.bos, eos_token_id=space.eos, pad_token_id=space.pad,
+                                  do_sample=False).save_pretrained(tmp)
+    hf_text_tokenizer(b.tok.text).save_pretrained(tmp)
+    b.tok.text.save(tmp / "text")
+    for name in ("image", "audio"):
+        if (bundle_dir / name).is_dir():
+            shutil.copytree(bundle_dir / name, tmp / name)
+    space.save(tmp / "token_space.json")
+    a_lo, a_hi = space.audio_range()
+    write_atomic(tmp / "README.md", README.format(
+        name=out.name, source=bundle_dir, params=params, image_lo=space.image_offset,
+        image_hi=space.image_offset + space.image_codebook_size, grid_h=space.image_grid[0],
+        grid_w=space.image_grid[1], image_tokens_plus=space.image_tokens + 1, boi=space.boi, eoi=space.eoi,
+        audio_lo=a_lo, audio_hi=a_hi, audio_n_q=space.audio_n_q, audio_k=space.audio_codebook_size,
+        boa=space.boa, eoa=space.eoa, loc_bins=space.loc_bins))
+    replace_dir(tmp, out)
+    print(f"[export] {bundle_dir} -> {out} (Hugging Face Chameleon, {params:,} parameters, "
+          f"{shards} weight file{'s' if shards > 1 else ''})", file=sys.stderr)
+    return out
