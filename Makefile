@@ -11,7 +11,7 @@ setup: $(STAMP) espeak
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -c constraints.txt -e '.[test,bench,hf]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[test,bench,hf,tensorboard,plots]'
 	touch $(STAMP)
 
 # espeak-ng speaks the demo world's audio. Installed with apt-get when missing and possible;

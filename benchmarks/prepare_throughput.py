@@ -1,5 +1,11 @@
 """Throughput of `anymodal prepare` (raw demo-world shards -> token shards), documents per second,
-with one worker process and with one per core; prints JSON.
+with one worker process and with one per core, per document kind, and the bare encode rates of
+the tokenizers beside them; prints JSON.
+
+- `workers_N`: the demo mix (configs/world/demo.yaml) with N worker processes;
+- `by_kind`: docs/s of a world of that kind alone, one worker (what each kind costs);
+- `encode`: the tokenizers alone, one thread: text documents/s, images/s (batches of 64), seconds
+  of speech encoded per second (clips one by one, and bucketed by length in batches of 8).
 
 The tokenizers have the demo recipes' shapes (text BPE 1200 pieces, the image and audio codecs of
 configs/tokenizer/*_demo.yaml, or the default configs when a recipe is missing) with untrained
@@ -42,9 +48,59 @@ def demo_shaped_tokenizers(out: Path, world: Path) -> Path:
     return out
 
 
+KINDS = ("t2i", "i2t", "ground", "refer", "asr", "tts", "a2i", "story", "prose")
+
+
+def encode_rates(toks: Path, world: Path) -> dict:
+    """The tokenizers alone on the world's documents, one thread."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from anymodal.data.reader import iter_documents
+    from anymodal.tokenizers import load_tokenizers
+
+    torch.set_num_threads(1)
+    tok = load_tokenizers(toks)
+    docs = list(iter_documents(str(world / "*.tar"), image_size=tok.image.resolution,
+                               sample_rate=tok.audio.sample_rate))
+    texts = [d.text for d in docs]
+    images = [im for d in docs for im in d.images]
+    waves = [w for d in docs for w in d.audio]
+    out = {}
+    t0 = time.perf_counter()
+    for t in texts:
+        tok.text.encode(t)
+    out["text_docs_per_s"] = round(len(texts) / (time.perf_counter() - t0), 1)
+    t0 = time.perf_counter()
+    for s in range(0, len(images), 64):
+        x = torch.from_numpy(np.stack(images[s: s + 64])).permute(0, 3, 1, 2).float() / 255
+        tok.image.encode(x)
+    out["images_per_s"] = round(len(images) / (time.perf_counter() - t0), 1)
+    seconds = sum(len(w) for w in waves) / tok.audio.sample_rate
+    t0 = time.perf_counter()
+    for w in waves:
+        tok.audio.encode_stream(torch.from_numpy(w)[None])
+    out["speech_seconds_per_s"] = round(seconds / (time.perf_counter() - t0), 1)
+    order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
+    t0 = time.perf_counter()
+    for s in range(0, len(order), 8):
+        group = order[s: s + 8]
+        n = math.ceil(max(len(waves[i]) for i in group) / tok.audio.hop) * tok.audio.hop
+        x = torch.zeros(len(group), n)
+        for r, i in enumerate(group):
+            x[r, : len(waves[i])] = torch.from_numpy(waves[i])
+        tok.audio.encode_stream(x)
+    out["speech_seconds_per_s_batched_8"] = round(seconds / (time.perf_counter() - t0), 1)
+    out["speech_clips"] = len(waves)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=300)
+    ap.add_argument("--kind-docs", type=int, default=60, help="documents of each kind for by_kind (0: skip)")
     ap.add_argument("--shard-size", type=int, default=50)
     ap.add_argument("--tokenizers", default=None)
     args = ap.parse_args()
@@ -64,9 +120,17 @@ def main() -> None:
             dt = time.perf_counter() - t0
             results[f"workers_{workers}"] = {"docs_per_s": round(stats["docs"] / dt, 2), "seconds": round(dt, 2),
                                             "tokens_per_s": round(stats["tokens"] / dt, 1)}
+        by_kind = {}
+        for kind in KINDS if args.kind_docs else ():
+            only = [f"kinds.{k}={1 if k == kind else 0}" for k in KINDS]
+            generate_world(tmp / kind, "train", docs=args.kind_docs, seed=1, overrides=only, progress=False)
+            t0 = time.perf_counter()
+            k_stats = prepare(toks, str(tmp / kind / "train-*.tar"), tmp / f"tokens_{kind}", workers=1, progress=False)
+            by_kind[kind] = round(k_stats["docs"] / (time.perf_counter() - t0), 1)
         print(json.dumps({"docs": stats["docs"], "tokens": stats["tokens"],
                           "tokens_by_modality": stats["tokens_by_modality"], "shards": stats["shards"],
-                          "docs_by_kind": stats["docs_by_kind"], **results}, indent=1))
+                          "docs_by_kind": stats["docs_by_kind"], **results, "by_kind_docs_per_s": by_kind,
+                          "encode": encode_rates(toks, tmp / "world")}, indent=1))
 
 
 if __name__ == "__main__":

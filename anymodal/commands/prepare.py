@@ -1,4 +1,7 @@
-"""`anymodal prepare --tokenizers DIR --input RAW --out TOK`: raw shards -> token shards (done once)."""
+"""`anymodal prepare --tokenizers DIR --input RAW --out TOK`: raw shards -> token shards (done once).
+
+`--part i --parts N` tokenizes one share of the input (one machine of N); `--merge OUT [--from DIR …]`
+writes the manifest once every part is done (docs/scaling.md shows a Slurm array)."""
 
 from __future__ import annotations
 
@@ -7,10 +10,18 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizers", required=True, help="tokenizer set (text/, image/, audio/, token_space.json)")
-    parser.add_argument("--input", required=True, nargs="+",
-                        help="raw webdataset shards: paths, a folder, a glob or a brace pattern")
-    parser.add_argument("--out", required=True, help="token-shard folder to write (resumes per shard)")
+    parser.add_argument("--tokenizers", default=None, help="tokenizer set (text/, image/, audio/, token_space.json)")
+    parser.add_argument("--input", nargs="+", default=None,
+                        help="raw webdataset shards: paths, a folder, a glob, a brace pattern, http(s):// or "
+                             "gs:// URLs, or pipe: commands (e.g. 'pipe:aws s3 cp s3://bucket/x.tar -')")
+    parser.add_argument("--out", default=None, help="token-shard folder to write (resumes per shard)")
+    parser.add_argument("--part", type=int, default=None, help="tokenize only this part (0-based) of --parts")
+    parser.add_argument("--parts", type=int, default=1, help="how many parts the input is split into")
+    parser.add_argument("--merge", default=None, metavar="OUT",
+                        help="write OUT's manifest once all parts are done (no tokenizing)")
+    parser.add_argument("--from", dest="part_dirs", nargs="+", default=(), metavar="DIR",
+                        help="with --merge: folders the parts wrote to instead of OUT (their shards move into OUT)")
+    parser.add_argument("--cache-dir", default=None, help="download remote shards here once and read them from here")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     parser.add_argument("--image-mode", choices=("resize", "letterbox"), default=None,
@@ -24,11 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.prepare import prepare
+    from ..data.prepare import merge, prepare
+    from ..errors import UserError
 
-    stats = prepare(args.tokenizers, args.input if len(args.input) > 1 else args.input[0], args.out,
-                    workers=args.workers, strict=args.strict, image_mode=args.image_mode,
-                    batch_docs=args.batch_docs, progress=not args.no_progress, threads=args.threads, device=args.device)
+    if args.merge is not None:
+        if args.input or args.out or args.tokenizers:
+            raise UserError("--merge OUT takes no --tokenizers, --input or --out")
+        stats = merge(args.merge, args.part_dirs)
+    else:
+        if not (args.tokenizers and args.input and args.out):
+            raise UserError("prepare needs --tokenizers, --input and --out (or --merge OUT)")
+        if args.part_dirs:
+            raise UserError("--from goes with --merge")
+        stats = prepare(args.tokenizers, args.input if len(args.input) > 1 else args.input[0], args.out,
+                        workers=args.workers, strict=args.strict, image_mode=args.image_mode,
+                        batch_docs=args.batch_docs, progress=not args.no_progress, threads=args.threads,
+                        device=args.device, part=args.part, parts=args.parts, cache_dir=args.cache_dir)
+    if not stats.get("complete", True):
+        print(json.dumps({k: stats[k] for k in ("complete", "shards", "shards_done", "docs", "tokens")}))
+        return 0
     summary = {k: stats[k] for k in ("docs", "tokens", "tokens_by_modality", "bad", "docs_per_second")}
-    print(json.dumps(summary))
+    print(json.dumps({"complete": True, **summary}))
     return 0

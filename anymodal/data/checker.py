@@ -6,8 +6,8 @@
   components of >= 12 px per colour become objects, and a component's shape is called by its fill
   ratio = area / box area (square >= 0.90, circle 0.65-0.90, triangle 0.35-0.65).
 - comparisons used by `eval`: `objects_match` (same multiset of (colour, shape)),
-  `position_accuracy`, `size_accuracy`, `caption_correct`, `parse_referring`, `box_iou`,
-  `word_error_rate`.
+  `position_accuracy`, `size_accuracy`, `caption_correct`, `parse_referring`, `word_error_rate`
+  (box IoU: `anymodal.tokenizers.stream.iou`).
 """
 
 from __future__ import annotations
@@ -182,15 +182,6 @@ def caption_correct(text: str, truth: Sequence[dict]) -> bool:
 
 def refer_correct(text: str, colour: str, shape: str) -> bool:
     return parse_referring(text) == (colour, shape)
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two (x1, y1, x2, y2) boxes in the same units."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def normalize_words(text: str) -> list[str]:

@@ -3,8 +3,14 @@
 Images of any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) and any size become
 `np.uint8 [size, size, 3]` RGB, either stretched ("resize", the default) or scaled to fit and
 padded with white ("letterbox"). Transparent pixels are composited over white, the demo
-world's background. Audio (WAV of any sample format; FLAC/OGG/MP3 through `soundfile` or the
-`sox` command when present) becomes mono `np.float32 [T]` at the requested rate.
+world's background.
+
+Audio has one path in and one out, used by every part of anymodal (reader, codec trainer,
+`anymodal tokenizer encode|decode audio`, `anymodal sample`, the demo world's speech):
+`load_audio` decodes WAV (any PCM width or float), FLAC, OGG and MP3 with `soundfile`
+(libsndfile; integer samples scaled one way: int16 / 32768, ...), averages the channels and
+resamples with `resample` to mono `np.float32 [T]` at the requested rate; `encode_wav` /
+`save_wav` write 16-bit PCM mono WAV (x * 32768, clipped), the file atomically.
 
 Everything that cannot be decoded raises `BadRecord(reason, detail)`, which the reader counts and
 skips. `BadRecord` lives here (and is re-exported by `reader`) so media code has no reader import.
@@ -14,14 +20,12 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
-import subprocess
-import warnings
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import write_atomic
 
 # Reasons a record can be bad; the reader counts skipped records by these names.
 BAD_IMAGE = "bad image"
@@ -31,6 +35,8 @@ BAD_JSON = "bad json"
 BAD_BOX = "box outside image"
 MISSING_FILE = "missing file"
 BAD_SEGMENT = "bad segment"
+
+PCM16_SCALE = 32768.0  # int16 sample <-> float: x / 32768 reading, x * 32768 (clipped) writing
 
 WHITE = (255, 255, 255)
 
@@ -163,7 +169,8 @@ def encode_png(arr: np.ndarray, compress_level: int = 6) -> bytes:
 
 
 def save_png(arr: np.ndarray, path: str | os.PathLike) -> None:
-    Path(path).write_bytes(encode_png(arr))
+    """uint8 [H, W, 3] -> a PNG file, written atomically."""
+    write_atomic(path, encode_png(arr))
 
 
 # ------------------------------------------------------------------------------------------ audio
@@ -199,86 +206,87 @@ def resample(wave_: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return out[: round(n * sr_out / sr_in)].astype(np.float32)
 
 
-def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
-    """WAV bytes -> (float32 [T, C], sample_rate) for integer and float sample formats."""
-    from scipy.io import wavfile
-
-    with warnings.catch_warnings():  # odd chunks are skipped; a broken file raises below anyway
-        warnings.simplefilter("ignore")
-        sr, a = wavfile.read(io.BytesIO(data), mmap=False)
-    if a.dtype == np.uint8:
-        a = (a.astype(np.float32) - 128.0) / 128.0
-    elif a.dtype == np.int16:
-        a = a.astype(np.float32) / 32768.0
-    elif a.dtype == np.int32:
-        a = (a.astype(np.float64) / 2147483648.0).astype(np.float32)
-    elif a.dtype.kind == "f":
-        a = a.astype(np.float32)
-    else:
-        raise BadRecord(BAD_AUDIO, f"unsupported WAV sample type {a.dtype}")
-    return (a.reshape(len(a), -1) if a.size else a.reshape(0, 1)), int(sr)
+def to_pcm16(wave_: np.ndarray) -> np.ndarray:
+    """float [T] -> int16 [T]: the inverse of the readers' scaling (x * 32768, clipped to int16;
+    NaN becomes 0). int16 input passes through unchanged."""
+    a = np.asarray(wave_)
+    if a.ndim != 1:
+        raise ValueError(f"expected a mono wave [T], got shape {a.shape}")
+    if a.dtype == np.int16:
+        return a
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(np.rint(a * PCM16_SCALE), -32768, 32767).astype(np.int16)
 
 
-def _decode_other(data: bytes) -> tuple[np.ndarray, int]:
-    """FLAC/OGG/MP3 through soundfile if installed, else the `sox` command."""
-    try:
-        import soundfile
+def from_pcm16(pcm: np.ndarray) -> np.ndarray:
+    """int16 samples -> float32 in [-1, 1) (x / 32768, the scaling `soundfile` applies when reading)."""
+    return (np.asarray(pcm, dtype=np.int16).astype(np.float32) / np.float32(PCM16_SCALE))
 
-        a, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return a, int(sr)
-    except ImportError:
-        pass
-    except Exception as e:
-        raise BadRecord(BAD_AUDIO, str(e).splitlines()[0]) from None
-    if shutil.which("sox") is None:
-        raise BadRecord(BAD_AUDIO, "not a WAV file; install `soundfile` or `sox` to read other formats")
-    proc = subprocess.run(["sox", "-", "-t", "wav", "-e", "floating-point", "-b", "32", "-"],
-                          input=data, capture_output=True)
-    if proc.returncode != 0 or not proc.stdout:
-        msg = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise BadRecord(BAD_AUDIO, msg[-1] if msg else "sox could not decode it")
-    return _decode_wav(proc.stdout)
+
+def _sf_error(e: Exception) -> str:
+    """A one-line reason from a soundfile/libsndfile exception (without the `<BytesIO ...>` noise)."""
+    msg = getattr(e, "error_string", None) or str(e) or type(e).__name__
+    return msg.splitlines()[0] if msg.splitlines() else type(e).__name__
 
 
 def load_audio(src: bytes | str | os.PathLike, sample_rate: int = 16000,
                max_seconds: float | None = None) -> np.ndarray:
-    """Any audio file (bytes or path) -> mono float32 [T] at `sample_rate`; raises `BadRecord`."""
+    """Any audio file (bytes or path) -> mono float32 [T] at `sample_rate`; raises `BadRecord`.
+
+    WAV (8/16/24/32-bit PCM or float), FLAC, OGG (Vorbis, Opus) and MP3 are decoded by
+    `soundfile` (libsndfile), which scales integer samples one way (int16 / 32768, int32 / 2**31,
+    ...); channels are averaged; `max_seconds` keeps only the start (only that much is decoded).
+    """
+    import soundfile
+
     data = _read_bytes(src, BAD_AUDIO)
     if not data:
         raise BadRecord(EMPTY_AUDIO, "empty file")
     try:
-        a, sr = _decode_wav(data) if data[:4] in (b"RIFF", b"RIFX", b"RF64") else _decode_other(data)
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            sr = int(f.samplerate)
+            if sr <= 0:
+                raise BadRecord(BAD_AUDIO, f"sample rate {sr}")
+            frames = -1 if max_seconds is None else max(0, int(round(max_seconds * sr)))
+            a = f.read(frames, dtype="float32", always_2d=True)  # [T, C]
     except BadRecord:
         raise
-    except Exception as e:  # scipy raises ValueError/EOFError/... on broken headers
-        raise BadRecord(BAD_AUDIO, (str(e).splitlines() or [type(e).__name__])[0]) from None
+    except Exception as e:  # libsndfile: unknown format, broken header, truncated stream, ...
+        raise BadRecord(BAD_AUDIO, _sf_error(e)) from None
     if a.size == 0 or a.shape[0] == 0:
         raise BadRecord(EMPTY_AUDIO, "no samples")
-    if sr <= 0:
-        raise BadRecord(BAD_AUDIO, f"sample rate {sr}")
-    mono = a.mean(axis=1) if a.shape[1] > 1 else a[:, 0]  # [T]
+    mono = a.mean(axis=1, dtype=np.float32) if a.shape[1] > 1 else a[:, 0]  # [T]
     if not np.isfinite(mono).all():
         raise BadRecord(BAD_AUDIO, "NaN or infinite samples")
-    if max_seconds is not None:
-        mono = mono[: int(round(max_seconds * sr))]
     out = resample(mono, sr, sample_rate)
     if len(out) == 0:
         raise BadRecord(EMPTY_AUDIO, "no samples after resampling")
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def read_audio_file(path: str | os.PathLike, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """`load_audio` for a file a user named (CLI, `--audio` prompts, the codec trainer's files):
+    a missing or undecodable file is a one-line `UserError` instead of a `BadRecord`."""
+    from ..errors import UserError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"audio file not found: {p}")
+    try:
+        return load_audio(p, sample_rate, max_seconds)
+    except BadRecord as e:
+        raise UserError(f"cannot read audio {p}: {e}") from None
+
+
 def encode_wav(wave_: np.ndarray, sample_rate: int) -> bytes:
-    """float [T] in [-1, 1] (or int16) -> 16-bit PCM mono WAV bytes (deterministic)."""
-    if wave_.dtype != np.int16:
-        wave_ = np.clip(np.rint(np.asarray(wave_, np.float64) * 32767.0), -32768, 32767).astype(np.int16)
+    """float [T] in [-1, 1] (or int16) -> 16-bit PCM mono WAV bytes (deterministic, no metadata)."""
+    import soundfile
+
     buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(int(sample_rate))
-        w.writeframes(wave_.astype("<i2").tobytes())
+    soundfile.write(buf, to_pcm16(wave_), int(sample_rate), format="WAV", subtype="PCM_16")
     return buf.getvalue()
 
 
-def save_wav(wave_: np.ndarray, sr: int, path: str | os.PathLike) -> None:
-    Path(path).write_bytes(encode_wav(wave_, sr))
+def save_wav(wave_: np.ndarray, sample_rate: int, path: str | os.PathLike) -> Path:
+    """`encode_wav` to a file, atomically (a temporary sibling renamed over `path`)."""
+    return write_atomic(path, encode_wav(wave_, sample_rate))

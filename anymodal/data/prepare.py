@@ -266,7 +266,8 @@ def _prepare_shard(task: dict) -> dict:
     try:
         buf: list = []
         docs = iter_documents(task["source"], image_size=image_size, image_mode=task["image_mode"],
-                              sample_rate=sample_rate, strict=task["strict"], counter=counter)
+                              sample_rate=sample_rate, strict=task["strict"], counter=counter,
+                              cache_dir=task.get("cache_dir"))
         for doc in docs:
             buf.append(doc)
             if len(buf) >= task["batch_docs"]:
@@ -321,8 +322,20 @@ def prepare(
     progress: bool = True,
     threads: int | None = None,
     device: str = "auto",
+    part: int | None = None,
+    parts: int = 1,
+    cache_dir: str | Path | None = None,
 ) -> dict:
-    """Tokenize every raw shard of `input` into the token-shard folder `out`; returns stats.json's dict."""
+    """Tokenize the raw shards of `input` into the token-shard folder `out`; returns stats.json's dict.
+
+    With `parts` > 1 this run tokenizes only part `part` (raw shards i with i % parts == part),
+    so N machines can share the work (a Slurm array, a Kubernetes job, a shell loop), each into
+    `out` on a shared file system or into a folder of its own. The run that finds every shard
+    done writes `manifest.json` and `stats.json`; `merge` does the same after the fact, also
+    gathering parts from their own folders. Every part must see the same input list and the same
+    tokenizer set (`prepare.json` records both; a part that differs is refused). The returned dict
+    holds "complete": whether the manifest was written.
+    """
     import torch
 
     from ..tokenizers import load_tokenizers
@@ -334,6 +347,8 @@ def prepare(
     from .reader import expand_shards
 
     sources = expand_shards(input)
+    if parts < 1 or (parts > 1 and (part is None or not 0 <= part < parts)) or (parts == 1 and part not in (None, 0)):
+        raise UserError(f"--part must be in [0, {parts}) with --parts {parts}, got {part}")
     tok_dir = Path(tokenizers)
     toks = load_tokenizers(tok_dir)  # validates the set (and its token_space.json) up front
     space = toks.space
@@ -351,19 +366,21 @@ def prepare(
 
         TokenSpace.load(out).check_same(space, f"existing {out}/token_space.json vs the tokenizers")
     space.save(out / "token_space.json")
+    _check_plan(out, sources, tok_dir)
     (out / "manifest.json").unlink(missing_ok=True)  # re-marked complete at the end
     dtype = ids_dtype(space.vocab_size).str
 
     names = [f"{i:05d}" for i in range(len(sources))]
     done: dict[str, dict] = {}
     tasks = []
-    for name, src in zip(names, sources):
+    for i, (name, src) in enumerate(zip(names, sources)):
         prev = _shard_done(shard_dir, name, src)
         if prev is not None:
             done[name] = prev
-        else:
+        elif i % parts == (part or 0):
             tasks.append({"name": name, "source": src, "out": str(out), "dtype": dtype, "strict": strict,
-                          "image_mode": image_mode, "batch_docs": batch_docs})
+                          "image_mode": image_mode, "batch_docs": batch_docs,
+                          "cache_dir": str(cache_dir) if cache_dir else None})
     cpus = os.cpu_count() or 1
     workers = max(1, min(workers or cpus, len(tasks) or 1))
     threads = threads or max(1, cpus // workers)  # torch threads per worker
@@ -371,7 +388,84 @@ def prepare(
     if tasks:
         _run_tasks(tasks, str(tok_dir), workers, threads, progress, len(done), len(sources), done, device)
     seconds = time.time() - t0
+    if len(done) < len(names):  # other parts are still to come
+        return {"complete": False, "shards": len(names), "shards_done": len(done),
+                "docs": sum(d["docs"] for d in done.values()), "tokens": sum(d["tokens"] for d in done.values()),
+                "seconds": round(seconds, 3)}
     return _finish(out, names, sources, done, tok_dir, dtype, seconds, [t["name"] for t in tasks])
+
+
+PLAN = "prepare.json"
+
+
+def tokenizer_fingerprint(tok_dir: str | Path) -> str:
+    """A hash of a tokenizer set's files (weights, configs, token space): two sets with the same
+    token space but other weights give other codes, and must not be mixed in one folder."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(tok_dir)
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and (
+            p.suffix in (".model", ".safetensors", ".json") or p.name == "config.yaml")
+            and "checkpoints" not in p.parts and p.name not in ("metrics.json",)):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _check_plan(out: Path, sources: list[str], tok_dir: Path) -> dict:
+    """Record (or check) what every part of this folder tokenizes and with which tokenizers."""
+    plan = {"sources": sources, "tokenizers": tokenizer_fingerprint(tok_dir), "tokenizer_dir": str(tok_dir.resolve())}
+    path = out / PLAN
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("tokenizers") != plan["tokenizers"]:
+            raise UserError(f"{out} is being prepared with another tokenizer set (fingerprint "
+                            f"{old.get('tokenizers')}, {tok_dir} has {plan['tokenizers']}); use the same set or another --out")
+        if old.get("sources") != sources:
+            raise UserError(f"{out} is being prepared from other input shards ({len(old.get('sources', []))} "
+                            f"listed in {path}, {len(sources)} given); every part needs the same --input")
+        return old
+    _write_json(path, plan)
+    return plan
+
+
+def merge(out: str | Path, part_dirs: Iterable[str | Path] = ()) -> dict:
+    """Write the manifest and stats of a folder whose parts are all done (`prepare --merge`).
+
+    `part_dirs`: folders the parts wrote to instead of `out`; their shards are moved into `out`
+    (the same input list and tokenizer set are checked). Raises UserError naming the missing
+    shards when some part has not finished.
+    """
+    from ..tokenizers.token_space import TokenSpace
+
+    out = Path(out)
+    dirs = [Path(d) for d in part_dirs]
+    plan_dir = next((d for d in [out, *dirs] if (d / PLAN).is_file()), None)
+    if plan_dir is None:
+        raise UserError(f"nothing to merge: no {PLAN} in {out}" + (f" or {', '.join(map(str, dirs))}" if dirs else ""))
+    plan = json.loads((plan_dir / PLAN).read_text())
+    space = TokenSpace.load(plan_dir)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    if not (out / PLAN).is_file():
+        _write_json(out / PLAN, plan)
+        space.save(out / "token_space.json")
+    for d in dirs:
+        other = json.loads((d / PLAN).read_text()) if (d / PLAN).is_file() else {}
+        if (other.get("sources"), other.get("tokenizers")) != (plan["sources"], plan["tokenizers"]):
+            raise UserError(f"{d} was prepared from other input shards or another tokenizer set than {plan_dir}")
+        TokenSpace.load(d).check_same(space, f"{d} vs {plan_dir}")
+        for f in sorted((d / "shards").glob("*")):
+            if f.suffix != ".tmp" and not (out / "shards" / f.name).exists():
+                f.replace(out / "shards" / f.name)
+    sources = plan["sources"]
+    names = [f"{i:05d}" for i in range(len(sources))]
+    done = {n: s for n, src in zip(names, sources) if (s := _shard_done(out / "shards", n, src)) is not None}
+    missing = [n for n in names if n not in done]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(names)} shards are not done yet (e.g. {', '.join(missing[:5])}); "
+                        f"run the parts that hold them (--part i --parts N), then merge again")
+    return _finish(out, names, sources, done, Path(plan["tokenizer_dir"]), ids_dtype(space.vocab_size).str, 0.0, [])
 
 
 def _run_tasks(tasks, tok_dir, workers, threads, show, n_done, n_total, done, device) -> None:

@@ -6,13 +6,19 @@ the tar or base64 bytes), MMC4-style records (`text_list` + `image_info`), and p
 image-caption pairs (`KEY.jpg` + `KEY.txt`, the img2dataset layout).
 
 Shards may be given as a path, a folder, a glob, a brace pattern (`data/train-{00000..00009}.tar`),
-a `pipe:` command (`pipe:curl -s URL`), or a list of these. They are split between distributed
-ranks and DataLoader workers; when there are fewer shards than readers, every reader walks all
-shards and keeps every n-th sample instead.
+a URL webdataset opens (`http(s)://…` through curl with retries, `gs://…` through gsutil), a
+`pipe:` command (`pipe:aws s3 cp s3://bucket/train-00000.tar -`), or a list of these. webdataset
+streams each tar and groups its files by key, opens the URLs (optionally through a local
+`cache_dir`), resamples shards and shuffles a buffer of documents; the record adapters, the media
+decoding, the split between ranks and DataLoader workers (deterministic for a seed) and the error
+accounting are ours. When there are fewer shards than readers, every reader walks all shards and
+keeps every n-th sample, or (`resampled=True`) draws shards at random for an epoch of documents.
 
 A bad record (undecodable image or audio, invalid JSON, a box outside its image, a segment naming
 a missing file, empty audio) is skipped with one warning line naming shard and key, and counted
-by reason in a `RecordCounter`; with `strict=True` the first one raises `UserError`.
+by reason in a `RecordCounter`; a shard that cannot be opened or breaks off (a truncated file, a
+dropped connection) is one "bad shard". With `strict=True` the first one raises `UserError`.
+webdataset is imported where it is used: it imports torch, which text-only readers need not load.
 """
 
 from __future__ import annotations
@@ -20,14 +26,14 @@ from __future__ import annotations
 import base64
 import binascii
 import glob
+import hashlib
+import itertools
 import json
 import logging
 import os
 import random
 import re
-import subprocess
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +116,9 @@ class RecordCounter:
 # ------------------------------------------------------------------------------------- shards
 
 
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
 def expand_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """Paths, folders, globs, brace patterns and `pipe:` urls -> an ordered list of shard urls."""
     from braceexpand import braceexpand
@@ -120,6 +129,9 @@ def expand_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> li
         s = os.fspath(item)
         if s.startswith("pipe:"):
             out.append(s)
+            continue
+        if _URL.match(s):  # remote: nothing to check here, the opener reports what it cannot read
+            out.extend(braceexpand(s))
             continue
         s = s[len("file:"):] if s.startswith("file:") else s
         for pat in braceexpand(s):
@@ -143,63 +155,76 @@ def expand_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> li
     return out
 
 
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # KEY.ext with the key up to the first dot
+class _ShardErrors:
+    """webdataset's error handler for one shard: count (or, strict, raise) and go on, never sleep."""
+
+    def __init__(self, counter: RecordCounter | None, strict: bool, url: str):
+        self.counter, self.strict, self.url = counter, strict, url
+        self.failed = False
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.failed = True
+        msg = str(exn.args[0]) if getattr(exn, "args", None) else str(exn)
+        _bad(self.counter, self.strict, self.url, "-", BadRecord(BAD_SHARD, f"unreadable from here on: {msg[:200]}"))
+        return False  # the rest of this shard is lost; the reader goes on with the next shard
 
 
-def iter_samples(url: str, counter: RecordCounter | None = None, strict: bool = False) -> Iterator[dict]:
-    """Raw samples of one shard: {"__key__": key, "__shard__": url, ext: bytes, ...}."""
-    proc = None
+def open_shard(url: str, cache_dir: str | os.PathLike | None = None):
+    """A byte stream of one shard through webdataset's openers: local paths, `pipe:` commands,
+    http(s) (curl, with retries), gs:// (gsutil) …; remote shards are downloaded whole into
+    `cache_dir` first when one is given (and read from there the next time)."""
+    from webdataset.cache import FileCache
+    from webdataset.gopen import gopen
+
+    if cache_dir is not None and "://" in url:
+        cache = FileCache(str(cache_dir), url_to_name=_cache_name, validator=None)
+        return open(cache.get_file(url), "rb")
+    return gopen(url)
+
+
+def _cache_name(url: str) -> str:
+    """The cached file of a URL: its base name, prefixed by a hash so that two hosts never collide."""
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:]
+    return f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{base}"
+
+
+def iter_samples(url: str, counter: RecordCounter | None = None, strict: bool = False,
+                 cache_dir: str | os.PathLike | None = None) -> Iterator[dict]:
+    """Raw samples of one shard: {"__key__": key, "__shard__": url, ext: bytes, ...}.
+
+    webdataset streams the tar and groups its files by key; a shard that cannot be opened or
+    breaks off (a truncated file, a dropped connection, a command that fails) is one counted bad
+    shard: what was read before it stays, the sample in progress is lost.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    errors = _ShardErrors(counter, strict, url)
     try:
-        if url.startswith("pipe:"):
-            proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
-            stream = proc.stdout
-        else:
-            stream = open(url, "rb")
-    except OSError as e:
-        _bad(counter, strict, url, "-", BadRecord(BAD_SHARD, str(e)))
+        stream = open_shard(url, cache_dir)
+    except Exception as e:  # any opener failure is this shard's
+        errors(e)
         return
-    sample: dict | None = None
-    done = False  # False while suspended at a yield: a consumer that stops early is no error
+    finished = False
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                match = _KEY_RE.match(m.name)
-                if match is None:
-                    continue
-                key, ext = match.group(1), match.group(2)
-                data = tar.extractfile(m).read()  # type: ignore[union-attr]
-                if sample is not None and sample["__key__"] != key:
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key, "__shard__": url}
-                sample[ext] = data
-        last, sample = sample, None
-        if last is not None:
-            yield last
-        done = True
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        # a truncated or corrupt shard: what was read before stays; the sample in progress is lost
-        done = True
-        key = sample["__key__"] if sample is not None else "-"
-        _bad(counter, strict, url, key, BadRecord(BAD_SHARD, f"unreadable from here on: {e}"))
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=errors, eof_value=None)
+        held = None  # one sample behind: the last one may be cut off by an error
+        for sample in group_by_keys(files, lcase=False, handler=errors):
+            if held is not None:
+                yield held
+            sample["__shard__"] = url
+            held = sample
+        if held is not None and not errors.failed:
+            yield held
+        finished = True
     finally:
-        if proc is not None:
-            if not done or not _wait(proc):  # stopped early (or hanging): stop the command too
-                proc.kill()
-                proc.wait()
-            elif proc.returncode != 0:
-                _bad(counter, strict, url, "-", BadRecord(BAD_SHARD, f"command exited with {proc.returncode}"))
-
-
-def _wait(proc: subprocess.Popen, seconds: float = 5.0) -> bool:
-    try:
-        proc.wait(timeout=seconds)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
+        proc = getattr(stream, "proc", None)
+        if proc is not None and not finished:
+            proc.kill()  # the consumer stopped early: stop the command as well
+        try:
+            stream.close()
+        except Exception as e:  # a command's failing exit status, after its data
+            if finished and not errors.failed:
+                errors(e)
 
 
 def _bad(counter: RecordCounter | None, strict: bool, shard: str, key: str, err: BadRecord) -> None:
@@ -396,13 +421,18 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
                    counter: RecordCounter | None = None, shuffle: bool = False, seed: int = 0,
                    kinds: Sequence[str] | None = None, max_audio_seconds: float | None = None,
                    images: bool = True, audio: bool = True, shuffle_buffer: int = 512,
-                   decode_media: bool = True) -> Iterator[RawDocument]:
+                   decode_media: bool = True, resampled: bool = False, epoch_docs: int | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> Iterator[RawDocument]:
     """Decoded documents of this rank's (and DataLoader worker's) share of the shards.
 
     `kinds` keeps only documents of those kinds; `images=False` / `audio=False` skip decoding
     (and drop) image / audio segments; `decode_media=False` does both (text only, and boxes are
     dropped with their images). With `shuffle`, shard order and a buffer of documents are
     shuffled (the same `seed` on every rank keeps the shard partition consistent).
+    `resampled`: every reader draws shards at random with replacement (webdataset's
+    `ResampledShards`, seeded by `seed` and the reader's index) and stops after `epoch_docs`
+    documents, so no reader runs dry when there are fewer shards than readers. `cache_dir`:
+    remote shards are downloaded there once and read locally after.
     """
     if not decode_media:
         images = audio = False
@@ -415,7 +445,14 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
         random.Random(seed).shuffle(urls)
     wid, nw = _worker()
     readers, me = world_size * nw, rank * nw + wid
-    if len(urls) >= readers:
+    if resampled:
+        from webdataset.shardlists import ResampledShards
+
+        if not epoch_docs or epoch_docs < 1:
+            raise UserError("resampled shards need epoch_docs (documents per reader and epoch)")
+        draws = ResampledShards(urls, seed=seed, worker_seed=lambda: me, deterministic=True)
+        mine, stride = (d["url"] for d in draws), 1
+    elif len(urls) >= readers:  # as webdataset's split_by_node + split_by_worker, for explicit ranks
         mine, stride = urls[me::readers], 1
     else:
         mine, stride = urls, readers  # too few shards: split by sample instead
@@ -427,7 +464,7 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
     def decoded() -> Iterator[RawDocument]:
         j = -1
         for url in mine:
-            for sample in iter_samples(url, counter, strict):
+            for sample in iter_samples(url, counter, strict, cache_dir):
                 j += 1
                 if stride > 1 and j % stride != me:
                     continue
@@ -442,24 +479,16 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
                 yield doc
 
     it = decoded()
+    if resampled:
+        it = itertools.islice(it, epoch_docs)
     if shuffle:
-        it = _buffer_shuffle(it, shuffle_buffer, random.Random(f"{seed}-{me}"))
+        from webdataset.filters import shuffle as buffer_shuffle
+
+        it = buffer_shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}-{me}"))(it)
     yield from it
     if counter.total_bad:
-        log.warning("%s (%s)", counter.report(), ", ".join(mine) if len(mine) <= 3 else f"{len(mine)} shards")
-
-
-def _buffer_shuffle(it: Iterator, size: int, rng: random.Random) -> Iterator:
-    buf: list = []
-    for x in it:
-        if len(buf) < size:
-            buf.append(x)
-            continue
-        i = rng.randrange(len(buf))
-        buf[i], x = x, buf[i]
-        yield x
-    rng.shuffle(buf)
-    yield from buf
+        where = "resampled shards" if resampled else ", ".join(mine) if len(mine) <= 3 else f"{len(mine)} shards"
+        log.warning("%s (%s)", counter.report(), where)
 
 
 def iter_images(shards, image_size: int | None = 64, image_mode: str = "resize", **kw) -> Iterator[np.ndarray]:

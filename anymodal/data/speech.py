@@ -7,7 +7,8 @@ so the same text can come out slightly different later in a process. To keep out
 function of the seed, every batch runs in a *fresh* process (`maxtasksperchild=1`) and batches
 are cut at fixed document indices: a batch's audio depends only on its own utterance list.
 Where the library cannot be loaded, the `espeak-ng` command is run once per utterance
-(a fresh process each time, hence deterministic too).
+(a fresh process each time, hence deterministic too). Either way the samples go through the data
+layer's one audio path (`media.resample`, `media.to_pcm16`; the command's WAV through `load_audio`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .media import resample
-
-ESPEAK_RATE = 22050  # espeak-ng's native output rate
+from .media import EMPTY_AUDIO, BadRecord, from_pcm16, load_audio, resample, to_pcm16
 
 
 @dataclass(frozen=True)
@@ -95,24 +94,20 @@ class _Library:
         return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
 
 
-def _wav_stream_samples(data: bytes) -> tuple[np.ndarray, int]:
-    """Samples of espeak-ng's `--stdout` WAV, whose header sizes are placeholders for a stream."""
-    sr = int.from_bytes(data[24:28], "little")
-    pos = 12
-    while pos + 8 <= len(data):
-        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
-        if cid == b"data":
-            body = data[pos + 8:]
-            return np.frombuffer(body[: len(body) // 2 * 2], dtype="<i2").copy(), sr
-        pos += 8 + size
-    raise ValueError("espeak-ng wrote no data chunk")
+def _synth_command(u: Utterance, sample_rate: int) -> np.ndarray:
+    """One utterance through the `espeak-ng --stdout` command -> float32 [T] at `sample_rate`.
 
-
-def _synth_command(u: Utterance) -> tuple[np.ndarray, int]:
+    Its WAV header carries placeholder sizes (a stream); `load_audio` (libsndfile) reads it to the end.
+    """
     cmd = [espeak_command() or "espeak-ng", "--stdout", "-v", u.voice, "-s", str(int(u.speed)),
            "-p", str(int(u.pitch)), "--", u.text]
     proc = subprocess.run(cmd, capture_output=True, check=True)
-    return _wav_stream_samples(proc.stdout)
+    try:
+        return load_audio(proc.stdout, sample_rate)
+    except BadRecord as e:
+        if e.reason == EMPTY_AUDIO:
+            return np.zeros(0, np.float32)  # as the library path: nothing said, no samples
+        raise ValueError(f"espeak-ng wrote no readable WAV ({e})") from None
 
 
 def synthesize_batch(utterances: list[Utterance], sample_rate: int = 16000) -> list[np.ndarray]:
@@ -127,11 +122,10 @@ def synthesize_batch(utterances: list[Utterance], sample_rate: int = 16000) -> l
     out = []
     for u in utterances:
         if lib is not None:
-            raw, sr = lib.synth(u), lib.sample_rate
+            wave = resample(from_pcm16(lib.synth(u)), lib.sample_rate, sample_rate)
         else:
-            raw, sr = _synth_command(u)
-        wave = resample(raw.astype(np.float32) / 32768.0, sr, sample_rate)
-        out.append(np.clip(np.rint(wave * 32767.0), -32768, 32767).astype(np.int16))
+            wave = _synth_command(u, sample_rate)
+        out.append(to_pcm16(wave))
     return out
 
 

@@ -28,12 +28,10 @@ document.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,39 +356,33 @@ def plan_document(cfg: WorldConfig, split: str, seed: int, index: int, audio: bo
 # ----------------------------------------------------------------------------------- writing
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def render_document(doc: PlannedDoc, waves: dict[int, np.ndarray], sample_rate: int) -> dict[str, bytes]:
-    """Tar members of one document: `KEY.json` plus `KEY.{n}.png|wav` (n counts media files)."""
-    files: dict[str, bytes] = {}
+def render_document(doc: PlannedDoc, waves: dict[int, np.ndarray], sample_rate: int) -> dict[str, bytes | str]:
+    """One webdataset sample: `__key__`, `json` and the media `{n}.png|wav` (n counts media files)."""
+    sample: dict[str, bytes | str] = {"__key__": doc.key}
     segments = []
     n = 0
     for j, seg in enumerate(doc.segments):
         if "image" in seg:
             name = f"{n}.png"
-            files[f"{doc.key}.{name}"] = encode_png(S.render_scene(seg["image"]))
+            sample[name] = encode_png(S.render_scene(seg["image"]))
             segments.append({"image": name})
             n += 1
         elif "audio" in seg:
             name = f"{n}.wav"
-            files[f"{doc.key}.{name}"] = encode_wav(waves[j], sample_rate)
+            sample[name] = encode_wav(waves[j], sample_rate)
             segments.append({"audio": name})
             n += 1
         else:
             segments.append(seg)
     record = {"segments": segments, "kind": doc.kind, "meta": doc.meta}
-    body = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
-    return {f"{doc.key}.json": body, **files}
+    sample["json"] = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+    return sample
 
 
 class _ShardWriter:
-    """Writes `{split}-{k:05d}.tar` atomically, `shard_size` documents each."""
+    """`{split}-{k:05d}.tar`, `shard_size` documents each, through webdataset's `TarWriter`; a shard
+    is written under a temporary name and renamed once complete (fixed owner, mode and times, so
+    the same seed gives the same bytes)."""
 
     def __init__(self, out: Path, split: str, shard_size: int):
         self.out, self.split, self.shard_size = out, split, shard_size
@@ -398,26 +390,35 @@ class _ShardWriter:
         self.count = 0
         self.shards: list[str] = []
 
-    def add(self, files: dict[str, bytes]) -> None:
+    def _tmp(self) -> Path:
+        return self.out / (self.shards[-1] + ".tmp")
+
+    def add(self, sample: dict) -> None:
+        from webdataset import TarWriter  # imports torch: loaded only once a shard is written
+
         if self.tar is None or self.count == self.shard_size:
             self._close()
-            name = f"{self.split}-{len(self.shards):05d}.tar"
-            self.shards.append(name)
-            self.tar = tarfile.open(self.out / (name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+            self.shards.append(f"{self.split}-{len(self.shards):05d}.tar")
+            self.tar = TarWriter(str(self._tmp()), user="", group="", mode=0o644, mtime=0, encoder=False)
             self.count = 0
-        for name, data in files.items():
-            _tar_add(self.tar, name, data)
+        self.tar.write(sample)
         self.count += 1
 
     def _close(self) -> None:
         if self.tar is not None:
             self.tar.close()
-            name = self.shards[-1]
-            (self.out / (name + ".tmp")).replace(self.out / name)
+            self._tmp().replace(self.out / self.shards[-1])
             self.tar = None
 
     def close(self) -> None:
         self._close()
+
+    def abort(self) -> None:
+        """Leave no half-written shard behind."""
+        if self.tar is not None:
+            self.tar.close()
+            self._tmp().unlink(missing_ok=True)
+            self.tar = None
 
 
 _WARNED_NO_ESPEAK = False
@@ -498,9 +499,7 @@ def generate_world(out: str | Path, split: str = "train", docs: int = 1000, seed
     except BaseException:
         if pool is not None:
             pool.terminate()
-        if writer.tar is not None:  # leave no half-written shard behind
-            writer.tar.close()
-            (out / (writer.shards[-1] + ".tmp")).unlink(missing_ok=True)
+        writer.abort()
         raise
     finally:
         bar.close()

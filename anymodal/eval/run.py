@@ -246,7 +246,7 @@ class Evaluator:
             self._tick(len(chunk))
 
     def ground_task(self, docs: list) -> None:
-        from ..data.checker import box_iou
+        from ..tokenizers.stream import iou as box_iou
 
         sp = self.sp
         for chunk in _batches(docs, self.o.batch_size):
@@ -256,7 +256,7 @@ class Evaluator:
                 n = int(d.meta.get("prompt_segments", len(d.segments) - 1))
                 truth = next(s["box"] for s in d.segments[n:] if "box" in s)  # the first query's answer
                 boxes = [s for s in self.b.stream.decode(res.tokens).segments if isinstance(s, Box)] if res else []
-                iou = box_iou(boxes[0].as_tuple(), truth) if boxes else 0.0
+                iou = box_iou(boxes[0], truth) if boxes else 0.0
                 self.metrics.add_ground(iou, bool(d.meta.get("unseen")))
                 self.example("ground", d, iou >= 0.5, iou=round(iou, 4), truth=[float(v) for v in truth],
                              output=[round(v, 2) for v in boxes[0].as_tuple()] if boxes else None)

@@ -2,8 +2,9 @@
 
 A prompt is text with inline references `<image:cat.png>` / `<audio:q.wav>`; `--image`/`--audio`
 flags add media before the text (the image → text layout the model is trained on). Images are fitted
-to the image tokenizer's resolution with its resize/letterbox mode, audio is resampled to the codec
-rate, and both are tokenized with the bundle's tokenizers.
+to the image tokenizer's resolution with its resize/letterbox mode, audio is read by the data layer's
+`read_audio_file` (mono, resampled to the codec rate), and both are tokenized with the bundle's
+tokenizers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.media import read_audio_file
 from ..errors import UserError
 from ..tokenizers.stream import Audio, Image, Segment, Text
 
@@ -58,19 +60,6 @@ def read_image(path: str | Path, image_tok) -> np.ndarray:
         raise
     except Exception as e:  # BadRecord and friends: a user's file that is not an image
         raise UserError(f"cannot read image {path}: {e}") from None
-
-
-def read_audio(path: str | Path, audio_tok) -> np.ndarray:
-    from ..data.media import load_audio
-
-    if not Path(path).is_file():
-        raise UserError(f"audio file not found: {path}")
-    try:
-        return load_audio(str(path), audio_tok.sample_rate)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot read audio {path}: {e}") from None
 
 
 @torch.inference_mode()
@@ -124,7 +113,7 @@ def prompt_segments(parts: list[PromptPart], tok) -> tuple[list[Segment], list[n
         else:
             if tok.audio is None:
                 raise UserError("this model has no audio tokenizer, so prompts cannot hold audio")
-            wave = read_audio(p.value, tok.audio)
+            wave = read_audio_file(p.value, tok.audio.sample_rate)
             segments.append(Audio(audio_codes(wave, tok.audio)))
             pixels.append(None)
     return segments, pixels

@@ -1,4 +1,5 @@
-"""Writing samples to disk: index.html, sample.md, image_*.png, audio_*.wav, tokens.json.
+"""Writing samples to disk: index.html, sample.md, image_*.png, tokens.json (audio_*.wav are
+written by the data layer's one WAV writer, `anymodal.data.media.save_wav`).
 
 Generated text is untrusted (a model can emit `<script>`): every piece of text that reaches the
 HTML page goes through `html.escape`, and media are referenced by file names we chose ourselves.
@@ -10,8 +11,6 @@ import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from ..fileio import write_atomic
 
@@ -102,26 +101,3 @@ def write_page(out: Path, prompt_text: str, prompt_parts: list[Part], samples: l
         **meta,
     }
     write_atomic(out / "tokens.json", json.dumps(tokens))
-
-
-def save_png(arr: np.ndarray, path: Path) -> None:
-    """uint8 [H, W, 3] -> PNG (via the data helper's writer when present)."""
-    from PIL import Image as PILImage
-
-    tmp = path.with_name(path.name + ".tmp.png")
-    PILImage.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(tmp)
-    tmp.replace(path)
-
-
-def save_wav(wave: np.ndarray, sample_rate: int, path: Path) -> None:
-    """float [T] in [-1, 1] -> 16-bit PCM WAV."""
-    import wave as wavmod
-
-    pcm = (np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
-    tmp = path.with_name(path.name + ".tmp.wav")
-    with wavmod.open(str(tmp), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(int(sample_rate))
-        w.writeframes(pcm.tobytes())
-    tmp.replace(path)

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..data.media import save_png, save_wav
 from ..errors import UserError
 from ..tokenizers.stream import Audio, Box, Image, Text
 from .constraints import AUDIO, IMAGE, TEXT
 from .engine import Engine, Request
 from .media import decode_audio, decode_images, parse_prompt, prompt_segments
-from .render import Part, RenderedSample, save_png, save_wav, write_page
+from .render import Part, RenderedSample, write_page
 from .sampling import MODALITIES, ModalitySampling, SamplingParams
 
 

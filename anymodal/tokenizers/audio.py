@@ -15,7 +15,9 @@ Long inputs are encoded and decoded in chunks that overlap by the receptive fiel
 equals a single pass (checked by the tests) while memory stays bounded.
 
 File helpers for the CLI: `encode_file(tok_dir, in_audio, out_json)` and
-`decode_file(tok_dir, in_json, out_wav)`. A tokenizer dir holds `config.yaml` + `model.safetensors`.
+`decode_file(tok_dir, in_json, out_wav)`; audio files are read and written by the one audio path,
+`anymodal.data.media` (`read_audio_file`, `save_wav`). A tokenizer dir holds `config.yaml` +
+`model.safetensors`.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import check_choice, load_config, save_config
+from ..data.media import read_audio_file, save_wav
 from ..errors import ConfigError, UserError
 
 # -----------------------------------------------------------------------------------------------
@@ -387,80 +389,13 @@ class AudioTokenizer(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# audio files (uses the data helper's loader when it is there)
-
-
-def _load_audio_fallback(path: Path, sample_rate: int) -> np.ndarray:
-    """WAV via scipy, anything else via `sox` -> mono float32 at sample_rate."""
-    import subprocess
-
-    import scipy.io.wavfile
-
-    try:
-        sr, data = scipy.io.wavfile.read(str(path))
-    except Exception:
-        try:
-            raw = subprocess.run(
-                ["sox", str(path), "-t", "wav", "-e", "floating-point", "-b", "32", "-"],
-                capture_output=True, check=True, timeout=600,
-            ).stdout
-        except (subprocess.CalledProcessError, FileNotFoundError, subprocess.TimeoutExpired):
-            raise UserError(f"{path} is not a readable audio file (WAV or FLAC expected)") from None
-        import io
-
-        sr, data = scipy.io.wavfile.read(io.BytesIO(raw))
-    data = np.asarray(data)
-    if data.dtype.kind == "i":
-        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
-    elif data.dtype.kind == "u":  # 8-bit WAV is unsigned
-        data = (data.astype(np.float32) - 128.0) / 128.0
-    data = data.astype(np.float32)
-    if data.ndim == 2:
-        data = data.mean(axis=1)  # down-mix
-    if sr != sample_rate and data.size:
-        import torchaudio.functional as AF
-
-        data = AF.resample(torch.from_numpy(data), sr, sample_rate).numpy()
-    return data
-
-
-def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
-    """Any WAV/FLAC, any rate and channel count -> mono float32 [T] at sample_rate (UserError if bad)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"audio file not found: {p}")
-    try:
-        from ..data.media import BadRecord, load_audio  # the world helper's loader
-    except ImportError:
-        return _load_audio_fallback(p, sample_rate)
-    try:
-        return np.asarray(load_audio(p, sample_rate), dtype=np.float32)
-    except BadRecord as e:
-        detail = " ".join(str(a) for a in e.args if a)
-        raise UserError(f"{p} is not readable audio ({detail})") from None
-
-
-def write_wav(wave: np.ndarray, sample_rate: int, path: str | Path) -> None:
-    """16-bit PCM mono WAV (clipped to [-1, 1]), written atomically."""
-    import scipy.io.wavfile
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    pcm = (np.clip(np.asarray(wave, dtype=np.float32), -1.0, 1.0) * 32767.0).round().astype(np.int16)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as f:
-        scipy.io.wavfile.write(f, sample_rate, pcm)
-    tmp.replace(p)
+# audio files: read and written by the data layer's one audio path (anymodal.data.media)
 
 
 def encode_file(tok_dir: str | Path, in_audio: str | Path, out_json: str | Path) -> None:
     """Audio file -> JSON {"codes": [[l0..l_{n_q-1}] per frame], "num_samples", "sample_rate", ...}."""
     tok = AudioTokenizer.load(tok_dir)
-    wave = read_audio(in_audio, tok.sample_rate)
-    if wave.size == 0:
-        raise UserError(f"{in_audio} holds no audio samples")
-    if not np.isfinite(wave).all():
-        raise UserError(f"{in_audio} holds NaN or infinite samples")
+    wave = read_audio_file(in_audio, tok.sample_rate)  # mono float32 at the codec rate, never empty
     codes = tok.encode(torch.from_numpy(wave)[None])[0]  # [N, n_q]
     doc = {
         "kind": "audio",
@@ -503,4 +438,4 @@ def decode_file(tok_dir: str | Path, in_json: str | Path, out_wav: str | Path) -
     n = doc.get("num_samples") if isinstance(doc, dict) else None
     if isinstance(n, int) and 0 < n <= wave.size:
         wave = wave[:n]  # drop the padding of the last frame
-    write_wav(wave, tok.sample_rate, out_wav)
+    save_wav(wave, tok.sample_rate, out_wav)

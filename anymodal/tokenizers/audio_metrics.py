@@ -7,6 +7,7 @@
 - `codebook_usage(codes, K)`: per level, the share of the K codes used at least once.
 - `evaluate_codec(tok, clips)`: all of the above over a list of waves, plus tokens per second.
 - `spectrogram_png(orig, recon, sr, path)`: original over reconstruction, PIL only (no matplotlib).
+- `line_plot_png(series, path)`: loss curves, drawn by `anymodal.train.plot.plot_series`.
 """
 
 from __future__ import annotations
@@ -117,35 +118,9 @@ def spectrogram_png(orig: np.ndarray, recon: np.ndarray, path: str | Path, title
     tmp.replace(path)
 
 
-def line_plot_png(series: dict[str, list[tuple[int, float]]], path: str | Path, size=(640, 360)) -> None:
-    """A minimal loss-curve plot with PIL: one coloured line per series, log-free, autoscaled."""
-    from PIL import Image, ImageDraw
+def line_plot_png(series: dict[str, list[tuple[int, float]]], path: str | Path) -> None:
+    """The codec trainer's loss curves (one line per series) through anymodal's one chart drawer,
+    `anymodal.train.plot.plot_series` (matplotlib when installed, else PIL)."""
+    from ..train.plot import plot_series
 
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    pts = [(x, y) for s in series.values() for x, y in s if np.isfinite(y)]
-    if not pts:
-        img.save(path)
-        return
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    m = 40
-    colours = [(220, 40, 40), (40, 80, 220), (40, 170, 60), (140, 60, 180), (240, 130, 30)]
-    draw.rectangle([m, 10, w - 10, h - m], outline=(0, 0, 0))
-    draw.text((2, 10), f"{y1:.3g}", fill=(0, 0, 0))
-    draw.text((2, h - m - 10), f"{y0:.3g}", fill=(0, 0, 0))
-    draw.text((m, h - m + 5), str(x0), fill=(0, 0, 0))
-    draw.text((w - 60, h - m + 5), str(x1), fill=(0, 0, 0))
-    for i, (name, s) in enumerate(series.items()):
-        c = colours[i % len(colours)]
-        xy = [
-            (m + (x - x0) / (x1 - x0) * (w - m - 10), 10 + (1 - (y - y0) / (y1 - y0)) * (h - m - 10))
-            for x, y in s
-            if np.isfinite(y)
-        ]
-        if len(xy) > 1:
-            draw.line(xy, fill=c, width=2)
-        draw.text((m + 10, 15 + 12 * i), name, fill=c)
-    img.save(path)
+    plot_series(series, path, title="audio codec training", ylabel="loss")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from ..config import check_choice, load_config, save_config
 from ..errors import ConfigError, UserError
@@ -226,10 +227,9 @@ class AttnBlock(nn.Module):
         self.proj = nn.Conv2d(c, c, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # [B, HW, C]
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # [B, HW, C]
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (qkv c) h w -> qkv b 1 (h w) c", qkv=3)  # one head
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
+        return x + self.proj(rearrange(out, "b 1 (h w) c -> b c h w", h=x.shape[2]))
 
 
 def _mid(c: int, cfg: ImageModelConfig) -> list[nn.Module]:
@@ -309,7 +309,7 @@ def fsq_code_entropies(fsq: nn.Module, z: torch.Tensor, temperature: float) -> t
     on a level); for a product distribution it is the sum of the per-dimension entropies. Both lie
     in [0, 1]."""
     levels = fsq._levels  # [d] int
-    u = fsq.project_in(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float())  # [N, d]
+    u = fsq.project_in(rearrange(z, "b c h w -> (b h w) c").float())  # [N, d], N = B·h·w latents
     half_l = (levels - 1) * (1 + 1e-3) / 2
     offset = torch.where(levels % 2 == 0, 0.5, 0.0)
     pos = torch.tanh(u + torch.atanh(offset / half_l)) * half_l - offset + levels // 2  # [N, d] in [0, L-1]
@@ -420,7 +420,7 @@ class ImageTokenizer(nn.Module):
         """ids [B, h, w] -> quantized latent [B, Cz, h, w] (what the decoder sees)."""
         if self.cfg.quantizer.kind == "vq":
             codes = self.quantizer.codebook[ids]  # [B, h, w, codebook_dim]
-            return self.quantizer.project_out(codes).permute(0, 3, 1, 2)  # [B, Cz, h, w]
+            return rearrange(self.quantizer.project_out(codes), "b h w c -> b c h w")
         return self.quantizer.indices_to_codes(ids)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -523,7 +523,7 @@ def encode_file(tok_dir: str | Path, in_image: str | Path, out_json: str | Path)
         arr = load_image(Path(in_image), tok.resolution, mode=tok.cfg.model.image_mode)  # uint8 [R, R, 3]
     except BadRecord as e:
         raise UserError(f"cannot read image {in_image}: {e}") from None
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float() / 255  # [1, 3, R, R]
+    x = rearrange(torch.from_numpy(np.ascontiguousarray(arr)), "h w c -> 1 c h w").float() / 255
     ids = tok.encode(x)[0]  # [h, w]
     doc = {"kind": "image", "grid": list(tok.grid_shape), "codebook_size": tok.codebook_size, "ids": ids.tolist()}
     Path(out_json).write_text(json.dumps(doc))
@@ -564,5 +564,5 @@ def decode_file(tok_dir: str | Path, in_json: str | Path, out_png: str | Path) -
     tok = ImageTokenizer.load(tok_dir)
     ids = read_ids_json(in_json, tok.grid_shape, tok.codebook_size)
     img = tok.decode(ids[None])[0]  # [3, R, R]
-    arr = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # [R, R, 3]
+    arr = (rearrange(img, "c h w -> h w c").numpy() * 255).round().astype(np.uint8)  # [R, R, 3]
     save_png(arr, out_png)

@@ -95,13 +95,24 @@ def box_to_pixels(box: Box | Sequence[float], width: int, height: int) -> tuple[
 
 
 def iou(a: Box | Sequence[float], b: Box | Sequence[float]) -> float:
-    ax1, ay1, ax2, ay2 = a.as_tuple() if isinstance(a, Box) else a
-    bx1, by1, bx2, by2 = b.as_tuple() if isinstance(b, Box) else b
-    iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
-    ih = max(0.0, min(ay2, by2) - max(ay1, by1))
-    inter = iw * ih
-    union = max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1) + max(0.0, bx2 - bx1) * max(0.0, by2 - by1) - inter
-    return inter / union if union > 0 else 0.0
+    """Intersection over union of two (x1, y1, x2, y2) boxes in the same units (a `Box` or four
+    numbers), by `torchvision.ops.box_iou`; the one IoU of anymodal (eval, task metrics, tests).
+
+    A box without area (x2 <= x1 or y2 <= y1: inverted, a line, a point, or NaN coordinates) covers
+    nothing, so its IoU with any box, itself included, is 0.0 (torchvision alone gives NaN for two
+    empty boxes and -0.0 for some inverted ones)."""
+    import torch
+    from torchvision.ops import box_iou
+
+    boxes = torch.tensor([_corners(a), _corners(b)], dtype=torch.float64)  # [2, 4]
+    if not bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()):
+        return 0.0
+    return float(box_iou(boxes[:1], boxes[1:])[0, 0])
+
+
+def _corners(box: Box | Sequence[float]) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = box.as_tuple() if isinstance(box, Box) else box
+    return (float(x1), float(y1), float(x2), float(y2))
 
 
 # ---- the stream ------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check_choice, load_config, save_config
+from ..data.media import read_audio_file, save_wav
 from ..errors import ConfigError, UserError
-from ..tokenizers.audio import AudioTokenizer, AudioTokenizerConfig, write_wav
+from ..tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
 from ..tokenizers.audio_losses import (
     MultiResSTFTLoss,
     MultiScaleMelLoss,
@@ -133,8 +134,6 @@ def _espeak_clips(n: int, seed: int, sr: int) -> list[np.ndarray]:
     import subprocess
     import tempfile
 
-    from ..tokenizers.audio import read_audio
-
     rng = random.Random(seed)
     colours = ["red", "green", "blue", "yellow", "purple", "orange"]
     shapes = ["circle", "square", "triangle"]
@@ -150,7 +149,7 @@ def _espeak_clips(n: int, seed: int, sr: int) -> list[np.ndarray]:
             wav = Path(tmp) / f"{i}.wav"
             subprocess.run(["espeak-ng", "-v", rng.choice(voices), "-s", str(rng.randint(140, 190)), "-w", str(wav), text],
                            check=True, capture_output=True)
-            clips.append(read_audio(wav, sr))
+            clips.append(read_audio_file(wav, sr))
     return clips
 
 
@@ -342,8 +341,8 @@ class Trainer:
         for i, wave in enumerate(self.val_clips[:2]):
             codes = self.model.encode(torch.from_numpy(wave)[None].to(self.device))
             recon = self.model.decode(codes)[0, : wave.size].cpu().numpy()
-            write_wav(wave, self.cfg.model.sample_rate, sdir / f"{tag}_{i}_orig.wav")
-            write_wav(recon, self.cfg.model.sample_rate, sdir / f"{tag}_{i}_recon.wav")
+            save_wav(wave, self.cfg.model.sample_rate, sdir / f"{tag}_{i}_orig.wav")
+            save_wav(recon, self.cfg.model.sample_rate, sdir / f"{tag}_{i}_recon.wav")
             spectrogram_png(wave, recon, sdir / f"{tag}_{i}_spec.png")
         self.model.train()
         return metrics

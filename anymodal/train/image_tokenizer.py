@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from einops import rearrange
 
 from ..config import save_config, to_dict
 from ..errors import UserError
@@ -257,13 +258,15 @@ def image_check_agreement(originals: np.ndarray, recons: np.ndarray) -> float:
 
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int = 8) -> None:
     """PNG: n originals on the top row, their reconstructions below (uint8 [N, R, R, 3] inputs)."""
+    from torchvision.utils import make_grid
+
     from ..data.media import save_png
 
     n = min(n, len(originals))
-    top = torch.cat(list(originals[:n]), dim=1)  # [R, n*R, 3]
-    bottom = torch.cat(list(recons[:n]), dim=1)
+    tiles = rearrange(torch.cat([originals[:n], recons[:n]]), "n h w c -> n c h w")  # [2n, 3, R, R]
+    sheet = make_grid(tiles, nrow=n, padding=0)  # [3, 2R, nR]: row 1 originals, row 2 reconstructions
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(torch.cat([top, bottom], dim=0).numpy(), path)
+    save_png(rearrange(sheet, "c h w -> h w c").numpy(), path)
 
 
 # ----------------------------------------------------------------------------------------------

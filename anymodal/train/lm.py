@@ -21,6 +21,11 @@ and exit; `--resume` continues bit-exactly from the newest complete checkpoint.
 Run dir: config.yaml (resolved TrainConfig), model.yaml (ModelConfig), token_space.json,
 ds_config.json, metrics.jsonl (one record per logged step; val and data-mix records),
 data_mix.json (planned and realized data mix, anymodal.data.mixture), loss*.png, checkpoints/.
+Dashboards: `monitor=tensorboard|csv|wandb` turns on that DeepSpeed monitor (`monitor_dir`, default
+RUN/monitor; a `deepspeed=` template's own monitor section works as well), and every metrics.jsonl
+record also goes to it from rank 0 as `Train/<key>` events at x = optimizer step (nested values
+flattened: `Train/tasks/t2i_accuracy`, `Train/mix/kind/t2i`; anymodal.train.metrics.monitor_events).
+A resumed run writes the steps after its checkpoint there again (metrics.jsonl drops them instead).
 With several nodes the run dir must be on a filesystem all nodes share (each rank writes its ZeRO partition into
 the same checkpoint folder, which rank 0 then renames into place).
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
 import json
 import logging
 import math
@@ -52,6 +58,9 @@ from ..model.config import ModelConfig
 from ..tokenizers.text import TextTokenizer
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# train key `monitor` -> DeepSpeed config section; the package each monitor section needs
+MONITORS = {"tensorboard": "tensorboard", "csv": "csv_monitor", "wandb": "wandb"}
+MONITOR_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet": "comet_ml"}
 
 
 def _overrides_of(cls: type) -> type:
@@ -108,6 +117,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (a final one is always written)
     keep_last: int = 3  # checkpoints kept
     log_every: int = 1  # steps between metrics.jsonl records
+    # DeepSpeed monitor that also receives every metrics.jsonl record: "" (off) | tensorboard | csv | wandb
+    monitor: str = ""
+    monitor_dir: str = ""  # tensorboard/csv output (wandb: WANDB_DIR); "" = RUN_DIR/monitor
     eval_every: int = 0  # steps between val-loss passes over val_data; 0 = off
     eval_batches: int = 20  # micro-batches per rank per val pass
     # Task metrics during training (anymodal.train.task_eval): every N steps and at the end, the
@@ -132,6 +144,9 @@ class TrainConfig:
 
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("init_vocab", self.init_vocab, INIT_VOCAB)
+        if self.monitor not in ("", *MONITORS):
+            raise ConfigError(f"config key 'monitor' is {self.monitor!r}; valid choices: {', '.join(MONITORS)}, "
+                              "or empty (off)")
         for name in ("seq_len", "micro_batch", "grad_accum", "steps", "checkpoint_every", "log_every",
                      "eval_batches", "lookahead"):
             if getattr(self, name) < 1:
@@ -253,7 +268,23 @@ def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
         ds["bf16"].setdefault("check_grad_overflow", True)
     ds.setdefault("steps_per_print", 10**12)
     ds.setdefault("wall_clock_breakdown", False)
+    if cfg.monitor:  # the section the key names, on; a template's other keys in it (wandb team...) stay
+        section = ds.setdefault(MONITORS[cfg.monitor], {})
+        section["enabled"] = True
+        if cfg.monitor == "wandb":  # no paths in DeepSpeed's wandb section (WANDB_DIR: see _train)
+            section.setdefault("project", "anymodal")
+        else:  # DeepSpeed writes into output_path/job_name/
+            section["output_path"] = str(monitor_dir(cfg))
+            section.setdefault("job_name", Path(cfg.run_dir).resolve().name or "anymodal")
+    for name, package in MONITOR_PACKAGES.items():  # DeepSpeed would print a hint and raise ImportError
+        if isinstance(ds.get(name), dict) and ds[name].get("enabled") and importlib.util.find_spec(package) is None:
+            who = f"monitor={cfg.monitor}" if MONITORS.get(cfg.monitor) == name else f"the DeepSpeed config's {name} monitor"
+            raise UserError(f"{who} needs the {package} package: pip install {package}")
     return ds
+
+
+def monitor_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.monitor_dir) if cfg.monitor_dir else Path(cfg.run_dir) / "monitor"
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -361,6 +392,7 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainRe
         if rank == 0:
             print(f"[train] native CPU kernels: {', '.join(native) or 'none (PyTorch paths)'}", file=sys.stderr)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+    ds_config = deepspeed_config(cfg, world, bf16)  # a bad template or a missing monitor package fails here
 
     def barrier():
         if world > 1:
@@ -400,9 +432,11 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainRe
     optimizer = make_optimizer(model, cfg)
     schedule = WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio, cfg.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ds_config = deepspeed_config(cfg, world, bf16)
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
+        if cfg.monitor == "wandb":  # wandb's own files (DeepSpeed's wandb section has no path)
+            monitor_dir(cfg).mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("WANDB_DIR", str(monitor_dir(cfg)))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     if world == 1 and cfg.zero_stage == 0:
@@ -411,6 +445,12 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainRe
         engine.enable_backward_allreduce = False
     if cfg.compile:
         engine.compile()
+    # dashboards: every metrics record also goes to DeepSpeed's monitor (rank 0 writes, others have none)
+    sink = engine.monitor.write_events if rank == 0 and engine.monitor.enabled else None
+    if isinstance(ds_config.get("wandb"), dict) and ds_config["wandb"].get("enabled"):
+        # DeepSpeed logs its own lr at x = samples seen; wandb ignores any x below the last one, so
+        # our x = step records would all be dropped. The step-indexed records alone go there (lr too).
+        engine.monitor.enabled = False
     loader = PackedLoader(data, cfg.seq_len, cfg.micro_batch, rank, world, cfg.grad_accum, cfg.seed,
                           cfg.cond_dropout, lookahead=cfg.lookahead)
     mix = MixCounter(data)  # realized tokens per source / kind / modality, kept in the checkpoint meta
@@ -453,7 +493,8 @@ def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainRe
     # document masking leaves (position in its document + 1 per token, this rank's last batch).
     peak = _peak_flops(cfg, cuda, bf16, world, dist, device)
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if ckpt else None, enabled=rank == 0)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if ckpt else None, enabled=rank == 0,
+                         sink=sink)
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,

@@ -1,14 +1,16 @@
 """A run's curves as PNG files: loss per series (total and each modality, train and validation) and,
 when the run measured them, the task metrics against minutes (`tasks.png`).
 
-Uses matplotlib when it is installed; otherwise draws the same chart with PIL (axes, ticks, lines,
-markers, a legend), so a run always ends with pictures of its curves.
+`plot(chart, path)` is anymodal's one chart drawer (the LM run's loss*.png and tasks.png here, the
+audio codec trainer's loss.png through `plot_series`): matplotlib when it is installed (the
+`plots` extra), otherwise the same chart drawn with PIL (axes, ticks, lines, markers, a legend), so
+a run always ends with pictures of its curves.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .metrics import read_metrics
@@ -101,7 +103,20 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written
 
 
+PALETTE = ("#08519c", "#d94801", "#238b45", "#ae017e", "#525252", "#6baed6")
+
+
+def plot_series(series: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "",
+                xlabel: str = "step", ylabel: str = "") -> None:
+    """One chart of named (x, y) curves (non-finite points dropped), e.g. a trainer's loss history."""
+    lines = [Line(name, [(float(x), float(y)) for x, y in pts if math.isfinite(x) and math.isfinite(y)],
+                  PALETTE[i % len(PALETTE)]) for i, (name, pts) in enumerate(series.items())]
+    plot(Chart(title, xlabel, ylabel, lines), Path(path))
+
+
 def plot(chart: Chart, path: Path) -> None:
+    """Write `chart` as a PNG: matplotlib when installed, else PIL (lines without points are left out)."""
+    chart = replace(chart, lines=[ln for ln in chart.lines if ln.points])
     try:
         _plot_matplotlib(chart, path)
     except ImportError:
@@ -124,7 +139,8 @@ def _plot_matplotlib(chart: Chart, path: Path) -> None:
     ax.set_ylabel(chart.ylabel)
     ax.set_title(chart.title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if chart.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -147,7 +163,7 @@ def _plot_pil(chart: Chart, path: Path, size=(640, 420)) -> None:
     left, right, top, bottom = 64, 16, 32, 44
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    pts = [p for ln in chart.lines for p in ln.points]
+    pts = [p for ln in chart.lines for p in ln.points] or [(0.0, 0.0)]  # no data: an empty frame
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     if x1 == x0:
         x1 = x0 + 1

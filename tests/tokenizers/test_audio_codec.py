@@ -258,7 +258,7 @@ def test_cli_round_trip(tok_dir, tmp_path):
     # the same codes through the Python API give the same samples
     tok = AudioTokenizer.load(tok_dir)
     want = tok.decode(torch.tensor(doc["codes"])[None])[0, :n].numpy()
-    np.testing.assert_allclose(y / 32767.0, np.clip(want, -1, 1), atol=2e-4)
+    np.testing.assert_allclose(y / 32768.0, np.clip(want, -1, 1), atol=2e-4)
 
 
 def test_cli_bad_input_exits_2(tok_dir, tmp_path, capsys):

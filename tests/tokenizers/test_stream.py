@@ -109,3 +109,20 @@ def test_pixels_and_iou():
     assert iou((0, 0, 2, 2), (1, 0, 3, 2)) == pytest.approx(1 / 3)
     assert iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
     assert iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+
+
+def test_iou_values_and_boxes_without_area():
+    """The one IoU (torchvision.ops.box_iou underneath): exact values, Box or tuples, any units; a
+    box with no area (inverted, a line, a point, NaN) has IoU 0.0 with everything, itself too."""
+    assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)  # pixels
+    assert iou(Box(0.0, 0.0, 0.5, 0.5), (0.25, 0.25, 0.75, 0.75)) == pytest.approx(0.0625 / 0.4375)
+    assert iou((0, 0, 4, 4), (1, 1, 3, 3)) == pytest.approx(0.25)  # one inside the other
+    assert iou((0, 0, 1, 1), (1, 0, 2, 1)) == 0.0  # touching edges
+    assert iou(Box(0.1, 0.2, 0.6, 0.9), Box(0.1, 0.2, 0.6, 0.9)) == pytest.approx(1.0)
+    inverted = (2, 2, 0, 0)  # x2 < x1 and y2 < y1: would have area +4 by the bare formula
+    for other in ((0, 0, 2, 2), (0, 0, 1, 1), inverted, (2, 0, 0, 2)):
+        assert iou(inverted, other) == 0.0 and iou(other, inverted) == 0.0
+    assert iou((2, 0, 0, 2), (0, 0, 2, 2)) == 0.0  # inverted in x only
+    assert iou((0, 0, 0, 2), (0, 0, 2, 2)) == 0.0  # a line
+    assert iou((0, 0, float("nan"), 1), (0, 0, 1, 1)) == 0.0
+    assert isinstance(iou((0, 0, 1, 1), (0, 0, 1, 1)), float)
