@@ -366,7 +366,7 @@ def prepare(
 
         TokenSpace.load(out).check_same(space, f"existing {out}/token_space.json vs the tokenizers")
     space.save(out / "token_space.json")
-    _check_plan(out, sources, tok_dir)
+    _check_plan(out, sources, tok_dir, parts)
     (out / "manifest.json").unlink(missing_ok=True)  # re-marked complete at the end
     dtype = ids_dtype(space.vocab_size).str
 
@@ -413,8 +413,11 @@ def tokenizer_fingerprint(tok_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_plan(out: Path, sources: list[str], tok_dir: Path) -> dict:
-    """Record (or check) what every part of this folder tokenizes and with which tokenizers."""
+def _check_plan(out: Path, sources: list[str], tok_dir: Path, parts: int = 1) -> dict:
+    """Record (or check) what every part of this folder tokenizes and with which tokenizers.
+
+    A run of one part may change the input list (shards whose source changed are redone, as
+    before parts existed); shards made by another tokenizer set are never reused."""
     plan = {"sources": sources, "tokenizers": tokenizer_fingerprint(tok_dir), "tokenizer_dir": str(tok_dir.resolve())}
     path = out / PLAN
     if path.is_file():
@@ -422,10 +425,11 @@ def _check_plan(out: Path, sources: list[str], tok_dir: Path) -> dict:
         if old.get("tokenizers") != plan["tokenizers"]:
             raise UserError(f"{out} is being prepared with another tokenizer set (fingerprint "
                             f"{old.get('tokenizers')}, {tok_dir} has {plan['tokenizers']}); use the same set or another --out")
-        if old.get("sources") != sources:
+        if old.get("sources") != sources and parts > 1:
             raise UserError(f"{out} is being prepared from other input shards ({len(old.get('sources', []))} "
                             f"listed in {path}, {len(sources)} given); every part needs the same --input")
-        return old
+        if old.get("sources") == sources:
+            return old
     _write_json(path, plan)
     return plan
 

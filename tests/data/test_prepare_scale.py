@@ -149,3 +149,6 @@ def test_a_part_with_other_tokenizers_or_inputs_is_refused(tiny_tokset, world, t
         _prepare(tok_dir, str(world / "train-{00000..00002}.tar"), out, part=1, parts=2)
     with pytest.raises(UserError, match="--part"):
         _prepare(tok_dir, src, out, part=2, parts=2)
+    # one whole run may change its input list, as before parts existed (changed shards are redone)
+    stats = _prepare(tok_dir, str(world / "train-{00000..00002}.tar"), out)
+    assert stats["shards"] == 3 and stats["docs"] == 30
