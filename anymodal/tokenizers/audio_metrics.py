@@ -7,7 +7,6 @@
 - `codebook_usage(codes, K)`: per level, the share of the K codes used at least once.
 - `evaluate_codec(tok, clips)`: all of the above over a list of waves, plus tokens per second.
 - `spectrogram_png(orig, recon, sr, path)`: original over reconstruction, PIL only (no matplotlib).
-- `line_plot_png(series, path)`: loss curves, drawn by `anymodal.train.plot.plot_series`.
 """
 
 from __future__ import annotations
@@ -116,11 +115,3 @@ def spectrogram_png(orig: np.ndarray, recon: np.ndarray, path: str | Path, title
     tmp = path.with_name(path.stem + ".tmp.png")
     img.save(tmp)
     tmp.replace(path)
-
-
-def line_plot_png(series: dict[str, list[tuple[int, float]]], path: str | Path) -> None:
-    """The codec trainer's loss curves (one line per series) through anymodal's one chart drawer,
-    `anymodal.train.plot.plot_series` (matplotlib when installed, else PIL)."""
-    from ..train.plot import plot_series
-
-    plot_series(series, path, title="audio codec training", ylabel="loss")

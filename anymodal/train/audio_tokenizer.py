@@ -38,7 +38,7 @@ from ..tokenizers.audio_losses import (
     discriminator_loss,
     generator_losses,
 )
-from ..tokenizers.audio_metrics import evaluate_codec, line_plot_png, spectrogram_png
+from ..tokenizers.audio_metrics import evaluate_codec, spectrogram_png
 from .common import (
     BudgetBar,
     atomic_torch_save,
@@ -49,6 +49,7 @@ from .common import (
     set_rng_state,
 )
 from .cpu_memory import keep_freed_memory
+from .plot import plot_series
 
 
 @dataclass
@@ -434,7 +435,7 @@ def train(cfg: AudioTrainConfig, out: str | Path, resume: bool = False, progress
     trainer.save_checkpoint()
     final = trainer.validate(final=True)
     _log(out, {"val": final, "final": True})
-    line_plot_png({k: v for k, v in trainer.history.items()}, out / "loss.png")
+    plot_series(trainer.history, out / "loss.png", title="audio codec training", ylabel="loss")
     trainer.model.eval().save(out)
     print(json.dumps({"out": str(out), **{k: final[k] for k in ("mel_distance", "si_snr_db", "stoi", "codebook_usage_min")}}))
     return trainer

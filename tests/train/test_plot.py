@@ -38,13 +38,12 @@ def test_plot_series_and_run_curves(backend, tmp_path, monkeypatch):
         _drawn(tmp_path / name)
 
 
-def test_audio_codec_loss_png_goes_through_plot(tmp_path, monkeypatch):
+def test_plot_series_goes_through_the_one_chart_drawer(tmp_path, monkeypatch):
     import anymodal.train.plot as plot_mod
-    from anymodal.tokenizers.audio_metrics import line_plot_png
 
     charts = []
     monkeypatch.setattr(plot_mod, "plot", lambda chart, path: charts.append((chart, path)))
-    line_plot_png(SERIES, tmp_path / "loss.png")
+    plot_mod.plot_series(SERIES, tmp_path / "loss.png")
     (chart, path), = charts
     assert path == tmp_path / "loss.png" and [ln.label for ln in chart.lines] == ["loss", "mel"]
     assert chart.lines[0].points == [(1.0, 3.0), (2.0, 2.5), (4.0, 1.5)]  # the NaN point left out
