@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` to a temporary sibling, then rename it over `path` (parents are created)."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; on success it is renamed over `path`, on an
+    exception it is removed and `path` is left as it was. Parents are created. The temporary name is
+    `path` + ".tmp" (copies skip `*.tmp`), so a writer that picks a format by file suffix (PIL,
+    soundfile) must be told the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` (text as UTF-8) to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
 
 
 def fresh_dir_beside(out: str | Path, tag: str = "tmp") -> Path:
