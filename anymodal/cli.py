@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 
+from . import __version__
 from .errors import UserError
 
 # (name, help) in the order of the pipeline.
@@ -66,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
-
     return f"anymodal {__version__}"
 
 

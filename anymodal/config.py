@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from .errors import ConfigError
+from .fileio import write_atomic
 
 T = TypeVar("T")
 
@@ -161,10 +162,7 @@ def save_config(cfg: Any, path: str | Path, extra: dict | None = None) -> None:
     data = to_dict(cfg)
     if extra:
         data = {**extra, **data}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -19,10 +19,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from .config import load_config
 from .data.cues import cue
+from .data.media import save_png, save_wav
+from .data.reader import iter_documents
 from .errors import UserError
 from .fileio import write_atomic
+from .sample.bundle import load_bundle, set_threads
+from .sample.ground import ground_image
+from .sample.session import SampleOptions, run_sample
+from .tokenizers import assemble_tokenizer_set
 
 
 @dataclass
@@ -179,9 +188,6 @@ class Demo:
         Runs in this process with the library calls behind `anymodal sample` / `ground`, so the
         bundle loads once instead of once per prompt.
         """
-        from .sample.bundle import load_bundle, set_threads
-        from .sample.ground import ground_image
-        from .sample.session import SampleOptions, run_sample
 
         c, show = self.cfg, self.out / "showcase"
         bundle = load_bundle(bundle_dir)
@@ -210,8 +216,6 @@ class Demo:
 
 
 def tqdm_iter(items: list, desc: str):
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="prompt", file=sys.stderr)
 
 
@@ -227,8 +231,6 @@ def showcase_queries(cfg: DemoConfig, show: Path) -> list[str]:
 def _showcase_inputs(world: Path, show: Path) -> tuple[Path | None, Path | None]:
     """The first val image with two or more objects (PNG, at its own size) and the first val
     speech clip (WAV)."""
-    from .data.media import save_png, save_wav
-    from .data.reader import iter_documents
 
     picture = clip = None
     show.mkdir(parents=True, exist_ok=True)
@@ -255,16 +257,12 @@ def _resume_flag(out: Path) -> list[str]:
 
 def _cuda_available() -> bool:
     try:
-        import torch
-
         return torch.cuda.is_available()
     except ImportError:
         return False
 
 
 def _assemble(toks: Path) -> None:
-    from .tokenizers import assemble_tokenizer_set
-
     assemble_tokenizer_set(toks, toks / "text", toks / "image", toks / "audio")
 
 
@@ -374,11 +372,7 @@ def write_report(out: Path, cfg: DemoConfig) -> Path:
     for i, prompt in enumerate(cfg.speech_prompts):
         for wav in sorted((show / f"tts_{i}").glob("audio_*.wav")):
             parts.append(audio(wav, prompt))
-    report = out / "report.html"
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(report)
-    return report
+    return write_atomic(out / "report.html", "\n".join(parts))
 
 
 def run_demo(out: str = "runs/demo", config: str = "demo", overrides=()) -> dict:

@@ -10,8 +10,9 @@ two so that load from other processes hits both alike, medians reported:
   (ours only: HF's Chameleon has no CFG for image spans).
 
 Ours runs the full engine (grammar masks, per-row samplers, stop conditions); HF runs
-`generate(min_new_tokens=N, max_new_tokens=N)` so both produce N tokens. `batch1_greedy_torch_step`
-is ours with the PyTorch decode step instead of the native kernel (anymodal/sample/native.py).
+`generate(min_new_tokens=N, max_new_tokens=N)` so both produce N tokens. `batch1_greedy_model_step`
+is ours with `Transformer.decode` as the decode step instead of the native kernel
+(anymodal/kernels/decode.py): the engine's fallback where the kernel does not apply.
 Every case is measured at each thread count of `--threads` (default: 1 and all cores), both
 implementations with the same count.
 
@@ -32,7 +33,6 @@ from anymodal.config import load_config
 from anymodal.model import ModelConfig, Transformer
 from anymodal.model.hf import hf_chameleon, to_hf_state_dict
 from anymodal.sample.engine import Engine, Request
-from anymodal.sample.fast import FastDecoder
 from anymodal.sample.sampling import ModalitySampling
 from anymodal.tokenizers.token_space import TokenSpace, round_up
 
@@ -115,8 +115,7 @@ def main() -> None:
     ours = Transformer(cfg).eval()
     hf = build_hf(cfg, ours, args.hf_attn)
     engine = Engine(ours, space)
-    torch_engine = Engine(ours, space)  # the same engine with the PyTorch decode step (no native kernel)
-    torch_engine.fast = FastDecoder(ours, use_native=False)
+    model_step_engine = Engine(ours, space, native=False)  # the same engine decoding with model.decode
     g = torch.Generator().manual_seed(1)
     # Prompts of ordinary text ids (above the specials and loc pieces).
     prompt = torch.randint(space.loc_offset + space.loc_bins, space.text_size, (args.batch, args.prompt_len), generator=g)
@@ -149,7 +148,7 @@ def main() -> None:
         "batch1_greedy": (lambda: ours_run(1, greedy), lambda: hf_run(1, False)),
         "batch1_topk": (lambda: ours_run(1, topk), lambda: hf_run(1, True)),
         f"batch{args.batch}_greedy": (lambda: ours_run(args.batch, greedy), lambda: hf_run(args.batch, False)),
-        "batch1_greedy_torch_step": (lambda: ours_run(1, greedy, torch_engine), lambda: hf_run(1, False)),
+        "batch1_greedy_model_step": (lambda: ours_run(1, greedy, model_step_engine), lambda: hf_run(1, False)),
     }
     result = {
         "benchmark": "decode_speed",
@@ -161,7 +160,7 @@ def main() -> None:
         "reps": args.reps,
         "hf_attn": args.hf_attn,
         "dtype": "fp32",
-        "native_kernel": engine.fast is not None and engine.fast.lib is not None,
+        "native_kernel": engine.native is not None,
         "by_threads": {},
     }
     for threads in thread_counts:

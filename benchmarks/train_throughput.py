@@ -30,12 +30,11 @@ import time
 import torch
 from train_cli_throughput import DOC_LENGTHS  # same directory (run as a script)
 
+from anymodal import kernels
 from anymodal.config import load_config
-from anymodal.kernels import install as install_kernels
 from anymodal.model import (
     ModelConfig,
     Transformer,
-    cpu_kernels,
     flops_per_token,
     lm_loss,
     measure_cpu_matmul_peak,
@@ -80,11 +79,10 @@ def make_step(kind: str, model, batch: torch.Tensor, modality: torch.Tensor, z_w
 
     native = kind in ("ours", "ours_compiled", "ours_packed")
     docs = doc_ids if kind == "ours_packed" else None
-    kernels = {name: getattr(cpu_kernels, name) if native else None for name in cpu_kernels.NAMES}
 
     def step() -> float:
         if kind.startswith("ours"):
-            cpu_kernels.register(**kernels)  # the registry is global: set it for this variant's step
+            kernels.install(native=native)  # the registry is global: set it for this variant's step
             loss = lm_loss(model(inputs, doc_ids=docs), labels, modality, z_loss_weight=z_w, inplace_backward=True).loss
         else:  # HF shifts labels itself
             loss = model(input_ids=inputs, labels=inputs).loss
@@ -130,7 +128,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # as `anymodal train` does on CPU; both models profit (one process), --no-keep-memory measures without
     keep_memory = not args.no_keep_memory and keep_freed_memory()
-    native = install_kernels()  # as the trainer does; a kernel that cannot be built stays on PyTorch
+    native = kernels.install()  # as the trainer does; a kernel that cannot be built stays on PyTorch
     torch.manual_seed(0)
     cfg = load_config(ModelConfig, f"model/{args.preset}.yaml", args.overrides)
     peaks = [measure_cpu_matmul_peak(seconds=3.0)]  # start-up measurement

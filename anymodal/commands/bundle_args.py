@@ -15,7 +15,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_bundle(args: argparse.Namespace):
     """The bundle of `args.model` on `args.device`, with `args.threads` CPU threads."""
-    from ..sample.bundle import load_bundle, set_threads
+    from ..sample.bundle import load_bundle, set_threads  # loads torch: only once the command runs
 
     bundle = load_bundle(args.model, device=args.device)
     set_threads(bundle, args.threads)

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from ..demo import run_demo  # loads torch: only once the command runs
 
     run_demo(args.out, args.config, args.overrides)
     return 0

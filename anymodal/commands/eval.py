@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
 from .bundle_args import add_runtime_arguments, open_bundle
 
 
@@ -34,9 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import UserError
-    from ..eval.run import GEN_KINDS, EvalOptions, eval_sampling, evaluate
-    from ..sample.session import per_modality
+    from ..eval.run import GEN_KINDS, EvalOptions, eval_sampling, evaluate  # loads torch: only now
+    from ..sample.session import per_modality  # loads torch too
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else GEN_KINDS
     sampling = eval_sampling()

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.export import export
+    from ..train.export import export  # loads torch: only once the command runs
 
     if (args.run is None) == (args.bundle is None):
         raise UserError("give exactly one of --run RUN or --bundle DIR")
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--bundle is already a bundle: use --format hf to convert it")
         export(args.run, args.out, tokenizers=args.tokenizers, step=args.step)
         return 0
-    from ..hf.export import export_hf
+    from ..hf.export import export_hf  # needs the anymodal[hf] extra
 
     if args.bundle is not None:
         export_hf(args.bundle, args.out, args.max_shard_size)

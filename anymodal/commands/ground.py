@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sample.ground import format_result, ground_image
+    from ..sample.ground import format_result, ground_image  # loads torch: only once the command runs
 
     bundle = open_bundle(args)
     print(format_result(ground_image(bundle, args.image, args.query, out=args.out)))

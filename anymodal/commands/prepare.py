@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizers", default=None, help="tokenizer set (text/, image/, audio/, token_space.json)")
@@ -35,8 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.prepare import merge, prepare
-    from ..errors import UserError
+    from ..data.prepare import merge, prepare  # loads torch: only once the command runs
 
     if args.merge is not None:
         if args.input or args.out or args.tokenizers:

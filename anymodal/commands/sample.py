@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sample.session import SampleOptions, run_sample
+    from ..sample.session import SampleOptions, run_sample  # loads torch: only once the command runs
 
     bundle = open_bundle(args)
     opts = SampleOptions(seed=args.seed, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,

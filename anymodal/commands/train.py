@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.lm import load_train_config, train
+    from ..train.lm import load_train_config, train  # loads torch: only once the command runs
 
     cfg = load_train_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)

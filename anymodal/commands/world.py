@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for {split}-NNNNN.tar shards")
@@ -21,8 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.world import generate_world
-    from ..errors import UserError
+    from ..data.world import generate_world  # loads torch: only once the command runs
 
     if args.require_audio and args.no_audio:
         raise UserError("--require-audio and --no-audio contradict each other")

@@ -6,8 +6,8 @@
   components of >= 12 px per colour become objects, and a component's shape is called by its fill
   ratio = area / box area (square >= 0.90, circle 0.65-0.90, triangle 0.35-0.65).
 - comparisons used by `eval`: `objects_match` (same multiset of (colour, shape)),
-  `position_accuracy`, `size_accuracy`, `caption_correct`, `parse_referring`, `word_error_rate`
-  (box IoU: `anymodal.tokenizers.stream.iou`).
+  `position_accuracy`, `size_accuracy`, `caption_correct`, `parse_referring`, `normalize_words`
+  (box IoU: `anymodal.tokenizers.stream.iou`; word errors: `anymodal.eval.metrics.word_errors`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from .scenes import BACKGROUND, COLOURS, PALETTE, POSITIONS, SHAPES, position_word, size_word
 
@@ -99,7 +100,6 @@ def analyse_image(img: np.ndarray) -> list[dict]:
     """Objects in an image: [{colour, shape, box (x1, y1, x2, y2) px exclusive, size, position,
     area, fill}], ordered top-to-bottom then left-to-right. `shape` is None when the fill ratio
     is below every shape's range (such an object never matches a prompt)."""
-    from scipy import ndimage
 
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] < 3:
@@ -187,16 +187,3 @@ def refer_correct(text: str, colour: str, shape: str) -> bool:
 def normalize_words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
 
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words, on lower-cased words."""
-    ref, hyp = normalize_words(reference), normalize_words(hypothesis)
-    if not ref:
-        return 0.0 if not hyp else 1.0
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, hw in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != hw))
-        prev = cur
-    return prev[-1] / len(ref)

@@ -21,10 +21,15 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from math import gcd
 from pathlib import Path
 
 import numpy as np
+import scipy.fft
+import soundfile
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import UserError
 from ..fileio import write_atomic
 
 # Reasons a record can be bad; the reader counts skipped records by these names.
@@ -85,7 +90,6 @@ class Fit:
 
 def _to_rgb(img) -> PIL.Image.Image:  # noqa: F821
     """Any PIL image -> RGB, scaling high bit depths and compositing transparency over white."""
-    from PIL import Image
 
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -115,7 +119,6 @@ def _to_rgb(img) -> PIL.Image.Image:  # noqa: F821
 
 def open_image(src: bytes | str | os.PathLike):
     """Decode an image file (bytes or path) into an RGB PIL image; raises `BadRecord`."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
     data = _read_bytes(src, BAD_IMAGE)
     if not data:
@@ -134,7 +137,6 @@ def open_image(src: bytes | str | os.PathLike):
 
 def fit_image(img, size: int | None, mode: str = "resize") -> tuple[np.ndarray, Fit]:
     """Place an RGB PIL image on a `size x size` canvas; returns (uint8 [size, size, 3], Fit)."""
-    from PIL import Image
 
     if mode not in ("resize", "letterbox"):
         raise ValueError(f"image mode must be 'resize' or 'letterbox', not {mode!r}")
@@ -160,7 +162,6 @@ def load_image(src: bytes | str | os.PathLike, size: int | None = 64, mode: str 
 
 def encode_png(arr: np.ndarray, compress_level: int = 6) -> bytes:
     """uint8 [H, W, 3] -> PNG bytes (deterministic: no timestamps or metadata)."""
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), "RGB").save(
@@ -182,9 +183,7 @@ def resample(wave_: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     The signal is zero-padded to a length whose FFT is fast and that maps to a whole number of
     output samples, so any pair of rates costs two FFTs; then trimmed to round(T * sr_out / sr_in).
     """
-    from math import gcd
 
-    import scipy.fft
 
     if sr_in == sr_out or len(wave_) == 0:
         return wave_.astype(np.float32, copy=False)
@@ -237,7 +236,6 @@ def load_audio(src: bytes | str | os.PathLike, sample_rate: int = 16000,
     `soundfile` (libsndfile), which scales integer samples one way (int16 / 32768, int32 / 2**31,
     ...); channels are averaged; `max_seconds` keeps only the start (only that much is decoded).
     """
-    import soundfile
 
     data = _read_bytes(src, BAD_AUDIO)
     if not data:
@@ -267,7 +265,6 @@ def load_audio(src: bytes | str | os.PathLike, sample_rate: int = 16000,
 def read_audio_file(path: str | os.PathLike, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
     """`load_audio` for a file a user named (CLI, `--audio` prompts, the codec trainer's files):
     a missing or undecodable file is a one-line `UserError` instead of a `BadRecord`."""
-    from ..errors import UserError
 
     p = Path(path)
     if not p.is_file():
@@ -280,7 +277,6 @@ def read_audio_file(path: str | os.PathLike, sample_rate: int, max_seconds: floa
 
 def encode_wav(wave_: np.ndarray, sample_rate: int) -> bytes:
     """float [T] in [-1, 1] (or int16) -> 16-bit PCM mono WAV bytes (deterministic, no metadata)."""
-    import soundfile
 
     buf = io.BytesIO()
     soundfile.write(buf, to_pcm16(wave_), int(sample_rate), format="WAV", subtype="PCM_16")

@@ -41,8 +41,8 @@ import numpy as np
 
 from ..errors import ConfigError, UserError
 from ..fileio import write_atomic
+from ..modality import MODALITY_NAMES
 from .packing import EpochPlan, TokenDataset
-from .prepare import MODALITY_NAMES
 
 SOURCE_KEYS = ("path", "weight", "name")
 

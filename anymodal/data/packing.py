@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..tokenizers.token_space import TokenSpace
 from .prepare import FORMAT, INDEX_DTYPE, VERSION
 
 if TYPE_CHECKING:  # mixture.py builds on this module
@@ -55,7 +56,6 @@ class TokenDataset:
         m = json.loads(mpath.read_text())
         if m.get("format") != FORMAT or int(m.get("version", 0)) > VERSION:
             raise UserError(f"{mpath} is not an {FORMAT} v{VERSION} manifest")
-        from ..tokenizers.token_space import TokenSpace
 
         self.manifest = m
         self.space = TokenSpace.load(self.path)

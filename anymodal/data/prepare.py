@@ -31,6 +31,8 @@ The conditioning span is what classifier-free-guidance dropout removes at traini
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -41,12 +43,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from ..errors import UserError
+from ..fileio import write_atomic
+from ..modality import MODALITY_NAMES
+from ..sample.prompt import image_mode as tokenizer_image_mode
+from ..tokenizers import load_tokenizers
+from ..tokenizers.stream import Audio, Box, Image, Text
+from ..tokenizers.token_space import TokenSpace
+from .reader import RecordCounter, expand_shards, iter_documents
 
 FORMAT = "anymodal-tokens"
 VERSION = 1
-MODALITY_NAMES = ("text", "image", "audio", "loc")
 INDEX_DTYPE = np.dtype(
     [("offset", "<i8"), ("length", "<i4"), ("kind", "<i2"), ("cond_start", "<i4"), ("cond_end", "<i4")]
 )
@@ -111,9 +121,7 @@ class ShardWriter:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 # ---- raw document -> stream segments --------------------------------------------------------------
@@ -134,10 +142,6 @@ class _Encoder:
     """Holds the loaded tokenizers in one process and turns batches of raw documents into ids."""
 
     def __init__(self, tok_dir: str, device: str = "cpu", image_batch: int = 64, audio_batch: int = 32):
-        import torch
-
-        from ..tokenizers import load_tokenizers
-
         self.torch = torch
         self.device = device
         self.tok = load_tokenizers(tok_dir, device=device)
@@ -176,7 +180,6 @@ class _Encoder:
 
     def encode_docs(self, docs: list, stats: _ShardStats, strict: bool):
         """Yield (ids, modality, kind, cond) per good document; count the bad ones."""
-        from ..tokenizers.stream import Audio, Box, Image, Text
 
         images, waves = [], []
         usable = []
@@ -226,8 +229,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(tok_dir: str, threads: int, progress, device: str = "cpu") -> None:
-    import torch
-
     torch.set_num_threads(threads)
     _WORKER["encoder"] = _Encoder(tok_dir, device)
     _WORKER["progress"] = progress
@@ -235,7 +236,6 @@ def _init_worker(tok_dir: str, threads: int, progress, device: str = "cpu") -> N
 
 def _prepare_shard(task: dict) -> dict:
     """Tokenize one raw shard into `shards/NAME.*`; returns its stats (also saved as NAME.json)."""
-    from .reader import RecordCounter, iter_documents
 
     enc: _Encoder = _WORKER["encoder"]
     progress = _WORKER.get("progress")
@@ -336,15 +336,12 @@ def prepare(
     tokenizer set (`prepare.json` records both; a part that differs is refused). The returned dict
     holds "complete": whether the manifest was written.
     """
-    import torch
 
-    from ..tokenizers import load_tokenizers
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device here")
-    from .reader import expand_shards
 
     sources = expand_shards(input)
     if parts < 1 or (parts > 1 and (part is None or not 0 <= part < parts)) or (parts == 1 and part not in (None, 0)):
@@ -353,7 +350,6 @@ def prepare(
     toks = load_tokenizers(tok_dir)  # validates the set (and its token_space.json) up front
     space = toks.space
     if image_mode is None:  # fit images the way the image tokenizer (and sample/eval) does
-        from ..sample.media import image_mode as tokenizer_image_mode
 
         image_mode = tokenizer_image_mode(toks.image) if toks.image is not None else "resize"
     if image_mode not in ("resize", "letterbox"):
@@ -362,8 +358,6 @@ def prepare(
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     if (out / "token_space.json").is_file():
-        from ..tokenizers.token_space import TokenSpace
-
         TokenSpace.load(out).check_same(space, f"existing {out}/token_space.json vs the tokenizers")
     space.save(out / "token_space.json")
     _check_plan(out, sources, tok_dir, parts)
@@ -401,7 +395,6 @@ PLAN = "prepare.json"
 def tokenizer_fingerprint(tok_dir: str | Path) -> str:
     """A hash of a tokenizer set's files (weights, configs, token space): two sets with the same
     token space but other weights give other codes, and must not be mixed in one folder."""
-    import hashlib
 
     h = hashlib.sha256()
     root = Path(tok_dir)
@@ -441,7 +434,6 @@ def merge(out: str | Path, part_dirs: Iterable[str | Path] = ()) -> dict:
     (the same input list and tokenizer set are checked). Raises UserError naming the missing
     shards when some part has not finished.
     """
-    from ..tokenizers.token_space import TokenSpace
 
     out = Path(out)
     dirs = [Path(d) for d in part_dirs]
@@ -473,15 +465,12 @@ def merge(out: str | Path, part_dirs: Iterable[str | Path] = ()) -> dict:
 
 
 def _run_tasks(tasks, tok_dir, workers, threads, show, n_done, n_total, done, device) -> None:
-    from tqdm import tqdm
-
     bar = tqdm(desc="prepare", unit="doc", disable=not show, dynamic_ncols=True)
     bar.set_postfix_str(f"shards {n_done}/{n_total}")
     if workers == 1:
         # in-process: no pool start-up cost, and tracebacks stay readable
         counter = _LocalCounter()
         old_threads = None
-        import torch
 
         old_threads = torch.get_num_threads()
         _init_worker(tok_dir, threads, None, device)
@@ -522,8 +511,6 @@ class _LocalCounter:
         self.value = 0
 
     def get_lock(self):
-        import contextlib
-
         return contextlib.nullcontext()
 
 

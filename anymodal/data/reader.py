@@ -40,6 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from braceexpand import braceexpand
+from webdataset.cache import FileCache
+from webdataset.filters import shuffle as buffer_shuffle
+from webdataset.gopen import gopen
+from webdataset.shardlists import ResampledShards
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..errors import UserError
 from .media import (
@@ -121,7 +127,6 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 def expand_shards(shards: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """Paths, folders, globs, brace patterns and `pipe:` urls -> an ordered list of shard urls."""
-    from braceexpand import braceexpand
 
     items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
     out: list[str] = []
@@ -173,8 +178,6 @@ def open_shard(url: str, cache_dir: str | os.PathLike | None = None):
     """A byte stream of one shard through webdataset's openers: local paths, `pipe:` commands,
     http(s) (curl, with retries), gs:// (gsutil) …; remote shards are downloaded whole into
     `cache_dir` first when one is given (and read from there the next time)."""
-    from webdataset.cache import FileCache
-    from webdataset.gopen import gopen
 
     if cache_dir is not None and "://" in url:
         cache = FileCache(str(cache_dir), url_to_name=_cache_name, validator=None)
@@ -196,7 +199,6 @@ def iter_samples(url: str, counter: RecordCounter | None = None, strict: bool = 
     breaks off (a truncated file, a dropped connection, a command that fails) is one counted bad
     shard: what was read before it stays, the sample in progress is lost.
     """
-    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     errors = _ShardErrors(counter, strict, url)
     try:
@@ -446,8 +448,6 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
     wid, nw = _worker()
     readers, me = world_size * nw, rank * nw + wid
     if resampled:
-        from webdataset.shardlists import ResampledShards
-
         if not epoch_docs or epoch_docs < 1:
             raise UserError("resampled shards need epoch_docs (documents per reader and epoch)")
         draws = ResampledShards(urls, seed=seed, worker_seed=lambda: me, deterministic=True)
@@ -482,8 +482,6 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
     if resampled:
         it = itertools.islice(it, epoch_docs)
     if shuffle:
-        from webdataset.filters import shuffle as buffer_shuffle
-
         it = buffer_shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(f"{seed}-{me}"))(it)
     yield from it
     if counter.total_bad:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from .media import EMPTY_AUDIO, BadRecord, from_pcm16, load_audio, resample, to_pcm16
 
 
@@ -164,7 +165,6 @@ class SpeechPool:
         try:
             return self.pending.popleft().get()
         except (ValueError, subprocess.CalledProcessError) as e:  # a voice espeak-ng does not know
-            from ..errors import UserError
 
             raise UserError(f"espeak-ng failed: {e}") from None
 

@@ -35,11 +35,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
+from tqdm import tqdm
 
 from ..config import check_choice, load_config, to_dict
 from ..errors import ConfigError, UserError
+from ..fileio import write_atomic
 from . import scenes as S
 from .cues import CUES, cue
 from .media import encode_png, encode_wav
@@ -139,8 +142,6 @@ def prose_paragraphs() -> list[str]:
     """
     global _PARAGRAPHS
     if _PARAGRAPHS is None:
-        from pydoc_data.topics import topics
-
         out = []
         for name in sorted(topics):
             for block in re.split(r"\n\s*\n", topics[name]):
@@ -467,7 +468,6 @@ def generate_world(out: str | Path, split: str = "train", docs: int = 1000, seed
     counts = {k: 0 for k in KINDS}
     n_unseen = 0
     t0 = time.time()
-    from tqdm import tqdm
 
     bar = tqdm(total=docs, unit="doc", desc=f"world {split}", disable=not progress or None, leave=False)
     pool = SpeechPool(cfg.speech_workers, cfg.sample_rate) if audio else None
@@ -509,9 +509,7 @@ def generate_world(out: str | Path, split: str = "train", docs: int = 1000, seed
     summary = {"split": split, "seed": seed, "docs": docs, "audio": bool(audio), "counts": counts,
                "unseen_docs": n_unseen, "unseen_pairs": list(cfg.unseen), "shards": writer.shards,
                "config": to_dict(cfg)}
-    tmp = out / f"{split}.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    tmp.replace(out / f"{split}.json")
+    write_atomic(out / f"{split}.json", json.dumps(summary, indent=1) + "\n")
     log.info("wrote %d %s documents to %s in %.1f s", docs, split, out, seconds)
     return {**summary, "seconds": seconds}
 

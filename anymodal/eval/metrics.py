@@ -10,6 +10,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..data.checker import normalize_words, objects_match, position_accuracy, size_accuracy
+from ..modality import MODALITY_NAMES
+
 
 # ---- word error rate ----------------------------------------------------------------------------
 def edit_distance(ref: list[str], hyp: list[str]) -> int:
@@ -27,9 +30,7 @@ def word_errors(ref: str, hyp: str) -> tuple[int, int]:
     """(errors, reference words) of one transcript, on the checker's normalized words.
 
     Corpus WER = sum of errors / sum of reference words (long utterances weigh more), the usual
-    definition; the checker's `word_error_rate` is the per-utterance ratio."""
-    from ..data.checker import normalize_words
-
+    definition."""
     r, h = normalize_words(ref), normalize_words(hyp)
     return edit_distance(r, h), len(r)
 
@@ -41,7 +42,6 @@ def image_check(truth: list[dict], found: list[dict]) -> dict[str, float]:
     correct: the (colour, shape) multiset equals the prompt's (`checker.objects_match`);
     position / size: share of the prompt's objects found with the right colour, shape AND position
     (size) word (`checker.position_accuracy` / `size_accuracy`)."""
-    from ..data.checker import objects_match, position_accuracy, size_accuracy
 
     return {"correct": float(objects_match(found, truth)), "position": float(position_accuracy(found, truth)),
             "size": float(size_accuracy(found, truth))}
@@ -69,7 +69,6 @@ METRIC_TASKS = {
     "grounding_acc50": "ground", "grounding_miou": "ground",
     "refer_accuracy": "refer", "asr_wer": "asr", "tts_wer": "tts",
 }
-BPT_MODALITIES = ("text", "image", "audio", "loc")
 
 
 @dataclass
@@ -136,9 +135,9 @@ class Metrics:
         for key in METRIC_TASKS:
             s = sums.get(key)
             out[key] = None if s is None else s.mean
-        out["bits_per_token"] = {m: (sums[f"bpt_{m}"].mean if f"bpt_{m}" in sums else None) for m in BPT_MODALITIES}
+        out["bits_per_token"] = {m: (sums[f"bpt_{m}"].mean if f"bpt_{m}" in sums else None) for m in MODALITY_NAMES}
         out["n"] = {t: int(counts.get(t, 0)) for t in ("t2i", "a2i", "i2t", "ground", "refer", "asr", "tts", "bits")}
-        out["n"].update({f"tokens_{m}": int(counts.get(f"tokens_{m}", 0)) for m in BPT_MODALITIES})
+        out["n"].update({f"tokens_{m}": int(counts.get(f"tokens_{m}", 0)) for m in MODALITY_NAMES})
         return out
 
     def result(self) -> dict:
@@ -158,7 +157,7 @@ def format_table(result: dict) -> str:
     for key, task in METRIC_TASKS.items():
         rows.append((key, fmt(result.get(key)), fmt(result["unseen"].get(key)),
                      str(result["n"].get(task, 0)), str(result["unseen"]["n"].get(task, 0))))
-    for m in BPT_MODALITIES:
+    for m in MODALITY_NAMES:
         rows.append((f"bits_per_token.{m}", fmt(result["bits_per_token"].get(m)),
                      fmt(result["unseen"]["bits_per_token"].get(m)), str(result["n"].get(f"tokens_{m}", 0)),
                      str(result["unseen"]["n"].get(f"tokens_{m}", 0))))

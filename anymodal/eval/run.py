@@ -26,19 +26,28 @@ from __future__ import annotations
 import json
 import math
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from ..data.checker import analyse_image, caption_correct, refer_correct
 from ..data.cues import cue
+from ..data.reader import RecordCounter, iter_documents
 from ..errors import UserError
 from ..fileio import write_atomic
+from ..kernels import install as install_kernels
+from ..modality import MODALITY_NAMES
+from ..model.loss import lm_loss
 from ..sample.engine import Engine, Request
-from ..sample.media import audio_codes, decode_audio, decode_images, image_codes, image_mode
+from ..sample.prompt import audio_codes, image_codes, image_mode
+from ..sample.render import decode_audio, decode_images
 from ..sample.sampling import ModalitySampling, SamplingParams
 from ..tokenizers.stream import Audio, Box, Image, Text
+from ..tokenizers.stream import iou as box_iou
 from .metrics import Metrics, format_table, image_check
 
 GEN_KINDS = ("t2i", "a2i", "i2t", "ground", "refer", "asr", "tts")
@@ -88,7 +97,6 @@ class Evaluator:
     # ---- reading -----------------------------------------------------------------------------
     def read(self, data) -> tuple[dict[str, list], list, int]:
         """Documents per generation kind (up to limit each) and documents for bits per token."""
-        from ..data.reader import RecordCounter, iter_documents
 
         tok = self.tok
         counter = RecordCounter()
@@ -197,8 +205,6 @@ class Evaluator:
 
     # ---- tasks ------------------------------------------------------------------------------------
     def image_task(self, kind: str, docs: list) -> None:
-        from ..data.checker import analyse_image
-
         sp = self.sp
         for chunk in _batches(docs, self.o.batch_size):
             prompts = [self.prompt(d) for d in chunk]
@@ -220,8 +226,6 @@ class Evaluator:
             self._tick(len(chunk))
 
     def text_task(self, kind: str, docs: list) -> None:
-        from ..data.checker import caption_correct, refer_correct
-
         for chunk in _batches(docs, self.o.batch_size):
             prompts = [self.prompt(d) for d in chunk]
             # a referring expression ends with </ref> (a document may go on with another query)
@@ -246,8 +250,6 @@ class Evaluator:
             self._tick(len(chunk))
 
     def ground_task(self, docs: list) -> None:
-        from ..tokenizers.stream import iou as box_iou
-
         sp = self.sp
         for chunk in _batches(docs, self.o.batch_size):
             prompts = [self.prompt(d) for d in chunk]
@@ -298,7 +300,6 @@ class Evaluator:
     @torch.inference_mode()
     def bits_task(self, docs: list) -> None:
         """Teacher-forced negative log-likelihood per modality, in bits per token."""
-        from ..model.loss import MODALITY_NAMES, lm_loss
 
         model, max_len = self.b.model, self.engine.max_len
         dev = self.b.device
@@ -339,7 +340,6 @@ class Evaluator:
     def run_docs(self, per_kind: dict[str, list], bits: list, skipped: int = 0, kinds=GEN_KINDS) -> dict:
         """Every metric on documents already read (`read`); only the generation tasks in `kinds`.
         Metrics start from zero, so a trainer can call this again on the same documents."""
-        from tqdm import tqdm
 
         self.metrics, self.over_context, self.examples = Metrics(), 0, []
         total = sum(len(per_kind[k]) for k in kinds) + len(bits)
@@ -390,7 +390,6 @@ def _brief(obj: dict) -> str:
 
 def hash_key(key: str) -> int:
     """A stable per-document seed offset (Python's hash() is salted per process)."""
-    import zlib
 
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
 
@@ -403,6 +402,7 @@ def _truth_text(doc) -> str:
 def evaluate(bundle, data, out: str | Path | None = None, opts: EvalOptions | None = None,
              console=None) -> dict:
     """Run every metric on `data`; write `out` (metrics.json) atomically; print the table."""
+    install_kernels()  # teacher-forced passes run the CPU fast paths, as in training
     opts = opts or EvalOptions()
     if opts.limit is not None and opts.limit < 1:
         raise UserError(f"--limit must be >= 1, got {opts.limit}")

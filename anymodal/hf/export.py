@@ -24,10 +24,13 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..fileio import fresh_dir_beside, replace_dir, write_atomic
 from ..model.hf import MINIMAL_VQ, check_exportable, hf_config_kwargs, to_hf_state_dict
+from ..sample.bundle import load_bundle
+from .tokenizer import hf_text_tokenizer
 
 FORMAT_VERSION = 1
 
@@ -67,7 +70,7 @@ What `transformers` does not represent, and where it lives instead:
 
 
 def _hf_config(cfg, space, params: int):
-    import transformers
+    import transformers  # optional: the anymodal[hf] extra
 
     lo, hi = space.image_range()
     not_held = ["the image tokenizer (image/; model.vqmodel is a zero placeholder)",
@@ -84,7 +87,7 @@ def _hf_config(cfg, space, params: int):
 
 
 def _placeholder_vq_weights(hf_config) -> dict[str, torch.Tensor]:
-    import transformers
+    import transformers  # optional: the anymodal[hf] extra
 
     with torch.device("meta"):
         vq = transformers.ChameleonVQVAE(hf_config.vq_config)
@@ -93,8 +96,7 @@ def _placeholder_vq_weights(hf_config) -> dict[str, torch.Tensor]:
 
 def _save_weights(state: dict[str, torch.Tensor], out: Path, max_shard_size: int | str) -> int:
     """model.safetensors, or shards plus the index `from_pretrained` reads; returns the shard count."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
+    from huggingface_hub import split_torch_state_dict_into_shards  # optional: the anymodal[hf] extra
 
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     for filename, names in split.filename_to_tensors.items():
@@ -109,12 +111,9 @@ def _save_weights(state: dict[str, torch.Tensor], out: Path, max_shard_size: int
 def export_hf(bundle_dir: str | Path, out: str | Path, max_shard_size: int | str = "5GB") -> Path:
     """Write the Hugging Face folder of a model bundle (`anymodal export` writes bundles)."""
     try:
-        import transformers
+        import transformers  # optional: the anymodal[hf] extra
     except ImportError:
         raise UserError("--format hf needs transformers: pip install 'anymodal[hf]'") from None
-
-    from ..sample.bundle import load_bundle
-    from .tokenizer import hf_text_tokenizer
 
     bundle_dir, out = Path(bundle_dir), Path(out)
     b = load_bundle(bundle_dir, device="cpu")

@@ -40,8 +40,16 @@ def _vocab_and_merges(text: TextTokenizer) -> tuple[dict[str, int], list[tuple[s
 
 def hf_text_tokenizer(text: TextTokenizer):
     """A `transformers.PreTrainedTokenizerFast` that encodes and decodes as `text` does."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import (  # optional: the anymodal[hf] extra
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
+    from transformers import PreTrainedTokenizerFast  # optional: the anymodal[hf] extra
 
     vocab, merges, whole = _vocab_and_merges(text)
     specials = text.special_ids()

@@ -2,14 +2,14 @@
 
 `native_attention(qkv, qk_w, qk_b, rope, key_start, n_heads, eps)` takes the fused q|k|v projection
 and computes exactly what the model's PyTorch path computes from it (QK-Norm, RoPE, then causal
-softmax attention as `blocked_attention`, optionally limited to each query's own packed document),
+softmax attention as `torch_cpu.blocked_attention`, optionally limited to each query's own packed document),
 forward and backward in C. QK-Norm and RoPE are one pass each way; in attention each OpenMP thread
 takes whole (batch, head) slices and calls PyTorch's own BLAS `sgemm` (MKL) on them
 single-threaded. The softmax probabilities are kept for the backward pass, as in the PyTorch path,
 and the gradient of q|k|v is written into one buffer (no concatenation of the q, k and v parts).
 
-`anymodal.kernels.install()` registers it in `anymodal.model.cpu_kernels`. It is unavailable, and
-the model keeps its PyTorch path, when there is no C compiler, `ANYMODAL_NATIVE=0`, or this
+`anymodal.kernels.install()` registers it in `anymodal.model.fast_paths`. It is unavailable, and
+the PyTorch path runs instead, when there is no C compiler, `ANYMODAL_NATIVE=0`, or this
 PyTorch build exports no BLAS `sgemm`.
 """
 

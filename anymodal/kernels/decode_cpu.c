@@ -12,7 +12,7 @@
    'pre' or 'swin' norm placement, SwiGLU on [gate | up], final RMSNorm and the untied head.
    Weights are passed transposed ([in, out], row-major), the layout the column split streams best.
 
-   Built by anymodal/kernels/build.py and loaded by anymodal/sample/native.py (ctypes). It links
+   Built by anymodal/kernels/build.py and loaded by anymodal/kernels/decode.py (ctypes). It links
    the same libgomp that PyTorch already loaded, so it shares PyTorch's thread pool instead of
    starting a second one. */
 

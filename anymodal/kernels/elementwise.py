@@ -1,10 +1,10 @@
 """Fused SwiGLU, RMSNorm and cross-entropy passes on the CPU (anymodal/kernels/elementwise_cpu.c).
 
 `swiglu(h)`, `rms_norm(x, weight, eps)` and `cross_entropy(x, target, inplace)` are autograd
-functions with the math of the model's PyTorch `_SwiGLU` / `_RMSNormCPU` and the loss's
-`_CrossEntropyAndLSE` (fp32, CPU, contiguous rows), each direction one pass over memory. `anymodal.kernels.install()` registers them in
-`anymodal.model.cpu_kernels`; without a C compiler, or with `ANYMODAL_NATIVE=0`, they are not
-registered and the PyTorch versions run.
+functions with the math of the model's SwiGLU and RMSNorm and the loss's `_CrossEntropyAndLSE`
+(fp32, CPU, contiguous rows), each direction one pass over memory. `anymodal.kernels.install()`
+registers them in `anymodal.model.fast_paths`; without a C compiler, or with `ANYMODAL_NATIVE=0`,
+the PyTorch versions (`torch_cpu.py`) run.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     z_loss_weight: float = 1e-5
     activation_checkpointing: bool = False  # recompute each block in backward (training only)
-    # 'auto': on CPU, full-sequence passes of moderate size use blocked matmul attention (faster than
-    # SDPA's CPU flash kernel); everything else uses F.scaled_dot_product_attention. 'sdpa': always SDPA.
+    # 'auto': a registered fast path may take the attention (on CPU, anymodal.kernels' matmul
+    # attention, faster than SDPA's CPU flash kernel); 'sdpa': always F.scaled_dot_product_attention.
     attention: str = "auto"
 
     def __post_init__(self) -> None:

@@ -133,7 +133,7 @@ def hf_chameleon(cfg: ModelConfig, attn: str = "sdpa"):
     attn: HF's attention implementation ("eager" = plain softmax(qkᵀ)v, "sdpa"). Load our weights
     with `model.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)`.
     """
-    import transformers
+    import transformers  # optional: the anymodal[hf] extra
 
     hf_cfg = transformers.ChameleonConfig(**hf_config_kwargs(cfg), vq_config=MINIMAL_VQ)
     hf_cfg._attn_implementation = attn

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_kernels
+from ..modality import MODALITY_NAMES
+from . import fast_paths
 
-MODALITY_NAMES = ("text", "image", "audio", "loc")  # ids 0..3, as anymodal.tokenizers.token_space.Modality
 CHUNK_ELEMENTS = 1 << 20  # rows per chunk = this / V (×16 on GPUs): a chunk's fp32 softmax is 4 MB (in cache)
 
 
@@ -111,10 +111,8 @@ def lm_loss(
     y = labels.reshape(-1)
     keep = y != ignore_index  # [N]
     target = torch.where(keep, y, torch.zeros_like(y))
-    if cpu_kernels.cross_entropy is not None and x.device.type == "cpu" and x.dtype == torch.float32:
-        ce_all, lse = cpu_kernels.cross_entropy(x, target, inplace_backward)  # same math, native
-    else:
-        ce_all, lse = _CrossEntropyAndLSE.apply(x, target, inplace_backward)  # [N] each
+    fast = fast_paths.call("cross_entropy", x, target, inplace_backward)
+    ce_all, lse = fast if fast is not None else _CrossEntropyAndLSE.apply(x, target, inplace_backward)  # [N] each
     keep_f = keep.float()
     count = keep.sum()
     denom = count.clamp(min=1).float()

@@ -8,13 +8,24 @@ read with safetensors only.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
+from ..config import load_config, save_config
 from ..errors import UserError
+from ..fileio import atomic_path
+from ..model.config import ModelConfig
+from ..model.transformer import Transformer
+from ..tokenizers import Stream, Tokenizers, build_space, load_tokenizers
+from ..tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+from ..tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from ..tokenizers.text import TextTokenizerConfig, train_text_tokenizer
+from ..tokenizers.token_space import TokenSpace
 
 
 @dataclass
@@ -53,8 +64,6 @@ def set_threads(bundle: Bundle, threads: int | str = "auto") -> int:
     thread hand-offs cost more than they save (on a busy 2-core machine a 9M-parameter model ran
     4x slower on 2 threads than on 1). 'auto': one thread per ~25M parameters, at most all cores.
     """
-    import os
-
     if bundle.device.type != "cpu":
         return torch.get_num_threads()
     if threads == "auto":
@@ -73,14 +82,6 @@ def set_threads(bundle: Bundle, threads: int | str = "auto") -> int:
 
 def load_bundle(path: str | Path, device: str | None = None) -> Bundle:
     """Load a bundle dir onto `device` ('auto' = CUDA when present). UserError if it is not one."""
-    from safetensors.torch import load_file
-
-    from ..config import load_config
-    from ..model.config import ModelConfig
-    from ..model.transformer import Transformer
-    from ..tokenizers import load_tokenizers
-    from ..tokenizers.token_space import TokenSpace
-
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"model bundle not found: {path}")
@@ -108,16 +109,12 @@ def load_bundle(path: str | Path, device: str | None = None) -> Bundle:
 
 def save_bundle_layout(bundle: Bundle, out: str | Path) -> Path:
     """Write `bundle` in the layout ``load_bundle`` reads (used for tiny test/benchmark bundles)."""
-    from safetensors.torch import save_file
-
-    from ..config import save_config
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(bundle.model.cfg, out / "config.yaml")
     state = {k: v.detach().cpu().contiguous() for k, v in bundle.model.weights().items()}
-    save_file(state, str(out / "model.safetensors.tmp"))
-    (out / "model.safetensors.tmp").replace(out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
     t = bundle.tok
     t.text.save(out / "text")
     if t.image is not None:
@@ -154,13 +151,6 @@ def tiny_bundle(
     model_overrides: dict | None = None,
 ) -> Bundle:
     """A random-weight model with real (tiny, untrained) text/image/audio tokenizers."""
-    from ..model.config import ModelConfig
-    from ..model.transformer import Transformer
-    from ..tokenizers import Stream, Tokenizers, build_space
-    from ..tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
-    from ..tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-    from ..tokenizers.text import TextTokenizerConfig, train_text_tokenizer
-
     torch.manual_seed(seed)
     text = train_text_tokenizer(TextTokenizerConfig(vocab_size=text_vocab, loc_bins=loc_bins),
                                 TINY_SENTENCES * 20)

@@ -21,10 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..modality import MODALITY_NAMES, Modality
 from ..tokenizers.token_space import TokenSpace
 
-TEXT, IMAGE, AUDIO, BOX, DONE = 0, 1, 2, 3, 4
-MODE_NAMES = ("text", "image", "audio", "loc", "done")
+# A row generating a modality is in the mode of that id (BOX: loc), so a mode picks the sampling
+# parameters of its modality; DONE comes after them.
+TEXT, IMAGE, AUDIO, BOX = int(Modality.TEXT), int(Modality.IMAGE), int(Modality.AUDIO), int(Modality.LOC)
+DONE = len(Modality)
+MODE_NAMES = (*MODALITY_NAMES, "done")
 NEG_INF = float("-inf")
 
 
@@ -123,7 +127,7 @@ class Constrainer:
         sp, hw, nq = self.space, self.hw, self.n_q
         P = max(hw, self.max_audio_frames * nq, 4) + 2  # positions past P-1 behave like P-1
         self.max_pos = P - 1
-        row = torch.full((5, P), self.R_TEXT, dtype=torch.long)
+        row = torch.full((len(MODE_NAMES), P), self.R_TEXT, dtype=torch.long)
         pos = torch.arange(P)
         row[IMAGE] = torch.where(pos < hw, self.R_IMAGE, self.R_EOI)
         level, frames = pos % nq, pos // nq
@@ -133,7 +137,7 @@ class Constrainer:
         row[AUDIO] = aud
         row[BOX] = torch.where(pos < 4, self.R_LOC, self.R_EBOX)
         row[DONE] = self.R_PAD
-        self.row_of = row.to(self.device)  # [5, P]
+        self.row_of = row.to(self.device)  # [modes, P]
         # Token classes.
         C_OTHER, C_BOI, C_BOA, C_BOX, C_EOI, C_EOA, C_EBOX, C_IMG, C_AUD, C_LOC, C_EOS = range(11)
         cls = torch.full((sp.vocab_size,), C_OTHER, dtype=torch.long)
@@ -147,11 +151,11 @@ class Constrainer:
         self.C_LOC = C_LOC
         # A stray token inside a span (only possible in a hand-written prompt: generated tokens obey
         # the masks) ends the span.
-        nxt = torch.full((5, 11), TEXT, dtype=torch.long)
+        nxt = torch.full((len(MODE_NAMES), 11), TEXT, dtype=torch.long)
         nxt[TEXT, C_BOI], nxt[TEXT, C_BOA], nxt[TEXT, C_BOX] = IMAGE, AUDIO, BOX
         nxt[IMAGE, C_IMG], nxt[AUDIO, C_AUD], nxt[BOX, C_LOC] = IMAGE, AUDIO, BOX
         nxt[DONE] = DONE
-        inc = torch.zeros((5, 11), dtype=torch.long)
+        inc = torch.zeros((len(MODE_NAMES), 11), dtype=torch.long)
         inc[IMAGE, C_IMG] = inc[AUDIO, C_AUD] = inc[BOX, C_LOC] = 1
         self.next_prompt = nxt.to(self.device)  # reading a prompt: </s> is just text
         nxt = nxt.clone()
@@ -165,7 +169,7 @@ class Constrainer:
         for r in range(self.table.shape[0]):
             ids = self.table[r].nonzero()[:, 0]
             self.row_span.append((int(ids.min()), int(ids.max()) + 1))
-        self._row_of_list = row.tolist()  # [5][P] for Python-side lookups
+        self._row_of_list = row.tolist()  # [modes][P] for Python-side lookups
 
     def vocab_span(self, modes: list[int], pos: list[int], remaining: int) -> tuple[int, int]:
         """One id range [lo, hi) covering everything rows in these (mode, pos) states may emit next;

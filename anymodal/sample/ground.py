@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageDraw
 
 from ..data.cues import ground_query
+from ..data.media import fit_image, open_image
 from ..errors import UserError
+from ..fileio import atomic_path
 from ..tokenizers.stream import bins_to_box
 from .engine import Engine, Request
-from .media import image_codes, image_mode, read_image
+from .prompt import image_codes, image_mode, read_image
 from .sampling import ModalitySampling, SamplingParams
 
 
@@ -77,10 +81,6 @@ def unfit_box(box, width: int, height: int, size: int, mode: str) -> tuple[float
     centres on the canvas (a source point u lands at u·sx + ox, normalized)."""
     x1, y1, x2, y2 = box
     if mode == "letterbox" and (width != size or height != size):
-        from PIL import Image as PILImage
-
-        from ..data.media import fit_image
-
         # The placement fit_image computes for an image of this size (a blank stand-in suffices).
         _, fit = fit_image(PILImage.new("RGB", (width, height)), size, "letterbox")
         x1, x2 = ((v - fit.ox) / fit.sx for v in (x1, x2))
@@ -92,8 +92,6 @@ def unfit_box(box, width: int, height: int, size: int, mode: str) -> tuple[float
 
 def original_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of the image as the loader sees it (EXIF orientation applied)."""
-    from ..data.media import open_image
-
     if not Path(path).is_file():
         raise UserError(f"image file not found: {path}")
     try:
@@ -103,21 +101,20 @@ def original_size(path: str | Path) -> tuple[int, int]:
 
 
 def draw_box(path_in: str | Path, box_px, path_out: str | Path, label: str = "") -> None:
-    from PIL import ImageDraw
-
-    from ..data.media import open_image
-
+    """The image with the box (and its label) drawn in magenta, written atomically in the format of
+    `path_out`'s suffix (PNG without one)."""
+    out = Path(path_out)
+    fmt = PILImage.registered_extensions().get(out.suffix.lower()) if out.suffix else "PNG"
+    if fmt is None:
+        raise ValueError(f"unknown file extension: {out.suffix}")
     im = open_image(str(path_in))
     d = ImageDraw.Draw(im)
     w = max(1, round(max(im.size) / 100))
     d.rectangle([round(v) for v in box_px], outline=(255, 0, 255), width=w)
     if label:
         d.text((box_px[0] + w + 1, box_px[1] + w), label, fill=(255, 0, 255))
-    out = Path(path_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp" + (out.suffix or ".png"))
-    im.save(tmp, format=None if out.suffix else "PNG")
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        im.save(tmp, format=fmt)
 
 
 def ground_image(bundle, image_path: str | Path, query: str, out: str | Path | None = None) -> dict:

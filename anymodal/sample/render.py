@@ -1,5 +1,6 @@
-"""Writing samples to disk: index.html, sample.md, image_*.png, tokens.json (audio_*.wav are
-written by the data layer's one WAV writer, `anymodal.data.media.save_wav`).
+"""The way out: generated ids -> files. Images and clips are decoded with the bundle's tokenizers
+and written as image_*.png / audio_*.wav (the prompt's images as prompt_image_*.png) beside
+index.html, sample.md and tokens.json.
 
 Generated text is untrusted (a model can emit `<script>`): every piece of text that reaches the
 HTML page goes through `html.escape`, and media are referenced by file names we chose ourselves.
@@ -12,7 +13,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from ..data.media import save_png, save_wav
 from ..fileio import write_atomic
+from ..tokenizers.stream import Audio, Box, Image, Text
+from .engine import Result
+from .prompt import Prompt
 
 
 @dataclass
@@ -101,3 +109,82 @@ def write_page(out: Path, prompt_text: str, prompt_parts: list[Part], samples: l
         **meta,
     }
     write_atomic(out / "tokens.json", json.dumps(tokens))
+
+
+def write_outputs(out: Path, bundle, prompt_text: str, prompt: Prompt, span_tail: list[int],
+                  results: list[Result], seeds: list[int], meta: dict) -> list[RenderedSample]:
+    """Every sample's media decoded and written to `out`, then the page; the samples as shown.
+
+    span_tail: the prompt's open span (from its opener) when the prompt ends inside one, so that
+    the first generated codes decode as that span."""
+    out.mkdir(parents=True, exist_ok=True)
+    shown = _prompt_parts(prompt, out)
+    rendered = []
+    n_img = n_aud = 0  # media files are numbered across samples
+    tok = bundle.tok
+    for i, (res, seed) in enumerate(zip(results, seeds)):
+        dec = bundle.stream.decode(span_tail + res.tokens)
+        rs = RenderedSample(tokens=res.tokens, probs=res.probs, finish=res.finish, seed=seed,
+                            problems=list(dec.problems))
+        imgs = [s for s in dec.segments if isinstance(s, Image)]
+        pics = iter(decode_images([s.codes for s in imgs], tok.image) if imgs and tok.image is not None else [])
+        for s in dec.segments:
+            if isinstance(s, Text):
+                rs.parts.append(Part("text", s.text))
+            elif isinstance(s, Image):
+                pic = next(pics, None)
+                if pic is None:
+                    rs.parts.append(Part("note", "image (no image tokenizer to decode it)"))
+                    continue
+                name = f"image_{i}_{n_img}.png"
+                save_png(pic, out / name)
+                rs.parts.append(Part("image", file=name))
+                n_img += 1
+            elif isinstance(s, Audio):
+                if tok.audio is None or s.codes.shape[0] == 0:
+                    rs.parts.append(Part("note", "empty audio clip"))
+                    continue
+                name = f"audio_{i}_{n_aud}.wav"
+                save_wav(decode_audio(s.codes, tok.audio), tok.audio.sample_rate, out / name)
+                rs.parts.append(Part("audio", file=name))
+                n_aud += 1
+            elif isinstance(s, Box):
+                rs.parts.append(Part("box", text="<box>[{:.3f}, {:.3f}, {:.3f}, {:.3f}]</box>".format(*s.as_tuple()),
+                                     box=s.as_tuple()))
+        rendered.append(rs)
+    write_page(out, prompt_text, shown, rendered, prompt.ids, meta)
+    return rendered
+
+
+def _prompt_parts(prompt: Prompt, out: Path) -> list[Part]:
+    """The prompt as the page shows it: its text, and its images as the model saw them (written)."""
+    parts: list[Part] = []
+    n_prompt = 0
+    for p, px in zip(prompt.parts, prompt.pixels):
+        if p.kind == "text":
+            parts.append(Part("text", p.value))
+        elif p.kind == "image":
+            name = f"prompt_image_{n_prompt}.png"
+            save_png(px, out / name)
+            parts.append(Part("image", file=name))
+            n_prompt += 1
+        else:
+            parts.append(Part("note", f"audio: {Path(p.value).name}"))
+    return parts
+
+
+@torch.inference_mode()
+def decode_images(codes: list[np.ndarray], image_tok) -> list[np.ndarray]:
+    """Code grids [h, w] -> uint8 [H, W, 3] pixels (batched)."""
+    if not codes:
+        return []
+    dev = next(image_tok.parameters()).device
+    x = image_tok.decode(torch.from_numpy(np.stack(codes)).to(dev))  # [B, 3, H, W] in [0, 1]
+    return list((x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+
+
+@torch.inference_mode()
+def decode_audio(codes: np.ndarray, audio_tok) -> np.ndarray:
+    """codes [frames, n_q] -> float32 wave [T]."""
+    dev = next(audio_tok.parameters()).device
+    return audio_tok.decode(torch.from_numpy(np.asarray(codes, dtype=np.int64))[None].to(dev))[0].float().cpu().numpy()

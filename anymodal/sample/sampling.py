@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..modality import MODALITY_NAMES
 
-MODALITIES = ("text", "image", "audio", "loc")
+MODALITIES = MODALITY_NAMES  # one parameter set per modality of the generated token
 
 
 @dataclass
@@ -56,7 +57,8 @@ class ModalitySampling:
                    SamplingParams(1.0, 100, 1.0), SamplingParams(0.0, 0, 1.0))
 
     def table(self) -> tuple[list[float], list[int], list[float]]:
-        ps = [self.text, self.image, self.audio, self.loc]
+        """(temperatures, top-ks, top-ps), each indexed by `Modality` id."""
+        ps = [getattr(self, m) for m in MODALITIES]
         return [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps]
 
 

@@ -1,9 +1,8 @@
-"""`anymodal sample` as a library call: prompt -> batched generation -> files on disk.
+"""`anymodal sample` as a library call: prompt -> ids (`prompt.encode_prompt`) -> batched
+generation (`engine.Engine`) -> files on disk (`render.write_outputs`).
 
 Text of the first sample streams to the terminal while it is generated; a progress bar runs while
-an image or audio clip is generated. Every sample is decoded through the stream; images and audio
-are turned back into pixels and waveforms with the bundle's tokenizers and written beside
-`index.html`, `sample.md` and `tokens.json`.
+an image or audio clip is generated.
 """
 
 from __future__ import annotations
@@ -13,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ..data.media import save_png, save_wav
+from tqdm import tqdm
+
 from ..errors import UserError
-from ..tokenizers.stream import Audio, Box, Image, Text
 from .constraints import AUDIO, IMAGE, TEXT
 from .engine import Engine, Request
-from .media import decode_audio, decode_images, parse_prompt, prompt_segments
-from .render import Part, RenderedSample, write_page
+from .prompt import encode_prompt
+from .render import RenderedSample, write_outputs
 from .sampling import MODALITIES, ModalitySampling, SamplingParams
 
 
@@ -101,8 +100,6 @@ class _Live:
             return
         if mode == TEXT and tok in (sp.boi, sp.boa):
             self._flush_text()
-            from tqdm import tqdm
-
             total = sp.image_tokens if tok == sp.boi else self.audio_limit
             self.bar = tqdm(total=total, desc="image" if tok == sp.boi else "audio", unit="tok",
                             leave=False, file=sys.stderr)
@@ -132,7 +129,7 @@ def run_sample(bundle, prompt: str, out: str | Path, images=(), audios=(), opts:
     opts = opts or SampleOptions()
     console = console if console is not None else sys.stdout
     out = Path(out)
-    tok, sp = bundle.tok, bundle.space
+    sp = bundle.space
     if opts.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {opts.num_samples}")
     if opts.max_new_tokens < 1:
@@ -140,10 +137,8 @@ def run_sample(bundle, prompt: str, out: str | Path, images=(), audios=(), opts:
     if opts.cfg <= 0:
         raise UserError(f"--cfg must be > 0, got {opts.cfg}")
     sampling = sampling_from_flags(opts.temperature, opts.top_k, opts.top_p)
-    parts = parse_prompt(prompt, images, audios)
-    segments, pixels = prompt_segments(parts, tok)
-    ids, _ = bundle.stream.encode(segments, bos=True, eos=False)
-    prompt_ids = [int(i) for i in ids]
+    encoded = encode_prompt(prompt, bundle.tok, images, audios)
+    prompt_ids = encoded.ids
     max_audio_frames = max(1, int(opts.max_audio_seconds * sp.audio_frame_rate)) if sp.audio_n_q else None
     engine = Engine(bundle.model, sp, device=bundle.device, max_audio_frames=max_audio_frames)
     room = engine.context_room(len(prompt_ids))
@@ -162,56 +157,11 @@ def run_sample(bundle, prompt: str, out: str | Path, images=(), audios=(), opts:
     finally:
         live.close()
 
-    out.mkdir(parents=True, exist_ok=True)
-    # The prompt as shown on the page: its text, and its images as the model saw them.
-    prompt_parts: list[Part] = []
-    n_img = n_aud = n_prompt = 0
-    for p, px in zip([p for p in parts if p.kind != "text" or p.value], pixels):
-        if p.kind == "text":
-            prompt_parts.append(Part("text", p.value))
-        elif p.kind == "image":
-            name = f"prompt_image_{n_prompt}.png"
-            save_png(px, out / name)
-            prompt_parts.append(Part("image", file=name))
-            n_prompt += 1
-        else:
-            prompt_parts.append(Part("note", f"audio: {Path(p.value).name}"))
-    tail = open_span_tail(sp, prompt_ids, engine)
-    rendered = []
-    for i, (req, res) in enumerate(zip(requests, results)):
-        dec = bundle.stream.decode(tail + res.tokens)
-        rs = RenderedSample(tokens=res.tokens, probs=res.probs, finish=res.finish, seed=req.seed,
-                            problems=list(dec.problems))
-        imgs = [s for s in dec.segments if isinstance(s, Image)]
-        pics = iter(decode_images([s.codes for s in imgs], tok.image) if imgs and tok.image is not None else [])
-        for s in dec.segments:
-            if isinstance(s, Text):
-                rs.parts.append(Part("text", s.text))
-            elif isinstance(s, Image):
-                pic = next(pics, None)
-                if pic is None:
-                    rs.parts.append(Part("note", "image (no image tokenizer to decode it)"))
-                    continue
-                name = f"image_{i}_{n_img}.png"
-                save_png(pic, out / name)
-                rs.parts.append(Part("image", file=name))
-                n_img += 1
-            elif isinstance(s, Audio):
-                if tok.audio is None or s.codes.shape[0] == 0:
-                    rs.parts.append(Part("note", "empty audio clip"))
-                    continue
-                name = f"audio_{i}_{n_aud}.wav"
-                save_wav(decode_audio(s.codes, tok.audio), tok.audio.sample_rate, out / name)
-                rs.parts.append(Part("audio", file=name))
-                n_aud += 1
-            elif isinstance(s, Box):
-                rs.parts.append(Part("box", text="<box>[{:.3f}, {:.3f}, {:.3f}, {:.3f}]</box>".format(*s.as_tuple()),
-                                     box=s.as_tuple()))
-        rendered.append(rs)
-        if i > 0:
-            text = "".join(p.text if p.kind == "text" else f"[{p.kind}]" for p in rs.parts)
-            console.write(f"--- sample {i + 1} (seed {req.seed}) ---\n{text}\n")
-    write_page(out, prompt, prompt_parts, rendered, prompt_ids,
-               {"cfg": opts.cfg, "max_new_tokens": max_new, "sampling": {
-                   m: vars(getattr(sampling, m)) for m in MODALITIES}})
+    meta = {"cfg": opts.cfg, "max_new_tokens": max_new,
+            "sampling": {m: vars(getattr(sampling, m)) for m in MODALITIES}}
+    rendered = write_outputs(out, bundle, prompt, encoded, open_span_tail(sp, prompt_ids, engine), results,
+                             [r.seed for r in requests], meta)
+    for i, rs in enumerate(rendered[1:], start=1):  # the first sample was streamed while it was generated
+        text = "".join(p.text if p.kind == "text" else f"[{p.kind}]" for p in rs.parts)
+        console.write(f"--- sample {i + 1} (seed {rs.seed}) ---\n{text}\n")
     return rendered

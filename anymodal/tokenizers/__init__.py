@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UserError
 from .stream import Stream
 from .text import TextTokenizer
-from .token_space import Modality, TokenSpace
+from .token_space import TokenSpace
 
 
 @dataclass
@@ -48,11 +48,11 @@ def load_tokenizers(path: str | Path, device: str = "cpu") -> Tokenizers:
     text = TextTokenizer.load(path / "text")
     image = audio = None
     if (path / "image").is_dir():
-        from .image import ImageTokenizer
+        from .image import ImageTokenizer  # vector_quantize_pytorch takes seconds to import: only when used
 
         image = ImageTokenizer.load(path / "image", device=device).eval()
     if (path / "audio").is_dir():
-        from .audio import AudioTokenizer
+        from .audio import AudioTokenizer  # likewise
 
         audio = AudioTokenizer.load(path / "audio", device=device).eval()
     space = build_space(text, image, audio)
@@ -80,5 +80,5 @@ def assemble_tokenizer_set(out: str | Path, text_dir: str | Path, image_dir=None
     return toks
 
 
-__all__ = ["Tokenizers", "TokenSpace", "Modality", "Stream", "TextTokenizer", "load_tokenizers",
+__all__ = ["Tokenizers", "TokenSpace", "Stream", "TextTokenizer", "load_tokenizers",
            "assemble_tokenizer_set", "build_space"]

@@ -30,10 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from vector_quantize_pytorch import ResidualVQ
 
 from ..config import check_choice, load_config, save_config
 from ..data.media import read_audio_file, save_wav
 from ..errors import ConfigError, UserError
+from ..fileio import atomic_path, write_atomic
 
 # -----------------------------------------------------------------------------------------------
 # config
@@ -206,7 +210,6 @@ class AudioTokenizer(nn.Module):
 
     def __init__(self, cfg: AudioTokenizerConfig):
         super().__init__()
-        from vector_quantize_pytorch import ResidualVQ
 
         self.cfg = cfg
         self.encoder = Encoder(cfg)
@@ -355,24 +358,19 @@ class AudioTokenizer(nn.Module):
     # save / load --------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> None:
         """Write `config.yaml` + `model.safetensors` (atomically)."""
-        from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, out / "config.yaml", extra={"kind": "audio"})
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = out / "model.safetensors.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(out / "model.safetensors")
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
 
     @classmethod
     def load(cls, tok_dir: str | Path, device: str | torch.device = "cpu") -> AudioTokenizer:
-        from safetensors.torch import load_file
-
         d = Path(tok_dir)
         if not (d / "config.yaml").is_file() or not (d / "model.safetensors").is_file():
             raise UserError(f"{d} is not an audio tokenizer dir (needs config.yaml and model.safetensors)")
-        import yaml
 
         data = yaml.safe_load((d / "config.yaml").read_text()) or {}
         kind = data.pop("kind", "audio")
@@ -406,11 +404,7 @@ def encode_file(tok_dir: str | Path, in_audio: str | Path, out_json: str | Path)
         "num_samples": int(wave.size),
         "codes": codes.tolist(),
     }
-    out = Path(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")))
-    tmp.replace(out)
+    write_atomic(out_json, json.dumps(doc, separators=(",", ":")))
 
 
 def decode_file(tok_dir: str | Path, in_json: str | Path, out_wav: str | Path) -> None:

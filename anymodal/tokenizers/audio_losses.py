@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchaudio
 
 
 class MultiScaleMelLoss(nn.Module):
     def __init__(self, sample_rate: int, n_ffts: list[int], log_eps: float = 1e-2, linear_weight: float = 0.0):
         super().__init__()
-        import torchaudio
 
         # eps ~85 dB below loud speech: digital silence (espeak pads with exact zeros) must not
         # dominate the loss by asking for log(0)

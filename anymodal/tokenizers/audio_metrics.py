@@ -15,6 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchaudio
+from PIL import Image
+from pystoi import stoi as _stoi
+
+from ..fileio import atomic_path
 
 
 def si_snr(ref: np.ndarray, est: np.ndarray, eps: float = 1e-8) -> float:
@@ -30,7 +35,6 @@ _MEL_CACHE: dict[int, torch.nn.Module] = {}
 
 def log_mel(wave: np.ndarray, sr: int) -> np.ndarray:
     """[T] -> log-magnitude mel [80, frames] (1024-point FFT, hop 256)."""
-    import torchaudio
 
     if sr not in _MEL_CACHE:
         _MEL_CACHE[sr] = torchaudio.transforms.MelSpectrogram(sr, n_fft=1024, hop_length=256, n_mels=80, power=1.0)
@@ -44,8 +48,6 @@ def mel_distance(ref: np.ndarray, est: np.ndarray, sr: int) -> float:
 
 
 def stoi(ref: np.ndarray, est: np.ndarray, sr: int) -> float:
-    from pystoi import stoi as _stoi
-
     return float(_stoi(ref.astype(np.float64), est.astype(np.float64), sr, extended=False))
 
 
@@ -97,7 +99,6 @@ def _spec_image(wave: np.ndarray, n_fft: int = 512, hop: int = 128) -> np.ndarra
 
 def spectrogram_png(orig: np.ndarray, recon: np.ndarray, path: str | Path, title_px: int = 4) -> None:
     """Original (top) and reconstruction (bottom) spectrograms in one PNG, 'magma'-like colours."""
-    from PIL import Image
 
     a, b = _spec_image(orig), _spec_image(recon)
     width = max(a.shape[1], b.shape[1])
@@ -110,8 +111,5 @@ def spectrogram_png(orig: np.ndarray, recon: np.ndarray, path: str | Path, title
     img = Image.fromarray((rgb * 255).astype(np.uint8))
     if img.width > 1600:
         img = img.resize((1600, img.height))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

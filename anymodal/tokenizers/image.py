@@ -28,10 +28,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from einops import rearrange
+from safetensors.torch import load_file, save_file
+from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
-from ..config import check_choice, load_config, save_config
+from ..config import check_choice, load_config, resolve_config_path, save_config
+from ..data.media import load_image, save_png
+from ..data.reader import BadRecord
 from ..errors import ConfigError, UserError
+from ..fileio import atomic_path
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -335,7 +341,6 @@ def fsq_code_entropies(fsq: nn.Module, z: torch.Tensor, temperature: float) -> t
 
 def build_quantizer(cfg: ImageQuantizerConfig, dim: int) -> nn.Module:
     # imported here so that reading a config does not pay for the library import
-    from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
     if cfg.kind == "vq":
         return VectorQuantize(
@@ -461,20 +466,15 @@ class ImageTokenizer(nn.Module):
 
     # -- files
     def save(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, d / "config.yaml", extra={"kind": "image"})
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = d / "model.safetensors.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(d / "model.safetensors")
+        with atomic_path(d / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> ImageTokenizer:
-        from safetensors.torch import load_file
-
         d = Path(directory)
         if not (d / "config.yaml").is_file() or not (d / "model.safetensors").is_file():
             raise UserError(f"{d} is not an image tokenizer dir (needs config.yaml and model.safetensors)")
@@ -491,10 +491,6 @@ class ImageTokenizer(nn.Module):
 def load_image_config(path: str | Path | None = None, overrides=()) -> ImageTokenizerConfig:
     """Load an `ImageTokenizerConfig` (a recipe, or a saved tokenizer's config with its `kind` tag)."""
     if path is not None:
-        import yaml
-
-        from ..config import resolve_config_path
-
         p = resolve_config_path(path)
         try:
             raw = yaml.safe_load(p.read_text()) or {}
@@ -513,8 +509,6 @@ def load_image_config(path: str | Path | None = None, overrides=()) -> ImageToke
 
 def encode_file(tok_dir: str | Path, in_image: str | Path, out_json: str | Path) -> None:
     """Image file (any format, mode and size PIL reads) -> JSON `{"grid": [h, w], "ids": [[...]]}`."""
-    from ..data.media import load_image
-    from ..data.reader import BadRecord
 
     tok = ImageTokenizer.load(tok_dir)
     if not Path(in_image).is_file():
@@ -559,7 +553,6 @@ def read_ids_json(path: str | Path, grid: tuple[int, int], codebook_size: int) -
 
 def decode_file(tok_dir: str | Path, in_json: str | Path, out_png: str | Path) -> None:
     """JSON ids (as `encode_file` writes) -> PNG image."""
-    from ..data.media import save_png
 
     tok = ImageTokenizer.load(tok_dir)
     ids = read_ids_json(in_json, tok.grid_shape, tok.codebook_size)

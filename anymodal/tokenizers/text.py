@@ -21,6 +21,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from ..errors import UserError
+from ..fileio import write_atomic
 from .token_space import SPECIAL_PIECES, loc_piece
 
 SP_MARK = "\u2581"
@@ -74,11 +75,7 @@ class TextTokenizer:
         return cls(model.read_bytes())
 
     def save(self, out: str | Path) -> None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "text.model.tmp"
-        tmp.write_bytes(self.proto)
-        tmp.replace(out / "text.model")
+        write_atomic(Path(out) / "text.model", self.proto)
 
     # ---- ids -----------------------------------------------------------------------------------
     def special_ids(self) -> dict[str, int]:

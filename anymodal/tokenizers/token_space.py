@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+from ..fileio import write_atomic
+from ..modality import Modality
 
 VOCAB_MULTIPLE = 64
 
@@ -36,16 +37,6 @@ SPECIAL_PIECES: dict[str, str] = {
     "ref": "<ref>",
     "eref": "</ref>",
 }
-
-
-class Modality(IntEnum):
-    TEXT = 0
-    IMAGE = 1
-    AUDIO = 2
-    LOC = 3
-
-
-MODALITY_NAMES = [m.name.lower() for m in Modality]
 
 
 def loc_piece(i: int) -> str:
@@ -194,9 +185,7 @@ class TokenSpace:
         path = Path(path)
         if path.is_dir():
             path = path / "token_space.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> TokenSpace:

@@ -4,10 +4,13 @@ Data: the speech segments of raw webdataset shards (default: the demo world, gen
 `OUT/world/` on first use). All clips are held in memory; each step draws `batch_size` random
 crops of `crop_seconds`. Loss = mel (multi-scale) + time-domain L1 + commitment (+ multi-resolution
 STFT when `loss.stft_weight` > 0), and after `loss.disc_start` an MS-STFT discriminator's hinge +
-feature-matching losses. With `max_minutes` the wall clock is the budget: the LR cosine ends with it.
+feature-matching losses. With `max_minutes` the wall clock is the budget: the LR cosine
+(anymodal.train.schedule) ends with it. `Trainer` builds the codec and its losses and restores a
+checkpoint; its `train_step` returns the step's `AudioStepStats`.
 
 Writes into OUT:
     checkpoints/step_XXXXXXXX.pt  resumable state (model, optimizers, RNG, step, elapsed), atomic, last K kept
+                                  (anymodal.train.checkpoint)
     metrics.jsonl                 one JSON line per logged step and per validation
     samples/                      example WAVs (original / reconstruction) and spectrogram PNGs
     loss.png                      training curves
@@ -17,10 +20,9 @@ Writes into OUT:
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check_choice, load_config, save_config
-from ..data.media import read_audio_file, save_wav
+from ..data.media import save_wav
+from ..data.reader import RecordCounter, iter_audio
+from ..data.world import generate_world
 from ..errors import ConfigError, UserError
 from ..tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
 from ..tokenizers.audio_losses import (
@@ -39,17 +43,12 @@ from ..tokenizers.audio_losses import (
     generator_losses,
 )
 from ..tokenizers.audio_metrics import evaluate_codec, spectrogram_png
-from .common import (
-    BudgetBar,
-    atomic_torch_save,
-    checkpoint_path,
-    keep_last,
-    latest_checkpoint,
-    rng_state,
-    set_rng_state,
-)
+from .checkpoint import CKPT_DIR, latest_checkpoint, load_state, rng_state, save_state, set_rng_state
 from .cpu_memory import keep_freed_memory
+from .metrics import MetricsLog
 from .plot import plot_series
+from .progress import ProgressBar
+from .schedule import decay_progress, lr_factor
 
 
 @dataclass
@@ -120,8 +119,6 @@ class AudioTrainConfig:
 
 def _world_dir(out: Path, cfg: AudioTrainConfig, split: str) -> str:
     """Generate the demo world's split under OUT/world/ (once) and return its shard glob."""
-    from ..data.world import generate_world  # the world helper's generator
-
     d = out / "world" / split
     if not any(d.glob("*.tar")):
         # splits differ by construction (the world seeds each document with (seed, split, index))
@@ -129,35 +126,8 @@ def _world_dir(out: Path, cfg: AudioTrainConfig, split: str) -> str:
     return str(d / "*.tar")
 
 
-def _espeak_clips(n: int, seed: int, sr: int) -> list[np.ndarray]:
-    """Fallback speech when the world generator is not there: espeak-ng captions."""
-    import random
-    import subprocess
-    import tempfile
-
-    rng = random.Random(seed)
-    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
-    shapes = ["circle", "square", "triangle"]
-    places = ["at the top left", "at the top", "at the top right", "at the left", "in the center",
-              "at the right", "at the bottom left", "at the bottom", "at the bottom right"]
-    voices = ["en-us", "en-gb", "en-us+f3", "en-gb+f2", "en-us+m3"]
-    clips = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(n):
-            objs = [f"a {rng.choice(['small', 'large'])} {rng.choice(colours)} {rng.choice(shapes)} {rng.choice(places)}"
-                    for _ in range(rng.randint(1, 3))]
-            text = ", ".join(objs)
-            wav = Path(tmp) / f"{i}.wav"
-            subprocess.run(["espeak-ng", "-v", rng.choice(voices), "-s", str(rng.randint(140, 190)), "-w", str(wav), text],
-                           check=True, capture_output=True)
-            clips.append(read_audio_file(wav, sr))
-    return clips
-
-
 def load_speech(shards: str, sr: int, limit: int = 0) -> list[np.ndarray]:
     """Every audio segment of the raw shards as mono float32 at sr (corrupt records skipped)."""
-    from ..data.reader import RecordCounter, iter_audio
-
     counter = RecordCounter()
     clips = []
     with warnings.catch_warnings():
@@ -193,14 +163,7 @@ def get_clips(cfg: AudioTrainConfig, out: Path, split: str) -> list[np.ndarray]:
     sr = cfg.model.sample_rate
     shards = cfg.data.train if split == "train" else cfg.data.val
     limit = cfg.data.max_train_clips if split == "train" else cfg.data.val_clips
-    if shards:
-        return load_speech(shards, sr, limit)
-    try:
-        return load_speech(_world_dir(out, cfg, split), sr, limit)
-    except ImportError:
-        # no world generator / reader: synthesize espeak captions directly (development fallback)
-        n = limit or cfg.data.world_docs
-        return _espeak_clips(n, seed=1 if split == "train" else 2, sr=sr)
+    return load_speech(shards or _world_dir(out, cfg, split), sr, limit)
 
 
 class CropSampler:
@@ -234,14 +197,30 @@ class CropSampler:
 
 
 def lr_at(step: int, cfg: AudioTrainConfig, elapsed_s: float = 0.0) -> float:
-    """Linear warmup, then cosine to min_lr_ratio. With `max_minutes` the cosine ends with whichever
-    budget runs out first (steps or wall clock), so a time-boxed run still anneals fully."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if cfg.max_minutes:
-        t = max(t, elapsed_s / (cfg.max_minutes * 60))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    """The lr of step `step`: warmup, then cosine to min_lr_ratio. With `max_minutes` the cosine ends
+    with whichever budget runs out first (steps or wall clock), so a time-boxed run still anneals fully."""
+    progress = decay_progress(step, cfg.warmup_steps, cfg.steps, elapsed_s, cfg.max_minutes * 60)
+    return cfg.lr * lr_factor(step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
+
+
+@dataclass
+class AudioStepStats:
+    """One training step: what its metrics.jsonl record holds (the optional terms when they apply)."""
+
+    step: int  # the step done (1-based)
+    mel: float
+    l1: float
+    commit: float
+    stft: float | None  # with loss.stft_weight
+    adv: float | None  # adversarial and feature-matching terms, from loss.disc_start
+    feat: float | None
+    disc: float | None  # the discriminator's loss
+    loss: float  # the generator's total
+    grad_norm: float  # before clipping
+    lr: float
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class Trainer:
@@ -280,8 +259,8 @@ class Trainer:
         """Training wall-clock seconds so far, summed over resumed sessions."""
         return self.elapsed_before + time.time() - self.start
 
-    # one optimisation step; returns the logged scalars
-    def train_step(self) -> dict:
+    def train_step(self) -> AudioStepStats:
+        """One generator (and, from loss.disc_start, discriminator) update on a batch of random crops."""
         cfg = self.cfg
         self.model.train()
         x = self.sampler.batch(cfg.batch_size).to(self.device)  # [B, T]
@@ -295,16 +274,14 @@ class Trainer:
         mel = self.mel_loss(recon, x)
         l1 = F.l1_loss(recon, x)
         loss = cfg.loss.mel_weight * mel + cfg.loss.l1_weight * l1 + cfg.loss.commit_weight * out.commit_loss
-        logs = {"mel": mel.item(), "l1": l1.item(), "commit": out.commit_loss.item()}
+        stft = adv = feat = d_loss = None
         if cfg.loss.stft_weight:
             stft = self.stft_loss(recon, x)
             loss = loss + cfg.loss.stft_weight * stft
-            logs["stft"] = stft.item()
         use_disc = self.disc is not None and self.step >= cfg.loss.disc_start
         if use_disc:
             adv, feat = generator_losses(self.disc, x, recon)
             loss = loss + cfg.loss.adv_weight * adv + cfg.loss.feat_weight * feat
-            logs.update(adv=adv.item(), feat=feat.item())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -314,10 +291,10 @@ class Trainer:
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_opt.step()
-            logs["disc"] = d_loss.item()
-        logs.update(loss=loss.item(), grad_norm=float(gnorm), lr=lr)
         self.step += 1
-        return logs
+        return AudioStepStats(step=self.step, mel=mel.item(), l1=l1.item(), commit=out.commit_loss.item(),
+                              stft=_item(stft), adv=_item(adv), feat=_item(feat), disc=_item(d_loss),
+                              loss=loss.item(), grad_norm=float(gnorm), lr=lr)
 
     @torch.no_grad()
     def _kmeans_init(self, first: torch.Tensor) -> None:
@@ -365,16 +342,10 @@ class Trainer:
         return s
 
     def save_checkpoint(self) -> Path:
-        path = checkpoint_path(self.out / "checkpoints", self.step)
-        atomic_torch_save(self.state(), path)
-        keep_last(self.out / "checkpoints", self.cfg.keep_checkpoints)
-        return path
+        return save_state(self.out / CKPT_DIR, self.step, self.state(), self.cfg.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            s = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        s = load_state(path, self.device)
         try:
             self.model.load_state_dict(s["model"])
             self.opt.load_state_dict(s["opt"])
@@ -392,9 +363,8 @@ class Trainer:
         self.history = {k: [tuple(p) for p in v] for k, v in s.get("history", {}).items()} or self.history
 
 
-def _log(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+def _item(x: torch.Tensor | None) -> float | None:
+    return None if x is None else x.item()
 
 
 def train(cfg: AudioTrainConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Trainer:
@@ -403,38 +373,41 @@ def train(cfg: AudioTrainConfig, out: str | Path, resume: bool = False, progress
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     keep_freed_memory()  # CPU activations reuse their pages step after step (see cpu_memory)
-    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
-    if resume and ckpt is None:
-        raise UserError(f"--resume given but {out / 'checkpoints'} holds no checkpoint")
-    if not resume and (out / "checkpoints").is_dir() and latest_checkpoint(out / "checkpoints"):
+    found = latest_checkpoint(out / CKPT_DIR)
+    if resume and found is None:
+        raise UserError(f"--resume given but {out / CKPT_DIR} holds no checkpoint")
+    if not resume and found is not None:
         raise UserError(f"{out} already holds a training run; pass --resume to continue it or pick another --out")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "train_config.yaml")
     train_clips = get_clips(cfg, out, "train")
     val_clips = get_clips(cfg, out, "val")[: cfg.data.val_clips]
     trainer = Trainer(cfg, out, train_clips, val_clips)
-    if ckpt is not None:
-        trainer.load_checkpoint(ckpt)
+    if found is not None:
+        trainer.load_checkpoint(found[1])
     trainer.start = time.time()
-    bar = BudgetBar(cfg.steps, cfg.max_minutes, trainer.step, trainer.elapsed(), "audio codec", disable=not progress)
-    while trainer.step < cfg.steps:
-        logs = trainer.train_step()
-        trainer.history["loss"].append((trainer.step, logs["loss"]))
-        trainer.history["mel"].append((trainer.step, logs["mel"]))
-        bar.update(trainer.step, trainer.elapsed(), mel=f"{logs['mel']:.3f}")
-        if trainer.step % cfg.log_every == 0 or trainer.step == cfg.steps:
-            _log(out, {"step": trainer.step, **logs, "elapsed_s": round(trainer.elapsed(), 1)})
-        if cfg.val_every and trainer.step % cfg.val_every == 0 and trainer.step < cfg.steps:
-            _log(out, {"val": trainer.validate()})
-        if cfg.ckpt_every and trainer.step % cfg.ckpt_every == 0:
-            trainer.save_checkpoint()
-        if cfg.max_minutes and trainer.elapsed() > cfg.max_minutes * 60:
-            bar.write(f"stopping at step {trainer.step}: max_minutes={cfg.max_minutes} reached")
-            break
-    bar.close()
-    trainer.save_checkpoint()
-    final = trainer.validate(final=True)
-    _log(out, {"val": final, "final": True})
+    bar = ProgressBar(cfg.steps, trainer.step, "audio codec", cfg.max_minutes, trainer.elapsed(), disable=not progress)
+    with MetricsLog(out / "metrics.jsonl", keep_until_step=trainer.step if found else None) as log:
+        try:
+            while trainer.step < cfg.steps:
+                stats = trainer.train_step()
+                trainer.history["loss"].append((stats.step, stats.loss))
+                trainer.history["mel"].append((stats.step, stats.mel))
+                bar.update(stats.step, trainer.elapsed(), mel=f"{stats.mel:.3f}")
+                if stats.step % cfg.log_every == 0 or stats.step == cfg.steps:
+                    log.write({**stats.record(), "elapsed_s": round(trainer.elapsed(), 1)})
+                if cfg.val_every and stats.step % cfg.val_every == 0 and stats.step < cfg.steps:
+                    log.write({"val": trainer.validate()})
+                if cfg.ckpt_every and stats.step % cfg.ckpt_every == 0:
+                    trainer.save_checkpoint()
+                if cfg.max_minutes and trainer.elapsed() > cfg.max_minutes * 60:
+                    bar.write(f"stopping at step {stats.step}: max_minutes={cfg.max_minutes} reached")
+                    break
+        finally:
+            bar.close()
+        trainer.save_checkpoint()
+        final = trainer.validate(final=True)
+        log.write({"val": final, "final": True})
     plot_series(trainer.history, out / "loss.png", title="audio codec training", ylabel="loss")
     trainer.model.eval().save(out)
     print(json.dumps({"out": str(out), **{k: final[k] for k in ("mel_distance", "si_snr_db", "stoi", "codebook_usage_min")}}))

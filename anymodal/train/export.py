@@ -23,16 +23,26 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors.torch import save_file
 
+from ..config import load_config, save_config
 from ..data.mixture import parse_sources
 from ..errors import ConfigError, UserError
 from ..fileio import fresh_dir_beside, replace_dir
+from ..modality import TOKENIZER_KINDS
+from ..model import ModelConfig, Transformer
+from ..tokenizers import load_tokenizers
+from ..tokenizers.token_space import TokenSpace
+from .checkpoint import CKPT_DIR, latest_checkpoint, list_checkpoints
 
 
 def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of the model in one checkpoint folder (any ZeRO stage)."""
     if any(ckpt.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (  # here: deepspeed is slow to import, stage 0 never needs it
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-parameter progress
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
@@ -48,8 +58,6 @@ def tokenizer_dir(run: Path, given: str | Path | None = None) -> Path:
     """`given`, or the tokenizer set the run's training data was prepared with (from its manifest)."""
     if given:
         return Path(given)
-    import yaml
-
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     try:  # one folder or a mixture (its sources share one token space: any manifest will do)
         folders = [Path(s.path) for s in parse_sources(cfg.get("data"))]
@@ -67,21 +75,15 @@ def tokenizer_dir(run: Path, given: str | Path | None = None) -> Path:
 
 def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = None, step: int | None = None) -> Path:
     """Write the bundle for the newest (or the given) checkpoint of `run`; returns its folder."""
-    from ..config import load_config, save_config
-    from ..model import ModelConfig, Transformer
-    from ..tokenizers import load_tokenizers
-    from ..tokenizers.token_space import TokenSpace
-    from .checkpoint import latest_checkpoint, list_checkpoints
-
     run, out = Path(run), Path(out)
     if not (run / "model.yaml").is_file():
         raise UserError(f"{run} is not a training run (no model.yaml)")
     if step is None:
-        found = latest_checkpoint(run)
+        found = latest_checkpoint(run / CKPT_DIR)
         if found is None:
             raise UserError(f"{run} has no complete checkpoint to export")
     else:
-        found = next(((s, p) for s, p in list_checkpoints(run) if s == step), None)
+        found = next(((s, p) for s, p in list_checkpoints(run / CKPT_DIR) if s == step), None)
         if found is None:
             raise UserError(f"{run} has no complete checkpoint of step {step}")
     ckpt_step, ckpt = found
@@ -98,14 +100,12 @@ def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = Non
         raise UserError(f"checkpoint {ckpt} does not fit {run}/model.yaml: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
 
-    from safetensors.torch import save_file
-
     tmp = fresh_dir_beside(out, "tmp-export")
     save_config(cfg, tmp / "config.yaml")
     save_file({k: v.contiguous() for k, v in model.weights().items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt", "step": str(ckpt_step)})
     space.save(tmp / "token_space.json")
-    for name in ("text", "image", "audio"):
+    for name in TOKENIZER_KINDS:
         if (tok_dir / name).is_dir():
             shutil.copytree(tok_dir / name, tmp / name, ignore=shutil.ignore_patterns("checkpoints", "*.tmp"))
     if (run / "config.yaml").is_file():

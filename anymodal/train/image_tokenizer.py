@@ -11,14 +11,16 @@ Small corpora are decoded once into RAM (`data.in_memory`, batches drawn by a pe
 that depends only on (seed, rank, step), so a resumed run sees exactly the batches it would have
 seen); large ones are streamed with a shuffle buffer.
 
-Every `train.val_every` steps: PSNR, SSIM, codebook usage and perplexity on the val images, the
-docs/world.md image check's agreement between original and reconstruction, and a reconstruction grid PNG
-(`OUT/val/step_*.png`: originals on top, reconstructions below). Checkpoints (`OUT/checkpoints/`) hold
-model, optimizer(s), step, elapsed time and RNG state, written atomically; `--resume` continues from
-the newest. At the end: `OUT/config.yaml`, `OUT/model.safetensors`, `OUT/metrics.json`.
+`ImageTrainer` builds the run and restores it; its `train_step` returns the step's `ImageStepStats`
+(one `OUT/train_log.jsonl` record every `train.log_every` steps). Every `train.val_every` steps: PSNR,
+SSIM, codebook usage and perplexity on the val images, the docs/world.md image check's agreement
+between original and reconstruction, and a reconstruction grid PNG (`OUT/val/step_*.png`: originals
+on top, reconstructions below). Checkpoints (`OUT/checkpoints/step_*.pt`, anymodal.train.checkpoint)
+hold model, optimizer(s), step, elapsed time and RNG states; `--resume` continues from the newest. At
+the end: `OUT/config.yaml`, `OUT/model.safetensors`, `OUT/metrics.json`.
 
 `train.max_minutes` turns the LR schedule into a time budget: progress = max(step / steps,
-elapsed / budget), so the cosine decay finishes when the budget does.
+elapsed / budget), so the cosine decay (anymodal.train.schedule) finishes when the budget does.
 """
 
 from __future__ import annotations
@@ -27,19 +29,29 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from einops import rearrange
+from torchvision.utils import make_grid
 
 from ..config import save_config, to_dict
+from ..data.checker import analyse_image, objects_match
+from ..data.media import save_png
+from ..data.reader import RecordCounter, iter_images
+from ..data.world import generate_world
 from ..errors import UserError
+from ..fileio import write_atomic
 from ..tokenizers.image import ImageTokenizer, ImageTokenizerConfig, load_image_config
 from ..tokenizers.image_losses import ImageLoss, hinge_d_loss, ssim
-from .common import BudgetBar, atomic_torch_save, keep_last, latest_checkpoint, rng_state, set_rng_state
+from .checkpoint import CKPT_DIR, latest_checkpoint, load_state, rng_state, save_state, set_rng_state
 from .cpu_memory import keep_freed_memory
+from .metrics import MetricsLog
+from .progress import ProgressBar
+from .schedule import decay_progress, lr_factor
 
 # ----------------------------------------------------------------------------------------------
 # process group
@@ -73,8 +85,6 @@ def _barrier() -> None:
 
 def _world_shards(out: Path, cfg: ImageTokenizerConfig, rank: int) -> tuple[str, str]:
     """Generate the demo world (images only: no speech) into OUT/world once; return shard globs."""
-    from ..data.world import generate_world
-
     d = cfg.data
     root = out / "world"
     for split, docs in (("train", d.world_docs), ("val", d.val_docs or max(64, d.world_docs // 5))):
@@ -86,8 +96,6 @@ def _world_shards(out: Path, cfg: ImageTokenizerConfig, rank: int) -> tuple[str,
 
 def _load_images(shards, cfg: ImageTokenizerConfig, limit: int, counter, rank=0, world=1) -> torch.Tensor:
     """Decode images into one uint8 tensor [N, R, R, 3]."""
-    from ..data.reader import iter_images
-
     m = cfg.model
     out = []
     for img in iter_images(shards, image_size=m.resolution, image_mode=m.image_mode, rank=rank,
@@ -124,8 +132,6 @@ class _ImageStream(torch.utils.data.IterableDataset):
         self.shards, self.cfg, self.rank, self.world, self.seed, self.counter = shards, cfg, rank, world, seed, counter
 
     def __iter__(self):
-        from ..data.reader import iter_images
-
         m = self.cfg.model
         for img in iter_images(self.shards, image_size=m.resolution, image_mode=m.image_mode, rank=self.rank,
                                world_size=self.world, counter=self.counter, shuffle=True, seed=self.seed,
@@ -250,18 +256,12 @@ def evaluate(tok: ImageTokenizer, images: torch.Tensor, batch: int = 64, image_c
 
 def image_check_agreement(originals: np.ndarray, recons: np.ndarray) -> float:
     """Share of images whose image check (docs/world.md) finds the same (colour, shape) objects in both."""
-    from ..data.checker import analyse_image, objects_match
-
     same = [objects_match(analyse_image(b), analyse_image(a)) for a, b in zip(originals, recons)]
     return float(np.mean(same)) if same else 0.0
 
 
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int = 8) -> None:
     """PNG: n originals on the top row, their reconstructions below (uint8 [N, R, R, 3] inputs)."""
-    from torchvision.utils import make_grid
-
-    from ..data.media import save_png
-
     n = min(n, len(originals))
     tiles = rearrange(torch.cat([originals[:n], recons[:n]]), "n h w c -> n c h w")  # [2n, 3, R, R]
     sheet = make_grid(tiles, nrow=n, padding=0)  # [3, 2R, nR]: row 1 originals, row 2 reconstructions
@@ -273,218 +273,239 @@ def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int 
 # training
 
 
-def _lr_factor(progress: float, step: int, warmup: int, min_ratio: float) -> float:
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return warm * (min_ratio + (1 - min_ratio) * cos)
-
-
 def _last_conv_weight(tok: ImageTokenizer) -> torch.Tensor:
     convs = [m for m in tok.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
     return convs[-1].weight
 
 
-def train(cfg: ImageTokenizerConfig, out: str | Path, resume: bool = False, perceptual_net=None,
-          progress: bool = True) -> dict:
-    """Train, write OUT/{config.yaml, model.safetensors, metrics.json}; return the final metrics."""
-    out = Path(out)
-    t = cfg.train
-    rank, world, device = _setup_distributed(t.device)
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    if device.type == "cpu":
-        keep_freed_memory()
-    torch.manual_seed(t.seed + rank)
-    np.random.seed((t.seed + rank) % 2**32)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    _barrier()
+@dataclass
+class ImageStepStats:
+    """One training step: what its train_log.jsonl record holds."""
 
-    from ..data.reader import RecordCounter
+    step: int  # the step done (1-based)
+    lr: float
+    elapsed: float  # training seconds so far, earlier sessions included
+    losses: dict[str, float]  # the generator's total ("loss") and its terms (anymodal.tokenizers.image_losses)
+    grad_norm: float | None = None  # before clipping; None without train.grad_clip
+    d_loss: float | None = None  # the discriminator's hinge loss, once the GAN is on
 
-    counter = RecordCounter()
-    if cfg.data.train_shards:
-        train_shards, val_shards = list(cfg.data.train_shards), list(cfg.data.val_shards)
-    else:
-        train_shards, val_shards = _world_shards(out, cfg, rank)
-    if cfg.data.in_memory:
-        batches = MemoryBatches(_load_images(train_shards, cfg, cfg.data.max_images, counter), t.batch_size,
-                                t.seed, rank)
-    else:
-        batches = StreamBatches(train_shards, cfg, rank, world, counter)
-    val_images = None
-    if rank == 0 and t.val_images > 0 and val_shards:
-        val_images = _load_images(val_shards, cfg, t.val_images, counter)
+    @property
+    def loss(self) -> float:
+        return self.losses["loss"]
 
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    tok = ImageTokenizer(cfg).to(device)
-    if t.channels_last:
-        tok = tok.to(memory_format=torch.channels_last)
-    loss_fn = ImageLoss(cfg.loss, perceptual_net).to(device)
-    opt = torch.optim.AdamW(tok.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                            foreach=True)
-    d_opt = None
-    if loss_fn.disc is not None:
-        d_opt = torch.optim.AdamW(loss_fn.disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+    def record(self) -> dict:
+        rec = {"step": self.step, "lr": self.lr, "elapsed": self.elapsed, **self.losses}
+        if self.grad_norm is not None:
+            rec["grad_norm"] = self.grad_norm
+        if self.d_loss is not None:
+            rec["d_loss"] = self.d_loss
+        return rec
 
-    step, elapsed_before, history = 0, 0.0, []
-    ckpt_dir = out / "checkpoints"
-    if resume:
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
-            raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
-        state = torch.load(path, map_location=device, weights_only=True)
-        tok.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if d_opt is not None and "disc" in state:
-            loss_fn.disc.load_state_dict(state["disc"])
-            d_opt.load_state_dict(state["disc_opt"])
-        step, elapsed_before = int(state["step"]), float(state["elapsed"])
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        history = json.loads(state.get("history", "[]"))
 
-    model = tok
-    disc = loss_fn.disc
-    if world > 1:
-        # the VQ syncs its own EMA buffers; broadcasting them from rank 0 would fight that
-        model = torch.nn.parallel.DistributedDataParallel(tok, broadcast_buffers=False)
-        if disc is not None:
-            disc = torch.nn.parallel.DistributedDataParallel(disc, broadcast_buffers=False)
-    last_layer = _last_conv_weight(tok)
-    amp = t.amp and device.type == "cuda"
+class ImageTrainer:
+    """One process's part of a run: built (and with `resume`, restored) on construction; `train_step`
+    runs one step, `run` the loop with its logging, validation and checkpoints."""
 
-    budget = t.max_minutes * 60
-    t0 = time.time() - elapsed_before
+    def __init__(self, cfg: ImageTokenizerConfig, out: str | Path, resume: bool = False, perceptual_net=None):
+        self.cfg, self.out = cfg, Path(out)
+        t = cfg.train
+        self.rank, self.world, self.device = rank, world, device = _setup_distributed(t.device)
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        if device.type == "cpu":
+            keep_freed_memory()
+        torch.manual_seed(t.seed + rank)
+        np.random.seed((t.seed + rank) % 2**32)
+        if rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        _barrier()
 
-    def progress_now() -> float:
-        """Share of the run done; with a time budget, every rank uses rank 0's clock (same LR, same stop)."""
-        p = step / max(1, t.steps)
-        if budget > 0:
-            p = max(p, (time.time() - t0) / budget)
-            if world > 1:
-                p_t = torch.tensor([p], dtype=torch.float64, device=device)
-                dist.broadcast(p_t, 0)
-                p = float(p_t)
+        self.counter = RecordCounter()
+        if cfg.data.train_shards:
+            train_shards, val_shards = list(cfg.data.train_shards), list(cfg.data.val_shards)
+        else:
+            train_shards, val_shards = _world_shards(self.out, cfg, rank)
+        if cfg.data.in_memory:
+            self.batches = MemoryBatches(_load_images(train_shards, cfg, cfg.data.max_images, self.counter),
+                                         t.batch_size, t.seed, rank)
+        else:
+            self.batches = StreamBatches(train_shards, cfg, rank, world, self.counter)
+        self.val_images = None
+        if rank == 0 and t.val_images > 0 and val_shards:
+            self.val_images = _load_images(val_shards, cfg, t.val_images, self.counter)
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.tok = ImageTokenizer(cfg).to(device)
+        if t.channels_last:
+            self.tok = self.tok.to(memory_format=torch.channels_last)
+        self.loss_fn = ImageLoss(cfg.loss, perceptual_net).to(device)
+        self.opt = torch.optim.AdamW(self.tok.parameters(), lr=t.lr, betas=tuple(t.betas),
+                                     weight_decay=t.weight_decay, foreach=True)
+        self.d_opt = None
+        if self.loss_fn.disc is not None:
+            self.d_opt = torch.optim.AdamW(self.loss_fn.disc.parameters(), lr=cfg.loss.disc_lr, betas=(0.5, 0.9))
+
+        self.step, self.elapsed_before, self.history = 0, 0.0, []
+        self.ckpt_dir = self.out / CKPT_DIR
+        self.resumed = resume
+        if resume:
+            found = latest_checkpoint(self.ckpt_dir)
+            if found is None:
+                raise UserError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            self.restore(found[1])
+
+        self.model, self.disc = self.tok, self.loss_fn.disc
+        if world > 1:
+            # the VQ syncs its own EMA buffers; broadcasting them from rank 0 would fight that
+            self.model = torch.nn.parallel.DistributedDataParallel(self.tok, broadcast_buffers=False)
+            if self.disc is not None:
+                self.disc = torch.nn.parallel.DistributedDataParallel(self.disc, broadcast_buffers=False)
+        self.last_layer = _last_conv_weight(self.tok)
+        self.amp = t.amp and device.type == "cuda"
+        self.t0 = time.time() - self.elapsed_before
+        self.tok.train()
+        self.frac = self.progress()  # share of the run done: drives the lr and the stop
+
+    def restore(self, path: Path) -> None:
+        state = load_state(path, self.device)
+        self.tok.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.d_opt is not None and "disc" in state:
+            self.loss_fn.disc.load_state_dict(state["disc"])
+            self.d_opt.load_state_dict(state["disc_opt"])
+        self.step, self.elapsed_before = int(state["step"]), float(state["elapsed"])
+        rngs = state["rng"]  # one per rank of the saving run
+        set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        self.history = json.loads(state.get("history", "[]"))
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def progress(self) -> float:
+        """Share of the run done: of the steps, or of the time budget when further; with a budget every
+        rank uses rank 0's clock (same lr, same stop)."""
+        t = self.cfg.train
+        p = decay_progress(self.step, 0, t.steps, self.elapsed(), t.max_minutes * 60)
+        if t.max_minutes > 0 and self.world > 1:
+            p_t = torch.tensor([p], dtype=torch.float64, device=self.device)
+            dist.broadcast(p_t, 0)
+            p = float(p_t)
         return p
 
-    bar = None
-    if progress and rank == 0:
-        bar = BudgetBar(t.steps, t.max_minutes, step, elapsed_before, "image tokenizer")
-    log_path = out / "train_log.jsonl"
-    metrics: dict = dict(history[-1]) if history else {}
-    parts: dict = {}
-    tok.train()
-    frac = progress_now()
-    while frac < 1.0:
-        lr_f = _lr_factor(frac, step, t.warmup_steps, t.min_lr_ratio)
-        tok.train_progress = frac
-        for g in opt.param_groups:
-            g["lr"] = t.lr * lr_f
-        raw = mix_colours(permute_colours(batches.get(step), t.colour_aug, t.seed, step), t.colour_mix, t.seed, step)
-        x = to_model_space(raw, device, t.channels_last)  # [B, 3, R, R]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            rec, ids, aux = model(x)
+    def next_batch(self) -> torch.Tensor:
+        """This rank's uint8 images [B, R, R, 3] of the next step, colour-augmented."""
+        t, step = self.cfg.train, self.step
+        raw = permute_colours(self.batches.get(step), t.colour_aug, t.seed, step)
+        return mix_colours(raw, t.colour_mix, t.seed, step)
+
+    def train_step(self, raw: torch.Tensor) -> ImageStepStats:
+        """One generator (and, once the GAN is on, discriminator) update on uint8 images [B, R, R, 3]."""
+        t, step, loss_fn, disc = self.cfg.train, self.step, self.loss_fn, self.disc
+        lr = t.lr * lr_factor(step, t.warmup_steps, self.frac, t.min_lr_ratio)
+        self.tok.train_progress = self.frac
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        x = to_model_space(raw, self.device, t.channels_last)  # [B, 3, R, R]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            rec, ids, aux = self.model(x)
         rec = rec.float()
         gan_on = loss_fn.gan_active(step)
         if disc is not None:
             disc.requires_grad_(False)
         # the generator side calls the unwrapped discriminator (its weights are frozen here)
-        loss, parts = loss_fn.generator_loss(x, rec, aux, step, last_layer if gan_on else None)
-        opt.zero_grad(set_to_none=True)
+        loss, parts = loss_fn.generator_loss(x, rec, aux, step, self.last_layer if gan_on else None)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = None
         if t.grad_clip > 0:
-            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(tok.parameters(), t.grad_clip))
-        opt.step()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.tok.parameters(), t.grad_clip))
+        self.opt.step()
+        d_loss = None
         if gan_on:
             disc.requires_grad_(True)
             logits = disc(torch.cat([x, rec.detach()]))  # one forward: DDP wants one per backward
-            d_loss = hinge_d_loss(logits[: len(x)], logits[len(x):])
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-            parts["d_loss"] = float(d_loss)
-        step += 1
+            d_loss_t = hinge_d_loss(logits[: len(x)], logits[len(x):])
+            self.d_opt.zero_grad(set_to_none=True)
+            d_loss_t.backward()
+            self.d_opt.step()
+            d_loss = float(d_loss_t)
+        self.step += 1
         if not math.isfinite(parts["loss"]):
-            raise RuntimeError(f"image tokenizer loss became {parts['loss']} at step {step}")
+            raise RuntimeError(f"image tokenizer loss became {parts['loss']} at step {self.step}")
+        stats = ImageStepStats(self.step, lr, self.elapsed(), parts, grad_norm, d_loss)
+        self.frac = self.progress()
+        return stats
 
+    def validate(self) -> dict:
+        """Rank 0: metrics on the val images and their reconstruction grid (OUT/val/step_*.png)."""
+        metrics, rec_u8 = evaluate(self.tok, self.val_images)
+        metrics["step"] = self.step
+        self.history.append(metrics)
+        save_grid(self.val_images, rec_u8, self.out / "val" / f"step_{self.step:08d}.png")
+        return metrics
+
+    def save(self) -> None:
+        """Collective: rank 0 writes model + optimizers + every rank's RNG state (gathered)."""
+        rngs = [rng_state()]
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if self.rank == 0:
+            state = {
+                "model": self.tok.state_dict(),
+                "opt": self.opt.state_dict(),
+                "step": self.step,
+                "elapsed": self.elapsed(),
+                "rng": rngs,
+                "history": json.dumps(self.history),
+                "config": json.dumps(to_dict(self.cfg)),
+            }
+            if self.d_opt is not None:
+                state["disc"] = self.loss_fn.disc.state_dict()
+                state["disc_opt"] = self.d_opt.state_dict()
+            save_state(self.ckpt_dir, self.step, state, self.cfg.train.keep_checkpoints)
+        _barrier()
+
+    def run(self, progress: bool = True) -> dict:
+        """Train until the steps or the time budget run out; write OUT/{config.yaml, model.safetensors,
+        metrics.json} and return the final metrics (rank 0; {} elsewhere)."""
+        t, rank = self.cfg.train, self.rank
+        bar = ProgressBar(t.steps, self.step, "image tokenizer", t.max_minutes, self.elapsed_before,
+                          disable=not progress or rank != 0)
+        metrics: dict = dict(self.history[-1]) if self.history else {}
+        log = MetricsLog(self.out / "train_log.jsonl", keep_until_step=self.step if self.resumed else None,
+                         enabled=rank == 0)
+        with log:
+            try:
+                while self.frac < 1.0:
+                    stats = self.train_step(self.next_batch())
+                    step, done = stats.step, self.frac >= 1.0
+                    bar.update(step, stats.elapsed, loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}")
+                    if step % t.log_every == 0:
+                        log.write(stats.record())
+                    if self.val_images is not None and (step % t.val_every == 0 or done):
+                        metrics = self.validate()
+                        log.write({"val": metrics})
+                        bar.set_postfix(psnr=f"{metrics['psnr']:.2f}", usage=f"{metrics['codebook_usage']:.2f}")
+                    if t.ckpt_every > 0 and (step % t.ckpt_every == 0 or done):
+                        self.save()
+            finally:
+                bar.close()
+        result = {}
         if rank == 0:
-            if bar is not None:
-                bar.update(step, time.time() - t0, loss=f"{parts['loss']:.4f}", lr=f"{t.lr * lr_f:.2e}")
-            if step % t.log_every == 0:
-                with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, "lr": t.lr * lr_f, "elapsed": time.time() - t0, **parts}) + "\n")
-        frac = progress_now()
-        done = frac >= 1.0
-        if rank == 0 and val_images is not None and (step % t.val_every == 0 or done):
-            metrics, rec_u8 = evaluate(tok, val_images, image_check=_have_checker())
-            metrics["step"] = step
-            history.append(metrics)
-            save_grid(val_images, rec_u8, out / "val" / f"step_{step:08d}.png")
-            with log_path.open("a") as f:
-                f.write(json.dumps({"val": metrics}) + "\n")
-            if bar is not None:
-                bar.set_postfix(psnr=f"{metrics['psnr']:.2f}", usage=f"{metrics['codebook_usage']:.2f}")
-        if (step % t.ckpt_every == 0 or done) and t.ckpt_every > 0:
-            _save_checkpoint(ckpt_dir, step, time.time() - t0, tok, opt, loss_fn, d_opt, history, rank, world, cfg)
-            if rank == 0:
-                keep_last(ckpt_dir, t.keep_checkpoints)
-    if bar is not None:
-        bar.close()
-
-    result = {}
-    if rank == 0:
-        tok.save(out)
-        result = {
-            "final": metrics,
-            "history": history,
-            "steps": step,
-            "seconds": time.time() - t0,
-            "world_size": world,
-            "records": _counts(counter),
-        }
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out / "metrics.json")
-    _barrier()
-    return result
+            self.tok.save(self.out)
+            result = {"final": metrics, "history": self.history, "steps": self.step, "seconds": self.elapsed(),
+                      "world_size": self.world, "records": self.counter.as_dict()}
+            write_atomic(self.out / "metrics.json", json.dumps(result, indent=2))
+        _barrier()
+        return result
 
 
-def _counts(counter) -> dict:
-    return counter.as_dict()
-
-
-def _have_checker() -> bool:
-    try:
-        import anymodal.data.checker  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _save_checkpoint(ckpt_dir, step, elapsed, tok, opt, loss_fn, d_opt, history, rank, world, cfg) -> None:
-    """Rank 0 writes model + optimizers + every rank's RNG state (gathered) atomically."""
-    rngs = [rng_state()]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rngs[0])
-        rngs = gathered
-    if rank == 0:
-        state = {
-            "model": tok.state_dict(),
-            "opt": opt.state_dict(),
-            "step": step,
-            "elapsed": elapsed,
-            "rng": rngs,
-            "history": json.dumps(history),
-            "config": json.dumps(to_dict(cfg)),
-        }
-        if d_opt is not None:
-            state["disc"] = loss_fn.disc.state_dict()
-            state["disc_opt"] = d_opt.state_dict()
-        from .common import checkpoint_path
-
-        atomic_torch_save(state, checkpoint_path(ckpt_dir, step))
-    _barrier()
+def train(cfg: ImageTokenizerConfig, out: str | Path, resume: bool = False, perceptual_net=None,
+          progress: bool = True) -> dict:
+    """Train, write OUT/{config.yaml, model.safetensors, metrics.json}; return the final metrics."""
+    return ImageTrainer(cfg, out, resume, perceptual_net).run(progress)
 
 
 def train_from_cli(config, overrides=(), out=None, resume: bool = False) -> dict:
@@ -497,7 +518,7 @@ def train_from_cli(config, overrides=(), out=None, resume: bool = False) -> dict
         saved = load_image_config(out / "run_config.yaml")
         if to_dict(saved)["model"] != to_dict(cfg)["model"] or to_dict(saved)["quantizer"] != to_dict(cfg)["quantizer"]:
             raise UserError(f"--resume: the model/quantizer config differs from the one {out} was started with")
-    if not resume and latest_checkpoint(out / "checkpoints") is not None:
+    if not resume and latest_checkpoint(out / CKPT_DIR) is not None:
         raise UserError(f"{out} already holds checkpoints; pass --resume to continue or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:

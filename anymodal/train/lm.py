@@ -11,16 +11,20 @@ deepspeed is imported) with the gloo backend, fp32; with CUDA, nccl and bf16. A 
 gets the torch.distributed environment of a world of one (a free local port), so DeepSpeed does
 not go looking for MPI.
 
-Per optimizer step: `grad_accum` packed micro-batches per rank (`anymodal.data.packing`), loss =
-fp32 cross-entropy + z-loss (`anymodal.model.lm_loss`), AdamW with warmup + cosine decay, gradient
-clipping. A non-finite loss poisons that step's gradients so the update is skipped everywhere
-(ZeRO's overflow check, or our optimizer at stage 0) and counted; more than `max_nan_skips`
-skipped steps in a row stop the run. SIGINT/SIGTERM finish the current step, save a checkpoint
-and exit; `--resume` continues bit-exactly from the newest complete checkpoint.
+`LMTrainer` builds the run (model, engine, data) and restores it from a checkpoint; its
+`train_step` is one optimizer step: `grad_accum` packed micro-batches per rank
+(`anymodal.data.packing`), loss = fp32 cross-entropy + z-loss (`anymodal.model.lm_loss`), AdamW at
+the lr of `anymodal.train.schedule` for this step (warmup + cosine decay), gradient clipping; it
+returns the step's `StepStats`. A non-finite loss poisons that step's gradients so the update is
+skipped everywhere (ZeRO's overflow check, or our optimizer at stage 0) and counted, and the
+schedule does not advance; more than `max_nan_skips` skipped steps in a row stop the run.
+SIGINT/SIGTERM finish the current step, save a checkpoint and exit; `--resume` continues
+bit-exactly from the newest complete checkpoint.
 
 Run dir: config.yaml (resolved TrainConfig), model.yaml (ModelConfig), token_space.json,
 ds_config.json, metrics.jsonl (one record per logged step; val and data-mix records),
-data_mix.json (planned and realized data mix, anymodal.data.mixture), loss*.png, checkpoints/.
+data_mix.json (planned and realized data mix, anymodal.data.mixture), loss*.png, checkpoints/
+(anymodal.train.checkpoint).
 Dashboards: `monitor=tensorboard|csv|wandb` turns on that DeepSpeed monitor (`monitor_dir`, default
 RUN/monitor; a `deepspeed=` template's own monitor section works as well), and every metrics.jsonl
 record also goes to it from rank 0 as `Train/<key>` events at x = optimizer step (nested values
@@ -39,23 +43,50 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import sys
 import time
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
 
 from ..config import check_choice, load_config, resolve_config_path, save_config, to_dict
 from ..data.mixture import MixCounter, Mixture, check_kind_weights, format_plan, parse_sources, write_mix_json
+from ..data.packing import PackedLoader, TokenDataset
 from ..errors import ConfigError, UserError
+from ..fileio import write_atomic
 from ..hf.load import INIT_VOCAB, init_from_hf, model_shape, read_config, read_hf_folder
-from ..model.config import ModelConfig
+from ..kernels import install as install_kernels
+from ..modality import MODALITY_NAMES
+from ..model import ModelConfig, Transformer, flops_per_token, lm_loss, measure_cpu_matmul_peak, peak_flops
 from ..tokenizers.text import TextTokenizer
+from ..tokenizers.token_space import TokenSpace
+from .budget import StepBudget
+from .checkpoint import (
+    CKPT_DIR,
+    latest_checkpoint,
+    load_engine_checkpoint,
+    rng_state,
+    save_engine_checkpoint,
+    set_rng_state,
+)
+from .cpu_memory import keep_freed_memory
+from .export import tokenizer_dir
+from .metrics import MetricsLog
+from .plot import plot_run
+from .progress import ProgressBar
+from .schedule import SCHEDULES, decay_progress, lr_factor
+from .task_eval import TaskEval, check_tasks, print_tasks
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # train key `monitor` -> DeepSpeed config section; the package each monitor section needs
@@ -140,8 +171,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
-        from .schedule import SCHEDULES
-
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("init_vocab", self.init_vocab, INIT_VOCAB)
         if self.monitor not in ("", *MONITORS):
@@ -165,8 +194,6 @@ class TrainConfig:
             raise ConfigError("config keys task_eval_every >= 0 and task_eval_limit >= 1")
         if self.task_eval_every and not self.task_eval_data:
             raise ConfigError("task_eval_every is set but task_eval_data (raw val shards) is not")
-        from .task_eval import check_tasks
-
         check_tasks(self.task_eval_tasks)
 
 
@@ -210,13 +237,14 @@ def _free_port() -> int:
 SINGLE_PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def setup_distributed() -> tuple[Any, list[str]]:
-    """Pick the accelerator, give a lone process a world of one, init torch.distributed via DeepSpeed.
+@contextmanager
+def distributed() -> Iterator[Any]:
+    """Pick the accelerator, give a lone process a world of one, init torch.distributed via DeepSpeed;
+    yields the deepspeed module.
 
-    Returns (the deepspeed module, the environment variables set here); the caller removes those
-    when it is done, so subprocesses started later do not inherit this process's rendezvous port.
+    The environment variables set here are removed on exit, so subprocesses started later do not
+    inherit this process's rendezvous port.
     """
-
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
@@ -225,19 +253,22 @@ def setup_distributed() -> tuple[Any, list[str]]:
         env = dict(zip(SINGLE_PROCESS_ENV, ("0", "0", "1", "1", "127.0.0.1", str(_free_port()))))
         added = [k for k in env if k not in os.environ]
         os.environ.update({k: env[k] for k in added})
-    import deepspeed
-    import deepspeed.ops
+    try:
+        import deepspeed.ops  # here, not at the top: DS_ACCELERATOR must be set before the first import
 
-    if not cuda and os.environ.get("ANYMODAL_DS_SHM", "0") != "1":
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about a minute of
-        # C++ build on first use); gloo does the same collectives without it.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    return deepspeed, added
+        if not cuda and os.environ.get("ANYMODAL_DS_SHM", "0") != "1":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about a minute of
+            # C++ build on first use); gloo does the same collectives without it.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        for name in ("DeepSpeed", "deepspeed"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        yield deepspeed
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _local_world() -> int:
@@ -271,7 +302,7 @@ def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
     if cfg.monitor:  # the section the key names, on; a template's other keys in it (wandb team...) stay
         section = ds.setdefault(MONITORS[cfg.monitor], {})
         section["enabled"] = True
-        if cfg.monitor == "wandb":  # no paths in DeepSpeed's wandb section (WANDB_DIR: see _train)
+        if cfg.monitor == "wandb":  # no paths in DeepSpeed's wandb section (WANDB_DIR: see LMTrainer)
             section.setdefault("project", "anymodal")
         else:  # DeepSpeed writes into output_path/job_name/
             section["output_path"] = str(monitor_dir(cfg))
@@ -303,8 +334,8 @@ def make_optimizer(model, cfg: TrainConfig):
 
 class ClippingAdamW(torch.optim.AdamW):
     """AdamW that measures the global gradient norm, skips the update when it is not finite
-    (setting `overflow`, which the DeepSpeed engine counts in `skipped_steps` and which keeps it
-    from stepping the lr scheduler) and otherwise clips to `clip` before stepping."""
+    (setting `overflow`, which the DeepSpeed engine counts in `skipped_steps`) and otherwise clips
+    to `clip` before stepping."""
 
     def __init__(self, params, clip: float = 0.0, **kw):
         super().__init__(params, **kw)
@@ -355,296 +386,362 @@ class StopFlag:
         return False
 
 
-# ---- the loop --------------------------------------------------------------------------------------
+# ---- one step ----------------------------------------------------------------------------------------
+# What a micro-batch adds to its step's sums, by name: cross-entropy, z-loss, and per modality the
+# summed cross-entropy and the label tokens. With two control values after them (rank 0's budgeted last
+# step, others add 0; whether any rank must stop) they travel in one float64 tensor, so the ranks add
+# everything up in one small all-reduce per step.
+LOSS_SUMS = ("ce", "z_loss", *(f"ce_sum_{m}" for m in MODALITY_NAMES), *(f"labels_{m}" for m in MODALITY_NAMES))
+STEP_SUMS = (*LOSS_SUMS, "last_step", "stop")
+VAL_SUMS = tuple(n for n in LOSS_SUMS if n not in ("ce", "z_loss"))  # a val pass reports per modality only
+
+
+def _loss_terms(out) -> dict[str, torch.Tensor]:
+    """One micro-batch's `lm_loss` output by the names of `LOSS_SUMS` (0-d tensors on the device)."""
+    return {"ce": out.ce.detach(), "z_loss": out.z_loss.detach(),
+            **{f"ce_sum_{m}": out.per_modality_sum[m].detach() for m in MODALITY_NAMES},
+            **{f"labels_{m}": out.per_modality_count[m] for m in MODALITY_NAMES}}
+
+
+def _packed(terms: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
+    return torch.stack([terms[n] for n in names]).double()  # [len(names)]
+
+
+@dataclass
+class StepStats:
+    """One optimizer step over all its micro-batches and all ranks: what its metrics record holds."""
+
+    step: int  # the step done (1-based)
+    loss: float  # cross-entropy (the z-loss term apart), mean over the micro-batches of all ranks
+    z_loss: float
+    modality_loss: dict[str, float]  # cross-entropy per modality that had label tokens in this step
+    modality_tokens: dict[str, float]  # label tokens per modality, all ranks
+    lr: float  # the lr of this step's update
+    grad_norm: float | None
+    tokens: int  # tokens of this step, all ranks
+    seconds: float  # wall time of the step, fetching its data included
+    mfu: float | None
+    tokens_seen: int
+    epoch: int
+    skipped: bool  # the update was skipped (non-finite loss or gradients)
+    skipped_total: int
+    stop: bool  # a rank got SIGINT/SIGTERM: save and stop after this step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def record(self) -> dict:
+        """The step's metrics.jsonl record."""
+        rec = {"step": self.step, "loss": self.loss, "z_loss": self.z_loss, "lr": self.lr,
+               "grad_norm": self.grad_norm, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+               "step_time": self.seconds, "tokens_seen": self.tokens_seen, "epoch": self.epoch,
+               "skipped": self.skipped, "skipped_total": self.skipped_total}
+        rec.update({f"loss_{m}": v for m, v in self.modality_loss.items()})
+        return rec
+
+
+# ---- the run -------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     """Train (or with `resume`, continue) the run `cfg.run_dir`; see the module docstring."""
     started = time.perf_counter()  # the max_minutes budget counts set-up too
-    deepspeed, added_env = setup_distributed()
-    try:
-        return _train(cfg, resume, deepspeed, started)
-    finally:
-        for k in added_env:
-            os.environ.pop(k, None)
+    with distributed() as deepspeed:
+        return LMTrainer(cfg, deepspeed, resume, started).run()
 
 
-def _train(cfg: TrainConfig, resume: bool, deepspeed, started: float) -> TrainResult:
-    import numpy as np
-    import torch.distributed as dist
+class LMTrainer:
+    """One process's part of a run: built (and with `resume`, restored) on construction, inside
+    `distributed()`; `train_step` runs one optimizer step, `run` the loop with its logging,
+    evaluations and checkpoints."""
 
-    from ..data.packing import PackedLoader, TokenDataset
-    from ..kernels import install as install_kernels
-    from ..model import MODALITY_NAMES, Transformer, flops_per_token, lm_loss
-    from .budget import StepBudget
-    from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from .cpu_memory import keep_freed_memory
-    from .export import tokenizer_dir
-    from .metrics import MetricsLog
-    from .schedule import WarmupCosine
-    from .task_eval import print_tasks
+    def __init__(self, cfg: TrainConfig, deepspeed, resume: bool = False, started: float | None = None):
+        self.cfg = cfg
+        self.started = time.perf_counter() if started is None else started
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if not cuda:
+            torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // _local_world()))
+            keep_freed_memory()  # reuse the last step's pages instead of faulting them in again
+            native = [name for name, on in install_kernels().items() if on]  # C passes where they build
+            if self.rank == 0:
+                print(f"[train] native CPU kernels: {', '.join(native) or 'none (PyTorch paths)'}", file=sys.stderr)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+        ds_config = deepspeed_config(cfg, self.world, bf16)  # a bad template or a missing monitor package fails here
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if not cuda:
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // _local_world()))
-        keep_freed_memory()  # reuse the last step's pages instead of faulting them in again
-        native = [name for name, on in install_kernels().items() if on]  # C passes where they build
-        if rank == 0:
-            print(f"[train] native CPU kernels: {', '.join(native) or 'none (PyTorch paths)'}", file=sys.stderr)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
-    ds_config = deepspeed_config(cfg, world, bf16)  # a bad template or a missing monitor package fails here
+        # -- data, model config, run dir
+        sources = parse_sources(cfg.data)
+        if not sources:
+            raise UserError("no training data: set data=DIR (a folder written by `anymodal prepare`) or a list of sources")
+        self.data = Mixture(sources, cfg.kind_weights)  # one folder is a mixture of one: exactly the plain loader's rows
+        space = self.data.space
+        self.model_cfg = build_model_config(cfg, space.vocab_size)
+        self.run_dir = Path(cfg.run_dir)
+        ckpt = latest_checkpoint(self.run_dir / CKPT_DIR)
+        if ckpt is not None and not resume:
+            raise UserError(f"{self.run_dir} already holds checkpoints: continue it with --resume, or pick a new run_dir")
+        if self.rank == 0:
+            _prepare_run_dir(self.run_dir, cfg, self.model_cfg, space, ckpt is not None)
+        self.barrier()
+        if resume and ckpt is None and self.rank == 0:
+            print(f"[train] no checkpoint in {self.run_dir}: starting from scratch", file=sys.stderr)
 
-    def barrier():
-        if world > 1:
+        # -- model, optimizer, engine (same seed on every rank: identical initial weights)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        model = Transformer(self.model_cfg)
+        if cfg.init_from and ckpt is None:  # a resumed run continues from its checkpoint instead
+            text = None
+            if cfg.init_vocab == "map":
+                text = TextTokenizer.load(tokenizer_dir(self.run_dir, cfg.tokenizers or None) / "text")
+            how = init_from_hf(model, read_hf_folder(cfg.init_from), space, cfg.init_vocab, text)
+            if self.rank == 0:
+                print(f"[train] initialized from {cfg.init_from} ({how}); optimizer fresh", file=sys.stderr)
+        self.optimizer = make_optimizer(model, cfg)
+        if self.rank == 0:
+            write_atomic(self.run_dir / "ds_config.json", json.dumps(ds_config, indent=1))
+            if cfg.monitor == "wandb":  # wandb's own files (DeepSpeed's wandb section has no path)
+                monitor_dir(cfg).mkdir(parents=True, exist_ok=True)
+                os.environ.setdefault("WANDB_DIR", str(monitor_dir(cfg)))
+        # no lr scheduler: each step sets the lr from the schedule (see `lr`)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
+        if self.world == 1 and cfg.zero_stage == 0:
+            # one process holds the whole gradient: DeepSpeed's bucketed all-reduce would only copy it
+            # into flat buffers and back (~8 ms of a demo step on the 2-core CPU)
+            self.engine.enable_backward_allreduce = False
+        if cfg.compile:
+            self.engine.compile()
+        # dashboards: every metrics record also goes to DeepSpeed's monitor (rank 0 writes, others have none)
+        monitor = self.engine.monitor
+        self.sink = monitor.write_events if self.rank == 0 and monitor.enabled else None
+        if isinstance(ds_config.get("wandb"), dict) and ds_config["wandb"].get("enabled"):
+            # DeepSpeed logs its own lr at x = samples seen; wandb ignores any x below the last one, so
+            # our x = step records would all be dropped. The step-indexed records alone go there (lr too).
+            monitor.enabled = False
+        self.loader = PackedLoader(self.data, cfg.seq_len, cfg.micro_batch, self.rank, self.world, cfg.grad_accum,
+                                   cfg.seed, cfg.cond_dropout, lookahead=cfg.lookahead)
+        self.mix = MixCounter(self.data)  # realized tokens per source / kind / modality, kept in the checkpoint meta
+        if self.rank == 0:
+            print("[train] " + format_plan(self.data.planned()), file=sys.stderr)
+        self.val_loader = None
+        if cfg.val_data and cfg.eval_every:
+            val = TokenDataset(cfg.val_data)
+            val.space.check_same(space, f"{cfg.val_data} vs {self.data.path}")
+            self.val_loader = PackedLoader(val, cfg.seq_len, cfg.micro_batch, self.rank, self.world, seed=cfg.seed,
+                                           shuffle=False, loop=False, lookahead=cfg.lookahead)
+
+        # everything built so far lives for the whole run: keep it out of the cyclic GC's full passes,
+        # which otherwise walk the model, optimizer and loader state every few hundred steps
+        gc.freeze()
+        self.step, self.skipped_total, self.tokens_seen, self.spent = 0, 0, 0, 0.0
+        self.total = cfg.steps  # the last step: cfg.steps, or fewer when max_minutes cuts the run
+        self.resumed = ckpt is not None
+        if self.resumed:
+            self.restore(ckpt[1])
+
+        # MFU: model FLOPs per token over the peak of the devices. Attention is counted over the keys
+        # document masking leaves (position in its document + 1 per token, this rank's last batch).
+        self.peak = _peak_flops(cfg, cuda, bf16, self.world, self.device)
+        self.z_weight = self.model_cfg.z_loss_weight if cfg.z_loss_weight is None else cfg.z_loss_weight
+        self.tokens_per_step = cfg.micro_batch * cfg.seq_len * cfg.grad_accum * self.world
+        self.budget = StepBudget(self.started + cfg.max_minutes * 60.0 - self.spent, cfg.steps)
+        self.stop_flag = StopFlag()
+        self.engine.train()
+
+    def barrier(self) -> None:
+        if self.world > 1:
             dist.barrier()
 
-    # -- data, model config, run dir
-    sources = parse_sources(cfg.data)
-    if not sources:
-        raise UserError("no training data: set data=DIR (a folder written by `anymodal prepare`) or a list of sources")
-    data = Mixture(sources, cfg.kind_weights)  # one folder is a mixture of one: exactly the plain loader's rows
-    space = data.space
-    model_cfg = build_model_config(cfg, space.vocab_size)
-    run_dir = Path(cfg.run_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise UserError(f"{run_dir} already holds checkpoints: continue it with --resume, or pick a new run_dir")
-    if rank == 0:
-        _prepare_run_dir(run_dir, cfg, model_cfg, space, ckpt is not None)
-    barrier()
-    if resume and ckpt is None and rank == 0:
-        print(f"[train] no checkpoint in {run_dir}: starting from scratch", file=sys.stderr)
-
-    # -- model, optimizer, engine (same seed on every rank: identical initial weights)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    import random
-
-    random.seed(cfg.seed)
-    model = Transformer(model_cfg)
-    if cfg.init_from and ckpt is None:  # a resumed run continues from its checkpoint instead
-        text = None
-        if cfg.init_vocab == "map":
-            text = TextTokenizer.load(tokenizer_dir(run_dir, cfg.tokenizers or None) / "text")
-        how = init_from_hf(model, read_hf_folder(cfg.init_from), space, cfg.init_vocab, text)
-        if rank == 0:
-            print(f"[train] initialized from {cfg.init_from} ({how}); optimizer fresh", file=sys.stderr)
-    optimizer = make_optimizer(model, cfg)
-    schedule = WarmupCosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio, cfg.schedule)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if rank == 0:
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
-        if cfg.monitor == "wandb":  # wandb's own files (DeepSpeed's wandb section has no path)
-            monitor_dir(cfg).mkdir(parents=True, exist_ok=True)
-            os.environ.setdefault("WANDB_DIR", str(monitor_dir(cfg)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    if world == 1 and cfg.zero_stage == 0:
-        # one process holds the whole gradient: DeepSpeed's bucketed all-reduce would only copy it
-        # into flat buffers and back (~8 ms of a demo step on the 2-core CPU)
-        engine.enable_backward_allreduce = False
-    if cfg.compile:
-        engine.compile()
-    # dashboards: every metrics record also goes to DeepSpeed's monitor (rank 0 writes, others have none)
-    sink = engine.monitor.write_events if rank == 0 and engine.monitor.enabled else None
-    if isinstance(ds_config.get("wandb"), dict) and ds_config["wandb"].get("enabled"):
-        # DeepSpeed logs its own lr at x = samples seen; wandb ignores any x below the last one, so
-        # our x = step records would all be dropped. The step-indexed records alone go there (lr too).
-        engine.monitor.enabled = False
-    loader = PackedLoader(data, cfg.seq_len, cfg.micro_batch, rank, world, cfg.grad_accum, cfg.seed,
-                          cfg.cond_dropout, lookahead=cfg.lookahead)
-    mix = MixCounter(data)  # realized tokens per source / kind / modality, kept in the checkpoint meta
-    if rank == 0:
-        print("[train] " + format_plan(data.planned()), file=sys.stderr)
-    val_loader = None
-    if cfg.val_data and cfg.eval_every:
-        val = TokenDataset(cfg.val_data)
-        val.space.check_same(space, f"{cfg.val_data} vs {data.path}")
-        val_loader = PackedLoader(val, cfg.seq_len, cfg.micro_batch, rank, world, seed=cfg.seed,
-                                  shuffle=False, loop=False, lookahead=cfg.lookahead)
-
-    # everything built so far lives for the whole run: keep it out of the cyclic GC's full passes,
-    # which otherwise walk the model, optimizer and loader state every few hundred steps
-    gc.freeze()
-    step, skipped_total, tokens_seen, spent = 0, 0, 0, 0.0
-    total = cfg.steps  # the last step: cfg.steps, or fewer when max_minutes cuts the run
-    if ckpt is not None:
-        meta, rank_state = load_checkpoint(engine, ckpt[1], rank)
-        step, skipped_total, tokens_seen = meta["step"], meta.get("skipped_total", 0), meta.get("tokens_seen", 0)
-        spent = float(meta.get("train_seconds", 0.0))
+    def restore(self, ckpt: Path) -> None:
+        """Continue from `ckpt`: weights and optimizer, data position, counters, this rank's RNG states.
+        The lr needs nothing: it follows from the step."""
+        cfg = self.cfg
+        meta, rank_state = load_engine_checkpoint(self.engine, ckpt, self.rank)
+        self.step, self.skipped_total = meta["step"], meta.get("skipped_total", 0)
+        self.tokens_seen, self.spent = meta.get("tokens_seen", 0), float(meta.get("train_seconds", 0.0))
         if cfg.max_minutes and meta.get("budget_steps"):
-            total = max(step, min(cfg.steps, int(meta["budget_steps"])))
-            schedule.total = total
-        loader.load_state_dict(meta["loader"])
-        mix.load_state_dict(meta.get("mix"))
-        # the schedule follows the current config (e.g. more steps), not the saved one
-        scheduler.lr_lambdas[0].__dict__.update(schedule.__dict__)
-        scheduler._last_lr = [base * schedule(scheduler.last_epoch) for base in scheduler.base_lrs]
-        for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
-            group["lr"] = lr
+            self.total = max(self.step, min(cfg.steps, int(meta["budget_steps"])))
+        self.loader.load_state_dict(meta["loader"])
+        self.mix.load_state_dict(meta.get("mix"))
         if rank_state.get("rng"):
             set_rng_state(rank_state["rng"])
-        else:
-            torch.manual_seed(cfg.seed + 1000 * step + rank)
-        if rank == 0:
-            print(f"[train] resumed from {ckpt[1]} (step {step})", file=sys.stderr)
+        else:  # a rank the checkpoint did not have (more processes than before)
+            torch.manual_seed(cfg.seed + 1000 * self.step + self.rank)
+        if self.rank == 0:
+            print(f"[train] resumed from {ckpt} (step {self.step})", file=sys.stderr)
 
-    # -- MFU: model FLOPs per token over the peak of the devices. Attention is counted over the keys
-    # document masking leaves (position in its document + 1 per token, this rank's last batch).
-    peak = _peak_flops(cfg, cuda, bf16, world, dist, device)
+    def lr(self) -> float:
+        """The lr of the next update: the schedule at the number of updates so far (skipped steps do
+        not count), decaying towards the planned last step."""
+        cfg = self.cfg
+        updates = self.step - self.skipped_total
+        return cfg.lr * lr_factor(updates, cfg.warmup, decay_progress(updates, cfg.warmup, self.total),
+                                  cfg.min_lr_ratio, cfg.schedule)
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_until_step=step if ckpt else None, enabled=rank == 0,
-                         sink=sink)
-    from tqdm import tqdm
+    def next_batch(self) -> list[dict]:
+        """The next step's micro-batches of this rank."""
+        return [next(self.loader) for _ in range(self.cfg.grad_accum)]
 
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0, disable=rank != 0 or not cfg.progress)
-    z_weight = model_cfg.z_loss_weight if cfg.z_loss_weight is None else cfg.z_loss_weight
-    n_mod = len(MODALITY_NAMES)
-    losses: dict[int, float] = {}
-    nan_streak = 0
-    last_saved = step
-    tokens_per_step = cfg.micro_batch * cfg.seq_len * cfg.grad_accum * world
-    engine.train()
+    def train_step(self, batch: list[dict], started: float | None = None) -> StepStats:
+        """One optimizer step over this rank's micro-batches `batch` (collective: every rank calls it).
+        `started`: when the step began (default: now), so that fetching `batch` counts into its time."""
+        cfg, engine, device = self.cfg, self.engine, self.device
+        t0 = time.perf_counter() if started is None else started
+        skipped_before = engine.skipped_steps
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(len(LOSS_SUMS), dtype=torch.float64, device=device)
+        for micro in batch:
+            ids = micro["ids"].to(device, non_blocking=True)  # [B, T]
+            labels = micro["labels"].to(device, non_blocking=True)  # [B, T]
+            logits = engine(ids, positions=micro["positions"].to(device), doc_ids=micro["doc_ids"].to(device))
+            # The loss is the logits' last use: its backward may overwrite them with their
+            # gradient instead of allocating another [B, T, V] buffer.
+            out = lm_loss(logits, labels, micro["modality"].to(device), z_loss_weight=self.z_weight,
+                          inplace_backward=True)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                loss = loss * float("nan")  # NaN gradients everywhere: the update is skipped
+            engine.backward(loss)
+            engine.step()
+            sums += _packed(_loss_terms(out), LOSS_SUMS)
+        last_step = 0
+        if self.rank == 0 and cfg.max_minutes:
+            now = time.perf_counter()
+            self.budget.step_done(self.step + 1, now)
+            last_step = self.budget.last_step(self.step + 1, now, self.total)
+        packed = torch.cat([sums, sums.new_tensor([last_step, 1.0 if self.stop_flag.signal else 0.0])])
+        if self.world > 1:
+            dist.all_reduce(packed)
+        reduced = dict(zip(STEP_SUMS, packed.tolist()))
+        # realized mix: this step's global rows s·G … (s+1)·G from the epoch plan (every rank counts the
+        # same, whatever the process count) and all ranks' label tokens per modality
+        loader = self.loader
+        self.mix.add_rows(loader.plan(loader.epoch), loader.consumed - loader.global_batch, loader.consumed)
+        labels_per_modality = {m: reduced[f"labels_{m}"] for m in MODALITY_NAMES}
+        self.mix.add_labels(labels_per_modality)
+        # ZeRO counts overflow steps in the engine; at stage 0 our optimizer knows (under a bf16
+        # wrapper the engine does not see its flag)
+        skipped = bool(engine.skipped_steps - skipped_before or getattr(self.optimizer, "overflow", False))
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        self.skipped_total += skipped
+        last_step = int(reduced["last_step"])
+        if cfg.max_minutes and last_step > 0 and last_step != self.total:
+            self.total = max(self.step, last_step)
+        seconds = time.perf_counter() - t0
+        tps = self.tokens_per_step / seconds
+        mean_keys = float(batch[-1]["positions"].float().mean()) + 1.0
+        mfu = tps * flops_per_token(self.model_cfg, cfg.seq_len, keys=mean_keys) / self.peak if self.peak else None
+        grad_norm = engine.get_global_grad_norm()
+        n = cfg.grad_accum * self.world
+        return StepStats(
+            step=self.step, loss=reduced["ce"] / n, z_loss=reduced["z_loss"] / n,
+            modality_loss={m: reduced[f"ce_sum_{m}"] / c for m, c in labels_per_modality.items() if c > 0},
+            modality_tokens=labels_per_modality, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+            tokens=self.tokens_per_step, seconds=seconds, mfu=mfu, tokens_seen=self.tokens_seen,
+            epoch=loader.epoch, skipped=skipped, skipped_total=self.skipped_total, stop=reduced["stop"] > 0)
 
-    budget = StepBudget(started + cfg.max_minutes * 60.0 - spent, cfg.steps)
-    tasks = _task_eval(cfg, engine.module, run_dir) if cfg.task_eval_every and rank == 0 else None
-    if tasks is not None and step == 0:  # where the curve starts: the untrained model
-        metrics.write({"step": 0, "minutes": 0.0, "tasks": tasks()})
-        budget.evaluated(tasks.seconds[-1], cfg.task_eval_every)
-
-    def save(at_step: int) -> None:
+    def save(self, step: int) -> None:
+        """Checkpoint (collective) and, on rank 0, data_mix.json."""
         t0 = time.perf_counter()
-        meta = {"loader": loader.state_dict(), "skipped_total": skipped_total, "tokens_seen": tokens_seen,
-                "world_size": world, "seq_len": cfg.seq_len, "mix": mix.state_dict(),
-                "train_seconds": spent + t0 - started,
-                "budget_steps": total if cfg.max_minutes else None}
-        save_checkpoint(engine, run_dir, at_step, {"rng": rng_state()}, meta, cfg.keep_last, rank, barrier)
-        if rank == 0:
-            write_mix_json(run_dir / "data_mix.json", data, mix, at_step)
+        meta = {"loader": self.loader.state_dict(), "skipped_total": self.skipped_total,
+                "tokens_seen": self.tokens_seen, "world_size": self.world, "seq_len": self.cfg.seq_len,
+                "mix": self.mix.state_dict(), "train_seconds": self.spent + t0 - self.started,
+                "budget_steps": self.total if self.cfg.max_minutes else None}
+        save_engine_checkpoint(self.engine, self.run_dir / CKPT_DIR, step, {"rng": rng_state()}, meta,
+                               self.cfg.keep_last, self.rank, self.barrier)
+        if self.rank == 0:
+            write_mix_json(self.run_dir / "data_mix.json", self.data, self.mix, step)
         # what the run needs after its last step: one more save, the plots
-        budget.reserve = (time.perf_counter() - t0) + 1.0 + budget.last_eval
+        self.budget.reserve = (time.perf_counter() - t0) + 1.0 + self.budget.last_eval
 
-    with StopFlag() as stop:
-        while step < total:
-            t0 = time.perf_counter()
-            # on the device: ce, z-loss, per-modality CE sums, per-modality counts, budgeted last
-            # step (rank 0's, others add 0), stop flag
-            acc = torch.zeros(2 + 2 * n_mod + 2, dtype=torch.float64, device=device)
-            skipped_before = engine.skipped_steps
-            lr = scheduler.get_last_lr()[0]  # the lr this step's update uses
-            for _ in range(cfg.grad_accum):
-                batch = next(loader)
-                mean_keys = float(batch["positions"].float().mean()) + 1.0
-                ids = batch["ids"].to(device, non_blocking=True)  # [B, T]
-                labels = batch["labels"].to(device, non_blocking=True)  # [B, T]
-                logits = engine(ids, positions=batch["positions"].to(device), doc_ids=batch["doc_ids"].to(device))
-                # The loss is the logits' last use: its backward may overwrite them with their
-                # gradient instead of allocating another [B, T, V] buffer.
-                out = lm_loss(logits, labels, batch["modality"].to(device), z_loss_weight=z_weight,
-                              inplace_backward=True)
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    loss = loss * float("nan")  # NaN gradients everywhere: the update is skipped
-                engine.backward(loss)
-                engine.step()
-                acc[:-2] += torch.cat([out.ce.detach()[None], out.z_loss.detach()[None],
-                                       *(out.per_modality_sum[m].detach()[None] for m in MODALITY_NAMES),
-                                       *(out.per_modality_count[m][None] for m in MODALITY_NAMES)]).double()
-            acc[-1] = 1.0 if stop.signal else 0.0
-            if rank == 0 and cfg.max_minutes:
-                now = time.perf_counter()
-                budget.step_done(step + 1, now)
-                acc[-2] = budget.last_step(step + 1, now, total)
-            if world > 1:  # one small all-reduce: losses of all ranks and whether any rank must stop
-                dist.all_reduce(acc)
-            acc = acc.cpu()
-            # realized mix: this step's global rows s·G … (s+1)·G from the epoch plan (every rank
-            # counts the same, whatever the process count) and all ranks' label tokens per modality
-            mix.add_rows(loader.plan(loader.epoch), loader.consumed - loader.global_batch, loader.consumed)
-            mix.add_labels({m: acc[2 + n_mod + i] for i, m in enumerate(MODALITY_NAMES)})
-            # ZeRO counts overflow steps in the engine; at stage 0 our optimizer knows (under a
-            # bf16 wrapper the engine does not see its flag)
-            skipped = engine.skipped_steps - skipped_before or int(bool(getattr(optimizer, "overflow", False)))
-            step += 1
-            tokens_seen += tokens_per_step
-            ce = float(acc[0]) / (cfg.grad_accum * world)
-            if skipped:
-                skipped_total += 1
-                nan_streak += 1
-            else:
-                nan_streak = 0
-                losses[step] = ce
-            dt = time.perf_counter() - t0
-            tps = tokens_per_step / dt
-            if cfg.max_minutes and int(acc[-2]) > 0 and int(acc[-2]) != total:
-                total = max(step, int(acc[-2]))
-                schedule.total = scheduler.lr_lambdas[0].total = total
-                bar.total = total
-            if step % cfg.log_every == 0 or step == total or skipped:
-                gn = engine.get_global_grad_norm()
-                rec = {"step": step, "loss": ce, "z_loss": float(acc[1]) / (cfg.grad_accum * world),
-                       "lr": lr, "grad_norm": None if gn is None else float(gn),
-                       "tokens_per_s": tps,
-                       "mfu": tps * flops_per_token(model_cfg, cfg.seq_len, keys=mean_keys) / peak if peak else None,
-                       "step_time": dt, "tokens_seen": tokens_seen, "epoch": loader.epoch,
-                       "skipped": bool(skipped), "skipped_total": skipped_total}
-                for i, m in enumerate(MODALITY_NAMES):
-                    cnt = float(acc[2 + n_mod + i])
-                    if cnt > 0:
-                        rec[f"loss_{m}"] = float(acc[2 + i]) / cnt
-                metrics.write(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{ce:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if nan_streak > cfg.max_nan_skips:
-                metrics.close()
+    def minutes(self) -> float:
+        """Training minutes so far, earlier sessions of a resumed run included."""
+        return round((self.spent + time.perf_counter() - self.started) / 60, 3)
+
+    def log(self, metrics: MetricsLog, bar: ProgressBar, stats: StepStats) -> None:
+        """The step's metrics record (every `log_every` steps, at the last step and at every skipped
+        one) and the progress bar."""
+        if stats.step % self.cfg.log_every == 0 or stats.step == self.total or stats.skipped:
+            metrics.write(stats.record())
+        bar.set_total(self.total)
+        bar.update(stats.step, self.minutes() * 60, loss=f"{stats.loss:.4f}", tok_s=f"{stats.tokens_per_s:,.0f}")
+
+    def evaluate(self, metrics: MetricsLog, tasks: TaskEval | None, step: int) -> bool:
+        """Val loss and task metrics where they are due after `step` (collective); True when val ran."""
+        cfg = self.cfg
+        val_now = self.val_loader is not None and step % cfg.eval_every == 0
+        if val_now:
+            metrics.write({"step": step, **_evaluate(self.engine, self.val_loader, cfg, self.device, self.z_weight,
+                                                     self.world)})
+        if cfg.task_eval_every and (step % cfg.task_eval_every == 0 or step == self.total):
+            t_eval = time.perf_counter()
+            if tasks is not None:  # rank 0 measures, the others wait
+                rec = tasks()
+                metrics.write({"step": step, "minutes": self.minutes(), "tasks": rec})
+                print_tasks(step, rec)
+            self.barrier()
+            self.budget.evaluated(time.perf_counter() - t_eval, cfg.task_eval_every)
+        return val_now
+
+    def run(self) -> TrainResult:
+        """Train up to the last step (or a stop signal); log, evaluate and checkpoint on the way."""
+        cfg, rank = self.cfg, self.rank
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_until_step=self.step if self.resumed else None,
+                             enabled=rank == 0, sink=self.sink)
+        bar = ProgressBar(self.total, self.step, "train", disable=rank != 0 or not cfg.progress)
+        tasks = _task_eval(cfg, self.engine.module, self.run_dir) if cfg.task_eval_every and rank == 0 else None
+        if tasks is not None and self.step == 0:  # where the curve starts: the untrained model
+            metrics.write({"step": 0, "minutes": 0.0, "tasks": tasks()})
+            self.budget.evaluated(tasks.seconds[-1], cfg.task_eval_every)
+        losses: dict[int, float] = {}
+        nan_streak = 0
+        last_saved = self.step
+        with self.stop_flag, metrics:
+            try:
+                while self.step < self.total:
+                    t0 = time.perf_counter()
+                    stats = self.train_step(self.next_batch(), started=t0)
+                    step = stats.step
+                    if stats.skipped:
+                        nan_streak += 1
+                    else:
+                        nan_streak, losses[step] = 0, stats.loss
+                    self.log(metrics, bar, stats)
+                    if nan_streak > cfg.max_nan_skips:
+                        where = latest_checkpoint(self.run_dir / CKPT_DIR)
+                        raise DivergedError(
+                            f"loss was NaN/inf for {nan_streak} steps in a row (at step {step}); the run stopped. "
+                            f"Last good checkpoint: {where[1] if where else 'none'}. Lower lr, raise warmup or "
+                            f"check the data, then --resume")
+                    val_ran = self.evaluate(metrics, tasks, step)
+                    if val_ran or step == self.total or stats.stop:
+                        metrics.write({"step": step, "mix": self.mix.record()})
+                    if step % cfg.checkpoint_every == 0 or step == self.total or stats.stop:
+                        self.save(step)
+                        last_saved = step
+                    if stats.stop:
+                        break
+            finally:
                 bar.close()
-                where = latest_checkpoint(run_dir)
-                raise DivergedError(
-                    f"loss was NaN/inf for {nan_streak} steps in a row (at step {step}); the run stopped. "
-                    f"Last good checkpoint: {where[1] if where else 'none'}. Lower lr, raise warmup or "
-                    f"check the data, then --resume")
-            if val_loader is not None and step % cfg.eval_every == 0:
-                metrics.write({"step": step, **_evaluate(engine, val_loader, cfg, device, z_weight, world, dist)})
-            if cfg.task_eval_every and (step % cfg.task_eval_every == 0 or step == total):
-                t_eval = time.perf_counter()
-                if tasks is not None:  # rank 0 measures, the others wait
-                    rec = tasks()
-                    metrics.write({"step": step, "minutes": round((spent + time.perf_counter() - started) / 60, 3),
-                                   "tasks": rec})
-                    print_tasks(step, rec)
-                barrier()
-                budget.evaluated(time.perf_counter() - t_eval, cfg.task_eval_every)
-            stopping = float(acc[-1]) > 0
-            if (val_loader is not None and step % cfg.eval_every == 0) or step == total or stopping:
-                metrics.write({"step": step, "mix": mix.record()})
-            if step % cfg.checkpoint_every == 0 or step == total or stopping:
-                save(step)
-                last_saved = step
-            if stopping:
-                break
-    bar.close()
-    metrics.close()
-    if last_saved != step:
-        save(step)
-    if rank == 0:
-        write_mix_json(run_dir / "data_mix.json", data, mix, step)  # also when no step ran (resumed at the end)
-        from .plot import plot_run
-
-        plot_run(run_dir)
-    interrupted = stop.signal if step < total else None
-    if rank == 0 and total < cfg.steps:
-        print(f"[train] max_minutes={cfg.max_minutes:g}: trained {total} of {cfg.steps} steps", file=sys.stderr)
-    if rank == 0 and interrupted:
-        print(f"[train] stopped at step {step} by {interrupted}; continue with --resume", file=sys.stderr)
-    return TrainResult(step, losses, engine.module, run_dir, interrupted, skipped_total)
+        if last_saved != self.step:
+            self.save(self.step)
+        if rank == 0:  # also when no step ran (resumed at the end)
+            write_mix_json(self.run_dir / "data_mix.json", self.data, self.mix, self.step)
+            plot_run(self.run_dir)
+        interrupted = self.stop_flag.signal if self.step < self.total else None
+        if rank == 0 and self.total < cfg.steps:
+            print(f"[train] max_minutes={cfg.max_minutes:g}: trained {self.total} of {cfg.steps} steps", file=sys.stderr)
+        if rank == 0 and interrupted:
+            print(f"[train] stopped at step {self.step} by {interrupted}; continue with --resume", file=sys.stderr)
+        return TrainResult(self.step, losses, self.engine.module, self.run_dir, interrupted, self.skipped_total)
 
 
-def _task_eval(cfg: TrainConfig, model, run_dir: Path):
+def _task_eval(cfg: TrainConfig, model, run_dir: Path) -> TaskEval:
     """The in-training task evaluator, with the tokenizer set the training data was prepared with."""
-    from .export import tokenizer_dir
-    from .task_eval import TaskEval
-
     if cfg.zero_stage == 3:
         raise UserError("task_eval_every needs the whole model in one process; it does not work with zero_stage=3")
     tok_dir = tokenizer_dir(run_dir, cfg.tokenizers or None)
@@ -652,15 +749,11 @@ def _task_eval(cfg: TrainConfig, model, run_dir: Path):
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, space, resuming: bool) -> None:
-    from ..tokenizers.token_space import TokenSpace
-
     run_dir.mkdir(parents=True, exist_ok=True)
     if resuming:
         if (run_dir / "token_space.json").is_file():
             TokenSpace.load(run_dir).check_same(space, f"{run_dir} vs {' + '.join(s.path for s in parse_sources(cfg.data))}")
         if (run_dir / "model.yaml").is_file():
-            import yaml
-
             before = yaml.safe_load((run_dir / "model.yaml").read_text())
             now = to_dict(model_cfg)
             diff = [k for k in now if before.get(k) != now[k] and k != "activation_checkpointing"]
@@ -671,11 +764,8 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, model_cfg, space, resuming
     space.save(run_dir / "token_space.json")
 
 
-def _peak_flops(cfg: TrainConfig, cuda: bool, bf16: bool, world: int, dist, device) -> float | None:
+def _peak_flops(cfg: TrainConfig, cuda: bool, bf16: bool, world: int, device) -> float | None:
     """Total peak FLOP/s of all ranks (the MFU denominator)."""
-
-    from ..model import measure_cpu_matmul_peak, peak_flops
-
     if cfg.peak_flops > 0:
         return cfg.peak_flops * world
     if cuda:
@@ -689,13 +779,9 @@ def _peak_flops(cfg: TrainConfig, cuda: bool, bf16: bool, world: int, dist, devi
     return float(mine[0])
 
 
-def _evaluate(engine, loader, cfg: TrainConfig, device, z_weight: float, world: int, dist) -> dict:
+def _evaluate(engine, loader, cfg: TrainConfig, device, z_weight: float, world: int) -> dict:
     """Val cross-entropy (overall and per modality) over the first `eval_batches` micro-batches."""
-
-    from ..model import MODALITY_NAMES, lm_loss
-
-    n_mod = len(MODALITY_NAMES)
-    acc = torch.zeros(2 * n_mod, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(VAL_SUMS), dtype=torch.float64, device=device)
     loader.epoch, loader.consumed = 0, 0
     engine.eval()
     with torch.no_grad():
@@ -705,15 +791,16 @@ def _evaluate(engine, loader, cfg: TrainConfig, device, z_weight: float, world: 
             logits = engine(batch["ids"].to(device), positions=batch["positions"].to(device),
                             doc_ids=batch["doc_ids"].to(device))
             out = lm_loss(logits, batch["labels"].to(device), batch["modality"].to(device), z_loss_weight=z_weight)
-            acc += torch.cat([*(out.per_modality_sum[m][None] for m in MODALITY_NAMES),
-                              *(out.per_modality_count[m][None] for m in MODALITY_NAMES)]).double()
+            sums += _packed(_loss_terms(out), VAL_SUMS)
     engine.train()
     if world > 1:
-        dist.all_reduce(acc)
-    acc = acc.cpu()
-    total = float(acc[n_mod:].sum())
-    rec = {"val_loss": float(acc[:n_mod].sum()) / total if total else None}
-    for j, m in enumerate(MODALITY_NAMES):
-        if acc[n_mod + j] > 0:
-            rec[f"val_loss_{m}"] = float(acc[j] / acc[n_mod + j])
+        dist.all_reduce(sums)
+    val = dict(zip(VAL_SUMS, sums.cpu()))  # 0-d float64 tensors
+    ce = torch.stack([val[f"ce_sum_{m}"] for m in MODALITY_NAMES])
+    labels = torch.stack([val[f"labels_{m}"] for m in MODALITY_NAMES])
+    total = float(labels.sum())
+    rec = {"val_loss": float(ce.sum()) / total if total else None}
+    for m in MODALITY_NAMES:
+        if val[f"labels_{m}"] > 0:
+            rec[f"val_loss_{m}"] = float(val[f"ce_sum_{m}"] / val[f"labels_{m}"])
     return rec

@@ -1,4 +1,5 @@
-"""Training metrics: one JSON object per line in `RUN/metrics.jsonl`, written by rank 0.
+"""Training metrics: one JSON object per line (the LM's `RUN/metrics.jsonl`, the tokenizer trainers'
+logs), written by rank 0.
 
 On resume the records after the checkpoint's step are dropped (they belong to steps that will be
 run again), so the file always reads as one uninterrupted run.
@@ -14,6 +15,8 @@ import math
 import numbers
 from collections.abc import Callable
 from pathlib import Path
+
+from ..fileio import write_atomic
 
 Event = tuple[str, float, int]  # (name, value, step): a DeepSpeed monitor event
 
@@ -78,9 +81,7 @@ class MetricsLog:
             return
         keep = [] if keep_until_step is None else [r for r in read_metrics(self.path)
                                                     if r.get("step", 0) <= keep_until_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self._f = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -94,3 +95,9 @@ class MetricsLog:
     def close(self) -> None:
         if self.enabled and not self._f.closed:
             self._f.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

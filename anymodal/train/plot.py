@@ -4,7 +4,8 @@ when the run measured them, the task metrics against minutes (`tasks.png`).
 `plot(chart, path)` is anymodal's one chart drawer (the LM run's loss*.png and tasks.png here, the
 audio codec trainer's loss.png through `plot_series`): matplotlib when it is installed (the
 `plots` extra), otherwise the same chart drawn with PIL (axes, ticks, lines, markers, a legend), so
-a run always ends with pictures of its curves.
+a run always ends with pictures of its curves. Either way the PNG is written by
+`anymodal.data.media.save_png` (atomically).
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..data.media import save_png
+from ..modality import MODALITY_NAMES
 from .metrics import read_metrics
 
-SERIES = ("loss", "loss_text", "loss_image", "loss_audio", "loss_loc")
+SERIES = ("loss", *(f"loss_{m}" for m in MODALITY_NAMES))
 # task metric -> (legend label, colour); WER is an error rate: lower is better
 TASK_LINES = {
     "t2i_accuracy": ("t2i", "#08519c"), "a2i_accuracy": ("a2i", "#6baed6"),
@@ -124,10 +130,10 @@ def plot(chart: Chart, path: Path) -> None:
 
 
 def _plot_matplotlib(chart: Chart, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # here: optional (the `plots` extra), and slow to import; ImportError -> PIL
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (as above)
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for ln in chart.lines:
@@ -142,7 +148,8 @@ def _plot_matplotlib(chart: Chart, path: Path) -> None:
     if chart.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.canvas.draw()
+    save_png(np.asarray(fig.canvas.buffer_rgba())[..., :3], path)
     plt.close(fig)
 
 
@@ -157,8 +164,6 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _plot_pil(chart: Chart, path: Path, size=(640, 420)) -> None:
-    from PIL import Image, ImageDraw
-
     w, h = size
     left, right, top, bottom = 64, 16, 32, 44
     img = Image.new("RGB", size, "white")
@@ -200,4 +205,4 @@ def _plot_pil(chart: Chart, path: Path, size=(640, 420)) -> None:
         ly = top + 6 + 12 * i  # legend, top right
         d.line([w - right - 200, ly + 5, w - right - 185, ly + 5], fill=ln.colour, width=3)
         d.text((w - right - 180, ly), ln.label, fill="black")
-    img.save(path)
+    save_png(np.asarray(img), path)

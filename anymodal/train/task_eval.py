@@ -21,6 +21,7 @@ import torch
 from ..errors import UserError
 from ..eval.run import GEN_KINDS, EvalOptions, Evaluator
 from ..sample.bundle import Bundle
+from ..tokenizers import load_tokenizers
 
 DEFAULT_TASKS = ("t2i", "a2i", "i2t", "ground", "refer", "asr")
 # metrics.jsonl keys kept from eval's result (the per-task headline numbers)
@@ -40,8 +41,6 @@ class TaskEval:
 
     def __init__(self, model: torch.nn.Module, tokenizers: str | Path, data: str, limit: int = 10,
                  tasks=DEFAULT_TASKS, seed: int = 0, batch_size: int = 8):
-        from ..tokenizers import load_tokenizers
-
         self.model = model
         self.tasks = check_tasks(tasks)
         device = next(model.parameters()).device

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import load_config, save_config
+from ..data.reader import RecordCounter, iter_documents
 from ..errors import UserError
 from ..tokenizers.text import TextTokenizer, TextTokenizerConfig, train_text_tokenizer
 
@@ -27,8 +28,6 @@ def iter_texts(spec: str) -> Iterator[str]:
             except OSError as e:
                 raise UserError(f"cannot read {f}: {e.strerror}") from None
     if shards:
-        from ..data.reader import RecordCounter, iter_documents
-
         counter = RecordCounter()
         for doc in iter_documents(shards, counter=counter, decode_media=False):
             for seg in doc.segments:

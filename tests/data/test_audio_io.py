@@ -19,7 +19,7 @@ from anymodal.cli import main as cli_main
 from anymodal.data import media
 from anymodal.data.media import BAD_AUDIO, BadRecord, encode_wav, load_audio, save_wav
 from anymodal.data.reader import decode_sample
-from anymodal.sample.media import parse_prompt, prompt_segments
+from anymodal.sample.prompt import parse_prompt, prompt_segments
 from anymodal.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig, decode_file, encode_file
 from anymodal.train.audio_tokenizer import load_speech
 
@@ -193,11 +193,11 @@ def test_save_wav_is_atomic(tmp_path, monkeypatch):
 
 
 def test_writers_everywhere_are_the_one_writer(tok_dir, tmp_path):
-    import anymodal.sample.session as session
+    import anymodal.sample.render as render
     import anymodal.tokenizers.audio as tok_audio
     import anymodal.train.audio_tokenizer as trainer
 
-    assert session.save_wav is trainer.save_wav is tok_audio.save_wav is media.save_wav
+    assert render.save_wav is trainer.save_wav is tok_audio.save_wav is media.save_wav
     # `anymodal tokenizer decode audio` writes what the codec decodes, through save_wav
     codes = [[1, 2, 3]] * 10
     (tmp_path / "c.json").write_text(json.dumps({"codes": codes, "sample_rate": SR, "num_samples": 750}))

@@ -29,6 +29,8 @@ def test_word_errors_by_hand():
     assert edit_distance("a b".split(), "a b c d".split()) == 2  # insertions
     assert edit_distance([], "a".split()) == 1
     assert word_errors("The red circle.", "the red  square") == (1, 3)  # case and punctuation ignored
+    assert word_errors("a small red circle", "a red circles") == (2, 4)
+    assert word_errors("show me", "Show me, please!") == (1, 2)
     m = Metrics()
     m.add_wer("asr", "the red circle", "the red square")  # 1 error / 3 words
     m.add_wer("asr", "say hello", "say hello", unseen=True)  # 0 / 2

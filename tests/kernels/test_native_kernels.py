@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from anymodal import kernels
 from anymodal.kernels import attention as native_attn
-from anymodal.kernels import elementwise
-from anymodal.model import ModelConfig, Transformer, cpu_kernels, lm_loss
+from anymodal.kernels import elementwise, torch_cpu
+from anymodal.model import ModelConfig, Transformer, fast_paths, lm_loss
 from anymodal.model import transformer as tr
 from anymodal.model.loss import _CrossEntropyAndLSE
 
@@ -36,11 +36,10 @@ def test_kernels_build_install_and_uninstall(pytorch_paths):
     assert native_attn.load() is not None, native_attn.unavailable_reason()
     assert elementwise.load() is not None, elementwise.unavailable_reason()
     assert kernels.install() == {"attention": True, "swiglu": True, "rms_norm": True, "cross_entropy": True}
-    assert cpu_kernels.attention is native_attn.native_attention
+    assert all(fast_paths.registered().values())
+    assert kernels.install(native=False) == dict.fromkeys(fast_paths.OPS, False)
     kernels.uninstall()
-    assert not any(cpu_kernels.registered().values())
-    with pytest.raises(KeyError):
-        cpu_kernels.register(flash=None)
+    assert not any(fast_paths.registered().values())
 
 
 def _docs(b: int, t: int, seed: int) -> torch.Tensor:
@@ -76,7 +75,7 @@ def _reference(qkv, w, bias, rot, doc, h):
         t = qkv.shape[1]
         allowed = (torch.arange(t)[None, :] <= torch.arange(t)[:, None])[None] & (doc[:, :, None] == doc[:, None, :])
         bias_mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))[:, None]
-    return tr.blocked_attention(qk, v, h, bias_mask)
+    return torch_cpu.blocked_attention(qk, v, h, bias_mask)
 
 
 @pytest.mark.parametrize(
@@ -169,7 +168,7 @@ def test_rms_norm_matches_pytorch(pytorch_paths):
     g = torch.randn(5, 300, 96)
     y = elementwise.rms_norm(x, w, 1e-5)
     grads = torch.autograd.grad(y, (x, w), g)
-    y_ref = tr._RMSNormCPU.apply(x, w, 1e-5)
+    y_ref = torch_cpu.RMSNormFunction.apply(x, w, 1e-5)
     grads_ref = torch.autograd.grad(y_ref, (x, w), g)
     torch.testing.assert_close(y, F.rms_norm(x, (96,), w, eps=1e-5), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
@@ -196,7 +195,8 @@ def test_cross_entropy_matches_pytorch(pytorch_paths, inplace):
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"qk_norm": False}, {"norm_placement": "swin"}])
 def test_model_and_loss_with_kernels_equal_pytorch(pytorch_paths, kw):
-    """Logits, loss and every parameter gradient of a packed batch agree with and without the kernels."""
+    """Logits, loss and every parameter gradient of a packed batch agree with the native kernels and
+    with the reference."""
     _need(native_attn)
     _need(elementwise)
     torch.manual_seed(0)

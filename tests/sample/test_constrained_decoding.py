@@ -230,6 +230,26 @@ def test_stop_ids_end_a_row_after_the_id(bundle):
     assert cut.tokens == free.tokens[: k + 1] and cut.finish == "stop"  # same path, ended on the id
 
 
+def test_stop_reasons_in_order_and_forced_ids_obey_the_grammar(bundle):
+    """When a token meets several stop conditions the first of eos, span, stop id, length names it;
+    a forced id the grammar does not allow is an error."""
+    sp = bundle.space
+    eng = Engine(bundle.model, sp)
+    prompt = [sp.bos] + bundle.tok.text.encode("there is")
+    image = sp.image_tokens + 2  # <boi> codes <eoi>
+    reqs = [
+        Request(prompt, 1, force=[sp.eos], stop_ids=[sp.eos]),  # eos, also a stop id and the budget
+        Request(prompt, image, force=[sp.boi], stop_after_span=True, stop_ids=[sp.eoi]),  # span, stop, length
+        Request(prompt, image, force=[sp.boi], stop_ids=[sp.eoi]),  # stop id and length
+        Request(prompt, image, force=[sp.boi]),  # length
+    ]
+    res = eng.generate(reqs)
+    assert [r.finish for r in res] == ["eos", "span", "stop", "length"]
+    assert res[0].tokens == [sp.eos] and all(r.tokens[-1] == sp.eoi for r in res[1:])
+    with pytest.raises(ValueError, match="forced token .* is not allowed at step 1 of request 0"):
+        eng.generate([Request(prompt, image, force=[sp.boi, sp.eoi])])  # an image cannot close before its codes
+
+
 def test_seeds_reproduce_and_rows_are_independent(bundle):
     sp = bundle.space
     eng = Engine(Biased(bundle.model, opener_bias(sp, 2.0)), sp)

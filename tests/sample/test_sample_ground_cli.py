@@ -13,7 +13,7 @@ from anymodal.cli import main
 from anymodal.errors import UserError
 from anymodal.sample.bundle import load_bundle, save_bundle_layout, tiny_bundle
 from anymodal.sample.ground import ground_image, unfit_box
-from anymodal.sample.media import parse_prompt
+from anymodal.sample.prompt import parse_prompt
 from anymodal.sample.render import Part, RenderedSample, write_page
 from anymodal.sample.session import SampleOptions, run_sample, sampling_from_flags
 

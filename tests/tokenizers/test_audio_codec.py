@@ -145,7 +145,7 @@ def test_training_lowers_mel_loss(tmp_path):
     cfg = train_cfg(steps=40, lr=1e-3)
     clips = tones(8, 1.0, 8000)
     tr = Trainer(cfg, tmp_path, clips, clips[:2])
-    mels = [tr.train_step()["mel"] for _ in range(cfg.steps)]
+    mels = [tr.train_step().mel for _ in range(cfg.steps)]
     first, last = np.mean(mels[:3]), np.mean(mels[-5:])
     assert last < 0.8 * first, (first, last)
     assert last < 2.8, last  # floor: an untrained codec sits near 3.4
@@ -162,11 +162,11 @@ def test_resume_gives_same_next_loss(tmp_path):
     for _ in range(3):
         a.train_step()
     path = a.save_checkpoint()
-    want = [a.train_step()["loss"] for _ in range(2)]
+    want = [a.train_step().loss for _ in range(2)]
     b = Trainer(cfg, tmp_path / "b", clips, clips[:2])
     b.load_checkpoint(path)
     assert b.step == 3
-    got = [b.train_step()["loss"] for _ in range(2)]
+    got = [b.train_step().loss for _ in range(2)]
     assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
 
 
@@ -196,7 +196,7 @@ def test_output_conv_and_stft_loss(tmp_path):
     assert 0 < float(loss(blur, x)) < float(loss(torch.randn_like(x) * 0.1, x))
     cfg = train_cfg(steps=3, **{"model.out_channels": 8, "loss.stft_weight": 1.0, "loss.stft_scales": "[64,128]"})
     tr = Trainer(cfg, tmp_path, tones(4, 1.0, 8000, seed=3), [])
-    logs = [tr.train_step() for _ in range(3)]
+    logs = [tr.train_step().record() for _ in range(3)]
     assert all(np.isfinite(r["stft"]) and r["stft"] > 0 for r in logs)
     assert tr.state()["elapsed_s"] > 0  # saved so a resumed run keeps its place in a timed schedule
 
@@ -218,7 +218,7 @@ def test_stft_log_eps_keeps_silence_from_dominating(tmp_path):
     cfg = train_cfg(steps=2, **{"loss.stft_weight": 0.25, "loss.stft_log_eps": 1e-2, "loss.stft_scales": "[64,128]"})
     tr = Trainer(cfg, tmp_path, tones(4, 1.0, 8000, seed=3), [])
     assert tr.stft_loss.log_eps == 1e-2 and AudioTrainConfig().loss.stft_log_eps == 1e-5
-    assert np.isfinite(tr.train_step()["stft"])
+    assert np.isfinite(tr.train_step().stft)
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
@@ -304,8 +304,8 @@ def test_discriminator_step(tmp_path):
                                 "loss.disc_scales": "[128,64]"})
     clips = tones(4, 1.0, 8000, seed=2)
     tr = Trainer(cfg, tmp_path, clips, clips[:1])
-    first = tr.train_step()
+    first = tr.train_step().record()
     assert "adv" not in first  # before disc_start: reconstruction losses only
-    second = tr.train_step()
+    second = tr.train_step().record()
     assert all(np.isfinite(second[k]) for k in ("adv", "feat", "disc"))
     assert second["disc"] > 0

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from anymodal.errors import UserError
+from anymodal.modality import Modality
 from anymodal.tokenizers.stream import (
     Audio,
     Box,
@@ -17,7 +18,6 @@ from anymodal.tokenizers.stream import (
     pixels_to_box,
     quantize,
 )
-from anymodal.tokenizers.token_space import Modality
 
 
 def make_doc(rng):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from anymodal.errors import UserError
-from anymodal.tokenizers.token_space import Modality, TokenSpace
+from anymodal.modality import Modality
+from anymodal.tokenizers.token_space import TokenSpace
 
 
 def test_ranges_are_contiguous_and_padded(token_space, text_tokenizer):

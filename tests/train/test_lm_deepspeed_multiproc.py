@@ -42,8 +42,8 @@ def test_two_processes_zero2_resume_and_match_one_process(tiny_args, mix_args, c
     common = [*tiny_args, *mix_args, "zero_stage=2", "micro_batch=1", "schedule=constant", "checkpoint_every=2"]
     run = tmp_path / "two"
     _launch([*common, f"run_dir={run}", "steps=4"], cli_env)
-    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
-    ckpt = list_checkpoints(run)[-1][1]
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4]
+    ckpt = list_checkpoints(run / "checkpoints")[-1][1]
     # ZeRO-2 on two ranks: each rank saved its own optimizer partition
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2
     assert {p.name for p in ckpt.glob("anymodal_rank*.json")} == {"anymodal_rank0.json", "anymodal_rank1.json"}

@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
+import anymodal.train.lm as lm
 from anymodal.errors import ConfigError, UserError
-from anymodal.train.lm import DivergedError, load_train_config, train
+from anymodal.modality import MODALITY_NAMES
+from anymodal.train.lm import DivergedError, LMTrainer, distributed, load_train_config, train
 from anymodal.train.metrics import read_metrics
-from anymodal.train.schedule import WarmupCosine
 
 
 def test_loss_falls_with_per_modality_metrics(tiny_args, tiny_tokens):
@@ -47,9 +48,7 @@ def test_loss_falls_with_per_modality_metrics(tiny_args, tiny_tokens):
 
 
 def test_nan_loss_skips_the_step(tiny_args, monkeypatch):
-    import anymodal.model as model_pkg
-
-    real = model_pkg.lm_loss
+    real = lm.lm_loss
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -59,7 +58,7 @@ def test_nan_loss_skips_the_step(tiny_args, monkeypatch):
             out.ce = out.ce * float("nan")
         return out
 
-    monkeypatch.setattr(model_pkg, "lm_loss", flaky)
+    monkeypatch.setattr(lm, "lm_loss", flaky)
     cfg = load_train_config("train/demo", [*tiny_args, "steps=6", "checkpoint_every=100"])
     res = train(cfg)
     recs = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]  # not the mix record
@@ -72,16 +71,14 @@ def test_nan_loss_skips_the_step(tiny_args, monkeypatch):
 
 
 def test_repeated_nan_stops_the_run(tiny_args, monkeypatch):
-    import anymodal.model as model_pkg
-
-    real = model_pkg.lm_loss
+    real = lm.lm_loss
 
     def broken(*a, **k):
         out = real(*a, **k)
         out.ce = out.ce * float("inf")
         return out
 
-    monkeypatch.setattr(model_pkg, "lm_loss", broken)
+    monkeypatch.setattr(lm, "lm_loss", broken)
     cfg = load_train_config("train/demo", [*tiny_args, "steps=20", "max_nan_skips=2"])
     with pytest.raises(DivergedError, match="3 steps in a row"):
         train(cfg)
@@ -100,14 +97,28 @@ def test_config_checks(tiny_args, tmp_path):
         train(load_train_config("train/demo", [*tiny_args, f"data={tmp_path}"]))
 
 
-def test_schedule_shape():
-    s = WarmupCosine(warmup=10, total=110, min_ratio=0.1)
-    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
-    assert s(10) == pytest.approx(1.0) and s(60) == pytest.approx(0.55) and s(110) == pytest.approx(0.1)
-    assert s(500) == pytest.approx(0.1)
-    lin = WarmupCosine(0, 100, 0.0, "linear")
-    assert lin(50) == pytest.approx(0.5)
-    assert WarmupCosine(5, 100, 0.1, "constant")(80) == 1.0
+def test_train_step_returns_named_stats_and_the_loss_falls(tiny_args):
+    cfg = load_train_config("train/demo", [*tiny_args, "steps=12", "grad_accum=2"])
+    with distributed() as deepspeed:
+        trainer = LMTrainer(cfg, deepspeed)
+        stats = [trainer.train_step(trainer.next_batch()) for _ in range(12)]
+    assert [s.step for s in stats] == list(range(1, 13)) and trainer.step == 12
+    for s in stats:
+        assert all(math.isfinite(v) for v in (s.loss, s.z_loss, s.grad_norm, s.lr, s.seconds, s.mfu))
+        assert not s.skipped and not s.stop and s.tokens == 2 * 4 * 64
+        assert set(s.modality_tokens) == set(MODALITY_NAMES) and set(s.modality_loss) <= set(MODALITY_NAMES)
+        # the modalities make up the whole: their token-weighted mean is the step's loss, up to the
+        # loss being a mean of the two micro-batches' means
+        labels = sum(s.modality_tokens.values())
+        mean = sum(s.modality_loss[m] * s.modality_tokens[m] for m in s.modality_loss) / labels
+        assert mean == pytest.approx(s.loss, rel=0.02)
+    assert [s.lr for s in stats[:5]] == pytest.approx([3e-3 * (i + 1) / 5 for i in range(5)])  # warmup
+    assert stats[-1].tokens_seen == 12 * stats[0].tokens
+    assert sum(s.loss for s in stats[-3:]) < sum(s.loss for s in stats[:3]) - 1.5
+    rec = stats[-1].record()
+    assert list(rec)[:12] == ["step", "loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time",
+                              "tokens_seen", "epoch", "skipped", "skipped_total"]
+    assert {k[5:] for k in list(rec)[12:]} == set(stats[-1].modality_loss)
 
 
 def test_deepspeed_config_from_templates():

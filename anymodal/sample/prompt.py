@@ -1,10 +1,10 @@
-"""Media in and out of the token stream: prompt parsing, files -> segments, segments -> files.
+"""The way in: a prompt (text with media references) -> token ids.
 
 A prompt is text with inline references `<image:cat.png>` / `<audio:q.wav>`; `--image`/`--audio`
 flags add media before the text (the image → text layout the model is trained on). Images are fitted
 to the image tokenizer's resolution with its resize/letterbox mode, audio is read by the data layer's
 `read_audio_file` (mono, resampled to the codec rate), and both are tokenized with the bundle's
-tokenizers.
+tokenizers. `encode_prompt` does all of it; the steps are here for grounding and eval.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.media import read_audio_file
+from ..data.media import load_image, read_audio_file
 from ..errors import UserError
 from ..tokenizers.stream import Audio, Image, Segment, Text
 
@@ -27,6 +27,23 @@ MEDIA_REF = re.compile(r"<(image|audio):([^<>\n]+?)>")
 class PromptPart:
     kind: str  # 'text' | 'image' | 'audio'
     value: str  # the text, or a file path
+
+
+@dataclass
+class Prompt:
+    """A prompt ready for the model, with what the output page shows of it."""
+
+    parts: list[PromptPart]  # text and media in order (empty text left out)
+    pixels: list[np.ndarray | None]  # per part: uint8 [S, S, 3] as the model saw the image, else None
+    ids: list[int]  # token ids, starting with `<s>`
+
+
+def encode_prompt(text: str, tok, images=(), audios=()) -> Prompt:
+    """Prompt text (+ flag media) -> ids, with `tok` the bundle's tokenizers (and their stream)."""
+    parts = parse_prompt(text, images, audios)
+    segments, pixels = prompt_segments(parts, tok)
+    ids, _ = tok.stream.encode(segments, bos=True, eos=False)
+    return Prompt([p for p in parts if p.kind != "text" or p.value], pixels, [int(i) for i in ids])
 
 
 def parse_prompt(text: str, images=(), audios=()) -> list[PromptPart]:
@@ -43,15 +60,38 @@ def parse_prompt(text: str, images=(), audios=()) -> list[PromptPart]:
     return parts
 
 
+def prompt_segments(parts: list[PromptPart], tok) -> tuple[list[Segment], list[np.ndarray | None]]:
+    """Prompt parts -> stream segments (media tokenized), plus the fitted pixels of each non-empty part."""
+    segments: list[Segment] = []
+    pixels: list[np.ndarray | None] = []
+    for p in parts:
+        if p.kind == "text":
+            if p.value:
+                segments.append(Text(p.value))
+                pixels.append(None)
+        elif p.kind == "image":
+            if tok.image is None:
+                raise UserError("this model has no image tokenizer, so prompts cannot hold images")
+            arr = read_image(p.value, tok.image)
+            segments.append(Image(image_codes(arr, tok.image)[0]))
+            pixels.append(arr)
+        else:
+            if tok.audio is None:
+                raise UserError("this model has no audio tokenizer, so prompts cannot hold audio")
+            wave = read_audio_file(p.value, tok.audio.sample_rate)
+            segments.append(Audio(audio_codes(wave, tok.audio)))
+            pixels.append(None)
+    return segments, pixels
+
+
 def image_mode(image_tok) -> str:
+    """How the image tokenizer fits images to its square: 'resize' or 'letterbox'."""
     cfg = getattr(image_tok, "cfg", None)
     return getattr(getattr(cfg, "model", None), "image_mode", "resize")
 
 
 def read_image(path: str | Path, image_tok) -> np.ndarray:
     """uint8 [S, S, 3] fitted to the tokenizer's resolution; UserError for a missing/bad file."""
-    from ..data.media import load_image
-
     if not Path(path).is_file():
         raise UserError(f"image file not found: {path}")
     try:
@@ -76,44 +116,3 @@ def audio_codes(wave: np.ndarray, audio_tok) -> np.ndarray:
     """float32 [T] -> int64 codes [frames, stream_levels] (the levels the token stream carries)."""
     dev = next(audio_tok.parameters()).device
     return audio_tok.encode_stream(torch.from_numpy(np.asarray(wave, dtype=np.float32))[None].to(dev))[0].cpu().numpy()
-
-
-@torch.inference_mode()
-def decode_images(codes: list[np.ndarray], image_tok) -> list[np.ndarray]:
-    """Code grids [h, w] -> uint8 [H, W, 3] pixels (batched)."""
-    if not codes:
-        return []
-    dev = next(image_tok.parameters()).device
-    x = image_tok.decode(torch.from_numpy(np.stack(codes)).to(dev))  # [B, 3, H, W] in [0, 1]
-    return list((x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-
-
-@torch.inference_mode()
-def decode_audio(codes: np.ndarray, audio_tok) -> np.ndarray:
-    """codes [frames, n_q] -> float32 wave [T]."""
-    dev = next(audio_tok.parameters()).device
-    return audio_tok.decode(torch.from_numpy(np.asarray(codes, dtype=np.int64))[None].to(dev))[0].float().cpu().numpy()
-
-
-def prompt_segments(parts: list[PromptPart], tok) -> tuple[list[Segment], list[np.ndarray | None]]:
-    """Prompt parts -> stream segments (media tokenized), plus the fitted pixels of each part."""
-    segments: list[Segment] = []
-    pixels: list[np.ndarray | None] = []
-    for p in parts:
-        if p.kind == "text":
-            if p.value:
-                segments.append(Text(p.value))
-                pixels.append(None)
-        elif p.kind == "image":
-            if tok.image is None:
-                raise UserError("this model has no image tokenizer, so prompts cannot hold images")
-            arr = read_image(p.value, tok.image)
-            segments.append(Image(image_codes(arr, tok.image)[0]))
-            pixels.append(arr)
-        else:
-            if tok.audio is None:
-                raise UserError("this model has no audio tokenizer, so prompts cannot hold audio")
-            wave = read_audio_file(p.value, tok.audio.sample_rate)
-            segments.append(Audio(audio_codes(wave, tok.audio)))
-            pixels.append(None)
-    return segments, pixels
