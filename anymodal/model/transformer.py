@@ -120,6 +120,7 @@ class AttnMask:
         self.key_valid = key_valid  # [B, S] bool or None
         self._sdpa: tuple[torch.Tensor | None, bool] | None = None
         self._additive: torch.Tensor | None = None
+        self._key_start: torch.Tensor | None = None
 
     def sdpa(self) -> tuple[torch.Tensor | None, bool]:
         """(attn_mask, is_causal) for SDPA: a bool mask [B or 1, 1, T, S] (True = may attend) only
@@ -156,7 +157,9 @@ class AttnMask:
 
     def key_start(self) -> torch.Tensor | None:
         """[B, T] index of the first key each query may see (its document's start), or None."""
-        return None if self.doc_ids is None else doc_key_start(self.doc_ids)
+        if self.doc_ids is not None and self._key_start is None:
+            self._key_start = doc_key_start(self.doc_ids)
+        return self._key_start
 
 
 class Attention(nn.Module):
