@@ -61,6 +61,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`'s values; a checkpoint from before they were JSON is refused in one line."""
+    if not isinstance(state, dict) or not isinstance(state.get("torch"), str) or "python" not in state:
+        raise UserError("this checkpoint keeps its RNG state in the layout of anymodal before 2026-12-03, "
+                        "which cannot be resumed; start this training afresh (finished tokenizers still load)")
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]

@@ -6,8 +6,10 @@ import json
 import random
 
 import numpy as np
+import pytest
 import torch
 
+from anymodal.errors import UserError
 from anymodal.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -56,3 +58,9 @@ def test_rng_state_round_trips_as_json():
     want = (random.random(), np.random.rand(), torch.rand(2).tolist())
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(2).tolist()) == want
+
+
+def test_an_rng_state_of_the_old_tensor_layout_is_refused_in_one_line():
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    with pytest.raises(UserError, match="before 2026-12-03"):
+        set_rng_state(old)
