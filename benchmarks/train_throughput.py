@@ -35,6 +35,7 @@ from anymodal.config import load_config
 from anymodal.model import (
     ModelConfig,
     Transformer,
+    fast_paths,
     flops_per_token,
     lm_loss,
     measure_cpu_matmul_peak,
@@ -79,10 +80,12 @@ def make_step(kind: str, model, batch: torch.Tensor, modality: torch.Tensor, z_w
 
     native = kind in ("ours", "ours_compiled", "ours_packed")
     docs = doc_ids if kind == "ours_packed" else None
+    kernels.install(native=native)
+    paths = fast_paths.registered()  # this variant's fast paths, set again before each of its steps
 
     def step() -> float:
         if kind.startswith("ours"):
-            kernels.install(native=native)  # the registry is global: set it for this variant's step
+            fast_paths.register(**paths)  # the registry is global: the other variants change it
             loss = lm_loss(model(inputs, doc_ids=docs), labels, modality, z_loss_weight=z_w, inplace_backward=True).loss
         else:  # HF shifts labels itself
             loss = model(input_ids=inputs, labels=inputs).loss
