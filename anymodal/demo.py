@@ -27,6 +27,7 @@ from .data.cues import cue
 from .data.media import save_png, save_wav
 from .data.reader import iter_documents
 from .errors import UserError
+from .eval.metrics import format_aspect_table
 from .fileio import write_atomic
 from .sample.bundle import load_bundle, set_threads
 from .sample.ground import ground_image
@@ -89,6 +90,7 @@ class DemoConfig:
         "a small blue square at the top left and a large green triangle at the bottom right",
         "a large purple triangle at the top",  # unseen combination
         "a small orange square at the right",  # unseen combination
+        "a wide picture of a large green circle at the left",  # a non-square canvas
     ])
     ground_queries: list[str] = field(default_factory=list)  # [] = every object of the showcase picture
     speech_prompts: list[str] = field(default_factory=lambda: ["say: a small red circle at the top left"])
@@ -194,7 +196,8 @@ class Demo:
         set_threads(bundle, "auto")
         span = dict(seed=0, stop_after_span=True)
         greedy_text = SampleOptions(seed=0, temperature="0", max_new_tokens=48)
-        jobs = [(f"t2i_{i}", p + "<boi>", (), (), SampleOptions(cfg=3.0, max_new_tokens=80, **span))
+        image_budget = bundle.tok.space.image_max_span(bundle.tok.image.max_tokens)  # the largest grid it may pick
+        jobs = [(f"t2i_{i}", p + "<boi>", (), (), SampleOptions(cfg=3.0, max_new_tokens=image_budget, **span))
                 for i, p in enumerate(c.prompts)]
         picture, clip = _showcase_inputs(world, show)
         # media go before the prompt text, so each prompt is the media followed by its task cue
@@ -202,7 +205,8 @@ class Demo:
             jobs.append(("describe", cue("i2t"), (str(picture),), (), greedy_text))
         if clip is not None:
             jobs.append(("hear", cue("asr"), (), (str(clip),), greedy_text))
-            jobs.append(("a2i", cue("a2i") + "<boi>", (), (str(clip),), SampleOptions(cfg=3.0, max_new_tokens=80, **span)))
+            jobs.append(("a2i", cue("a2i") + "<boi>", (), (str(clip),),
+                         SampleOptions(cfg=3.0, max_new_tokens=image_budget, **span)))
         jobs += [(f"tts_{i}", p + "<boa>", (), (), SampleOptions(cfg=3.0, max_new_tokens=1200, **span))
                  for i, p in enumerate(c.speech_prompts)]
         with open(os.devnull, "w") as quiet:
@@ -290,6 +294,9 @@ def print_metrics(m: dict) -> None:
         print(f"{label:<22}{_fmt(m.get(key)):>10}{_fmt(unseen.get(key)):>10}   {must:<24}{aim}")
     for mod, v in (m.get("bits_per_token") or {}).items():
         print(f"{'bits/token ' + mod:<22}{_fmt(v):>10}")
+    aspects = format_aspect_table(m.get("by_aspect") or {})
+    if aspects:
+        print("\n" + aspects)
 
 
 def stage_seconds(out: Path) -> dict[str, float]:

@@ -32,8 +32,10 @@ def synthetic_tokens(out: Path, vocab: int = 4608, docs: int = 3000, seed: int =
 
     space = tiny_bundle().tok.space
     # the demo's layout: 1200 text ids, 1024 image codes, 4 x 512 audio codes, padded to `vocab`
+    # (random ids: the square layout, version 1, keeps the table free of image structure tokens)
     space = dataclasses.replace(space, image_offset=1200, image_codebook_size=1024, image_grid=(8, 8),
-                                audio_offset=2224, audio_n_q=4, audio_codebook_size=512, vocab_size=vocab)
+                                audio_offset=2224, audio_n_q=4, audio_codebook_size=512, vocab_size=vocab,
+                                version=1, eor=-1, image_size_offset=0, image_max_side=0)
     rng = np.random.default_rng(seed)
 
     def gen():

@@ -26,9 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="download remote shards here once and read them from here")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    parser.add_argument("--image-mode", choices=("resize", "letterbox"), default=None,
-                        help="how images are fitted to the image tokenizer's square resolution "
-                             "(default: the image tokenizer's own model.image_mode)")
+    parser.add_argument("--image-mode", choices=("resize", "letterbox", "native"), default=None,
+                        help="how images are fitted: resize or letterbox to the image tokenizer's square "
+                             "resolution, or native (each image's own aspect, on the nearest grid within "
+                             "--max-image-tokens codes); default: the image tokenizer's own model.image_mode")
+    parser.add_argument("--max-image-tokens", type=int, default=None, metavar="N",
+                        help="native mode: at most N codes per image (default: the image tokenizer's "
+                             "model.max_tokens; given alone, it selects native)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     parser.add_argument("--device", default="auto", help="where the image/audio tokenizers run: auto (CUDA when "
                         "present), cpu, cuda")
@@ -50,11 +54,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--from goes with --merge")
         stats = prepare(args.tokenizers, args.input if len(args.input) > 1 else args.input[0], args.out,
                         workers=args.workers, strict=args.strict, image_mode=args.image_mode,
+                        max_image_tokens=args.max_image_tokens,
                         batch_docs=args.batch_docs, progress=not args.no_progress, threads=args.threads,
                         device=args.device, part=args.part, parts=args.parts, cache_dir=args.cache_dir)
     if not stats.get("complete", True):
         print(json.dumps({k: stats[k] for k in ("complete", "shards", "shards_done", "docs", "tokens")}))
         return 0
-    summary = {k: stats[k] for k in ("docs", "tokens", "tokens_by_modality", "bad", "docs_per_second")}
+    summary = {k: stats[k] for k in ("docs", "tokens", "tokens_by_modality", "bad", "docs_per_second",
+                                     "image_mode", "max_image_tokens") if k in stats}
     print(json.dumps({"complete": True, **summary}))
     return 0

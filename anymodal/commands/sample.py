@@ -2,6 +2,7 @@
 
 Generates mixed text, images and audio from a prompt (inline `<image:cat.png>` / `<audio:q.wav>`
 references work too) and writes index.html, sample.md, image_*.png, audio_*.wav and tokens.json.
+`--image-size WxH` / `--aspect W:H` ask for an image of that size or shape.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-audio-seconds", type=float, default=10.0, help="a generated clip ends by then")
     parser.add_argument("--stop-after-span", action="store_true",
                         help="end each sample as soon as its first image, audio clip or box is complete")
+    parser.add_argument("--image-size", default=None, metavar="WxH",
+                        help="generate an image of this many pixels (snapped to whole codes), e.g. 96x48; "
+                             "appended to the prompt (after its <boi> when it ends with one)")
+    parser.add_argument("--aspect", default=None, metavar="W:H",
+                        help="generate an image of this aspect, e.g. 2:1, within the image tokenizer's "
+                             "max_tokens (without --image-size / --aspect the model chooses the size)")
     add_runtime_arguments(parser)
 
 
@@ -37,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     bundle = open_bundle(args)
     opts = SampleOptions(seed=args.seed, cfg=args.cfg, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, num_samples=args.num_samples,
-                         max_audio_seconds=args.max_audio_seconds, stop_after_span=args.stop_after_span)
+                         max_audio_seconds=args.max_audio_seconds, stop_after_span=args.stop_after_span,
+                         image_size=args.image_size, aspect=args.aspect)
     run_sample(bundle, args.prompt, args.out, images=args.image, audios=args.audio, opts=opts)
     print(f"wrote {args.out}/index.html")
     return 0

@@ -1,7 +1,9 @@
 """`anymodal tokenizer train|encode|decode KIND ...`.
 
 Dispatches by kind: training lives in `anymodal.train.<kind>_tokenizer.train_from_cli`, and
-file encode/decode in `anymodal.tokenizers.<kind>.encode_file / decode_file`.
+file encode/decode in `anymodal.tokenizers.<kind>.encode_file / decode_file`. `encode image
+--max-tokens N` keeps the image's aspect on a grid of at most N codes (what the tokenizer's native
+mode does with its own budget); `decode image` writes the grid the JSON holds.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--tokenizer", required=True, help="tokenizer directory")
         p.add_argument("input")
         p.add_argument("output")
+        if action == "encode":
+            p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                           help="image: keep the input's aspect on the nearest grid of at most N codes "
+                                "(default: the tokenizer's image_mode, and its budget when that is native)")
 
 
 def _module(name: str):
@@ -43,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
         mod.train_from_cli(config=args.config, overrides=args.overrides, out=args.out, resume=args.resume)
         return 0
     mod = _module(f"anymodal.tokenizers.{args.kind}")
-    fn = mod.encode_file if args.action == "encode" else mod.decode_file
-    fn(args.tokenizer, args.input, args.output)
+    if args.action == "decode":
+        mod.decode_file(args.tokenizer, args.input, args.output)
+        return 0
+    if args.max_tokens is None:
+        mod.encode_file(args.tokenizer, args.input, args.output)
+    elif args.kind != "image":
+        raise UserError("--max-tokens is for images")
+    else:
+        mod.encode_file(args.tokenizer, args.input, args.output, max_tokens=args.max_tokens)
     return 0

@@ -1,10 +1,13 @@
 """The demo world's checks (docs/world.md, "Measuring what the model learned").
 
-- `parse_caption(text)`: a caption back into objects (size, colour, shape, position), or None.
+- `parse_caption(text)`: a caption back into objects (size, colour, shape, position), or None;
+  `caption_aspect(text)`: the aspect ("wide", "tall") a caption asks for, else "square".
 - `analyse_image(img)`: objects found in an image by the image check: each pixel goes to the
   nearest palette colour or the background (rejected when farther than 60 in RGB), 8-connected
   components of >= 12 px per colour become objects, and a component's shape is called by its fill
-  ratio = area / box area (square >= 0.90, circle 0.65-0.90, triangle 0.35-0.65).
+  ratio = area / box area (square >= 0.90, circle 0.65-0.90, triangle 0.35-0.65). An image is
+  judged at its own size: positions on a 3 x 3 grid of its width and height, sizes against its
+  short side, as the world defines them (`scenes.py`); `image_aspect(img)` is its aspect word.
 - comparisons used by `eval`: `objects_match` (same multiset of (colour, shape)),
   `position_accuracy`, `size_accuracy`, `caption_correct`, `parse_referring`, `normalize_words`
   (box IoU: `anymodal.tokenizers.stream.iou`; word errors: `anymodal.eval.metrics.word_errors`).
@@ -19,7 +22,17 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .scenes import BACKGROUND, COLOURS, PALETTE, POSITIONS, SHAPES, position_word, size_word
+from .scenes import (
+    ASPECT_LEAD_INS,
+    BACKGROUND,
+    COLOURS,
+    PALETTE,
+    POSITIONS,
+    SHAPES,
+    aspect_word,
+    position_word,
+    size_word,
+)
 
 REJECT_DISTANCE = 60.0
 MIN_COMPONENT = 12
@@ -30,7 +43,8 @@ _SHP = "|".join(SHAPES)
 _POS = "|".join(sorted(POSITIONS, key=len, reverse=True))  # longest first: "top left" before "top"
 _OBJECT_RE = re.compile(rf"^an? (small|large) ({_COL}) ({_SHP}) (?:in the (center)|at the ({_POS}))$")
 _REF_RE = re.compile(rf"\bthe ({_COL}) ({_SHP})\b")
-_LEAD_INS = ("a picture of ", "there is ", "there are ", "an image of ", "a photo of ")
+_LEAD_INS = ("a picture of ", "there is ", "there are ", "an image of ", "a photo of ",
+             *(lead for leads in ASPECT_LEAD_INS.values() for lead in leads))
 
 
 # ------------------------------------------------------------------------------------ captions
@@ -60,6 +74,16 @@ def parse_caption(text: str) -> list[dict] | None:
         size, colour, shape, center, pos = m.groups()
         objects.append({"size": size, "colour": colour, "shape": shape, "position": center or pos})
     return objects
+
+
+def caption_aspect(text: str) -> str:
+    """The aspect a caption asks for: "wide" / "tall" when it opens with one of the world's aspect
+    lead-ins ("a wide picture of ..."), else "square"."""
+    t = " ".join(str(text).strip().lower().split())
+    for aspect, leads in ASPECT_LEAD_INS.items():
+        if t.startswith(leads):
+            return aspect
+    return "square"
 
 
 def parse_referring(text: str) -> tuple[str, str] | None:
@@ -122,10 +146,16 @@ def analyse_image(img: np.ndarray) -> list[dict]:
             fill = float(areas[j]) / float((x2 - x1) * (y2 - y1))
             box = (int(x1), int(y1), int(x2), int(y2))
             found.append({"colour": colour, "shape": shape_from_fill(fill), "box": box,
-                          "size": size_word(max((x2 - x1) / w, (y2 - y1) / h), 1),
+                          "size": size_word(max(x2 - x1, y2 - y1), min(w, h)),
                           "position": position_word(box, w, h), "area": int(areas[j]), "fill": round(fill, 4)})
     found.sort(key=lambda o: (o["box"][1], o["box"][0]))
     return found
+
+
+def image_aspect(img: np.ndarray) -> str:
+    """"square", "wide" or "tall" by the image's own width and height."""
+    h, w = np.asarray(img).shape[:2]
+    return aspect_word(int(w), int(h))
 
 
 # --------------------------------------------------------------------------------- comparisons

@@ -1,9 +1,10 @@
 """Media helpers: decode any image or audio a corpus may hold into the arrays anymodal uses.
 
-Images of any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) and any size become
-`np.uint8 [size, size, 3]` RGB, either stretched ("resize", the default) or scaled to fit and
-padded with white ("letterbox"). Transparent pixels are composited over white, the demo
-world's background.
+Images of any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) and any size become RGB
+`np.uint8 [H, W, 3]`: stretched to `size x size` ("resize", the default), scaled to fit a
+`size x size` canvas and padded with white ("letterbox"), or resized to the grid of whole codes
+nearest their own aspect within a token budget ("native", `native_grid`). Transparent pixels are
+composited over white, the demo world's background.
 
 Audio has one path in and one out, used by every part of anymodal (reader, codec trainer,
 `anymodal tokenizer encode|decode audio`, `anymodal sample`, the demo world's speech):
@@ -19,6 +20,7 @@ skips. `BadRecord` lives here (and is re-exported by `reader`) so media code has
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from math import gcd
@@ -135,12 +137,47 @@ def open_image(src: bytes | str | os.PathLike):
     return img
 
 
-def fit_image(img, size: int | None, mode: str = "resize") -> tuple[np.ndarray, Fit]:
-    """Place an RGB PIL image on a `size x size` canvas; returns (uint8 [size, size, 3], Fit)."""
+IMAGE_MODES = ("resize", "letterbox", "native")
 
-    if mode not in ("resize", "letterbox"):
-        raise ValueError(f"image mode must be 'resize' or 'letterbox', not {mode!r}")
+
+def native_grid(width: int, height: int, max_tokens: int, max_side: int = 64) -> tuple[int, int]:
+    """(rows, cols) of codes for a `width x height` image: the grid of at most `max_tokens` codes
+    (and `max_side` a side) whose area is nearest the budget with the image's aspect, as Emu3 sizes
+    its images. The ideal grid (area `max_tokens`, the image's aspect) is rounded down, then a side
+    grows by one code where that stays within the budget and brings the aspect closer."""
+    if width < 1 or height < 1 or max_tokens < 1:
+        raise ValueError(f"no grid for a {width}x{height} image in {max_tokens} tokens")
+    aspect = width / height
+    ideal_rows = math.sqrt(max_tokens / aspect)
+    rows = max(1, min(max_side, math.floor(ideal_rows)))
+    cols = max(1, min(max_side, math.floor(ideal_rows * aspect), max_tokens // rows))
+
+    def error(r: int, c: int) -> float:
+        return abs(math.log(c / r / aspect))
+
+    for r, c in ((rows + 1, cols), (rows, cols + 1)):
+        if r * c <= max_tokens and max(r, c) <= max_side and error(r, c) < error(rows, cols):
+            rows, cols = r, c
+    return rows, cols
+
+
+def fit_image(img, size: int | None, mode: str = "resize", factor: int = 8,
+              max_tokens: int | None = None, max_side: int = 64) -> tuple[np.ndarray, Fit]:
+    """Fit an RGB PIL image for an image tokenizer of `factor` pixels a code; returns (uint8 [H, W, 3], Fit).
+
+    resize / letterbox: a `size x size` canvas. native: `native_grid` of at most `max_tokens` codes
+    (default `(size // factor) ** 2`), each side a multiple of `factor`; boxes keep their normalized
+    coordinates, since the resize scales each axis on its own."""
+
+    if mode not in IMAGE_MODES:
+        raise ValueError(f"image mode must be one of {', '.join(IMAGE_MODES)}, not {mode!r}")
     w, h = img.size
+    if mode == "native":
+        budget = max_tokens if max_tokens is not None else (size // factor) ** 2
+        rows, cols = native_grid(w, h, budget, max_side)
+        if (w, h) != (cols * factor, rows * factor):
+            img = img.resize((cols * factor, rows * factor), Image.BICUBIC, reducing_gap=3.0)
+        return np.asarray(img, dtype=np.uint8).copy(), Fit((w, h))
     if size is None or (w == size and h == size):
         return np.asarray(img, dtype=np.uint8).copy(), Fit((w, h))  # exact pixels, no resampling
     if mode == "resize":

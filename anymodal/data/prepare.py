@@ -1,18 +1,24 @@
 """`anymodal prepare`: run the frozen tokenizers once over raw shards and write token shards.
 
 Raw documents (webdataset shards, read by `anymodal.data.reader.iter_documents`) become id
-sequences of the stream (`<s> text… <boi> codes <eoi> … </s>`). Images are encoded in batches
-by the image tokenizer; audio clips are batched by equal frame count (so every clip's codes are
-exactly what encoding it alone gives). Shards are processed by a pool of worker processes, one
-raw shard per task, and each finished shard is final: a rerun skips it (resume per shard).
+sequences of the stream (`<s> text… <boi> codes <eoi> … </s>`). Images are fitted by the image
+mode (the image tokenizer's `model.image_mode` unless `--image-mode` says otherwise): resize or
+letterbox to its square resolution, or native, each image on the grid nearest its own aspect
+within `max_image_tokens` codes (`media.native_grid`; default the tokenizer's `max_tokens`), its
+boxes mapped through the same resize. Images are encoded in batches of one grid shape; audio
+clips are batched by equal frame count (so every clip's codes are exactly what encoding it alone
+gives). Shards are processed by a pool of worker processes, one raw shard per task, and each
+finished shard is final: a rerun skips it (resume per shard).
 
 Token-shard format (a folder; all integers little-endian):
 
     token_space.json        the tokenizers' token space (checked again by every loader)
     manifest.json           {"format": "anymodal-tokens", "version": 1, "dtype": "uint16"|"uint32",
-                             "shards": [names], "tokenizers": "/abs/dir", "kinds": [...], "docs", "tokens"}
+                             "shards": [names], "tokenizers": "/abs/dir", "kinds": [...], "docs", "tokens",
+                             "image_mode", "max_image_tokens"} (the budget: null unless native)
                             written last: a folder without it is an unfinished prepare
-    stats.json              docs, tokens per modality, docs per kind, bad records by reason, docs/s
+    stats.json              docs, tokens per modality, docs per kind, bad records by reason, docs/s,
+                            image_mode and max_image_tokens
     shards/NAME.ids         every document's ids back to back (dtype: uint16 when vocab <= 65536)
     shards/NAME.mod         uint8 modality id per token (0 text, 1 image, 2 audio, 3 loc)
     shards/NAME.idx.npy     one record per document (numpy structured array, no pickle):
@@ -53,6 +59,7 @@ from ..sample.prompt import image_mode as tokenizer_image_mode
 from ..tokenizers import load_tokenizers
 from ..tokenizers.stream import Audio, Box, Image, Text
 from ..tokenizers.token_space import TokenSpace
+from .media import IMAGE_MODES
 from .reader import RecordCounter, expand_shards, iter_documents
 
 FORMAT = "anymodal-tokens"
@@ -150,13 +157,9 @@ class _Encoder:
         self.audio_batch = audio_batch
 
     def encode_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        torch = self.torch
-        out: list[np.ndarray] = []
-        for s in range(0, len(images), self.image_batch):
-            x = torch.from_numpy(np.stack(images[s : s + self.image_batch]))  # [B, H, W, 3] uint8
-            x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W] in [0, 1]
-            out.extend(self.tok.image.encode(x).cpu().numpy().astype(np.int64))  # [B, h, w]
-        return out
+        """uint8 [H, W, 3] images (native mode: several sizes) -> code grids, in order; one encoder
+        call per grid shape and batch."""
+        return self.tok.image.encode_pixels(images, self.image_batch)
 
     def encode_audio(self, waves: list[np.ndarray]) -> list[np.ndarray]:
         """Clips with the same frame count go through the codec together: padding inside a batch
@@ -245,7 +248,12 @@ def _prepare_shard(task: dict) -> dict:
     stats = _ShardStats()
     counter = RecordCounter()
     writer = ShardWriter(shard_dir, name, np.dtype(task["dtype"]))
-    image_size = enc.tok.image.resolution if enc.tok.image is not None else 64
+    if enc.tok.image is not None:
+        image_args = enc.tok.image.cfg.model.reader_args(task["image_mode"], task["max_image_tokens"])
+        if enc.space.any_aspect:
+            image_args["image_max_side"] = enc.space.image_max_side
+    else:
+        image_args = {"image_size": 64, "image_mode": task["image_mode"]}
     sample_rate = enc.tok.audio.sample_rate if enc.tok.audio is not None else 16000
 
     def flush(buf: list) -> None:
@@ -265,9 +273,8 @@ def _prepare_shard(task: dict) -> dict:
 
     try:
         buf: list = []
-        docs = iter_documents(task["source"], image_size=image_size, image_mode=task["image_mode"],
-                              sample_rate=sample_rate, strict=task["strict"], counter=counter,
-                              cache_dir=task.get("cache_dir"))
+        docs = iter_documents(task["source"], **image_args, sample_rate=sample_rate, strict=task["strict"],
+                              counter=counter, cache_dir=task.get("cache_dir"))
         for doc in docs:
             buf.append(doc)
             if len(buf) >= task["batch_docs"]:
@@ -318,6 +325,7 @@ def prepare(
     workers: int | None = None,
     strict: bool = False,
     image_mode: str | None = None,
+    max_image_tokens: int | None = None,
     batch_docs: int = 64,
     progress: bool = True,
     threads: int | None = None,
@@ -335,6 +343,10 @@ def prepare(
     gathering parts from their own folders. Every part must see the same input list and the same
     tokenizer set (`prepare.json` records both; a part that differs is refused). The returned dict
     holds "complete": whether the manifest was written.
+
+    `image_mode`: resize | letterbox | native (default: the image tokenizer's `model.image_mode`);
+    `max_image_tokens`: native mode's codes per image (default: the image tokenizer's `max_tokens`;
+    given alone, it selects native).
     """
 
 
@@ -349,18 +361,14 @@ def prepare(
     tok_dir = Path(tokenizers)
     toks = load_tokenizers(tok_dir)  # validates the set (and its token_space.json) up front
     space = toks.space
-    if image_mode is None:  # fit images the way the image tokenizer (and sample/eval) does
-
-        image_mode = tokenizer_image_mode(toks.image) if toks.image is not None else "resize"
-    if image_mode not in ("resize", "letterbox"):
-        raise UserError(f"--image-mode must be resize or letterbox, got {image_mode!r}")
+    images = _image_settings(toks, image_mode, max_image_tokens)
     out = Path(out)
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     if (out / "token_space.json").is_file():
         TokenSpace.load(out).check_same(space, f"existing {out}/token_space.json vs the tokenizers")
     space.save(out / "token_space.json")
-    _check_plan(out, sources, tok_dir, parts)
+    _check_plan(out, sources, tok_dir, parts, images)
     (out / "manifest.json").unlink(missing_ok=True)  # re-marked complete at the end
     dtype = ids_dtype(space.vocab_size).str
 
@@ -373,7 +381,7 @@ def prepare(
             done[name] = prev
         elif i % parts == (part or 0):
             tasks.append({"name": name, "source": src, "out": str(out), "dtype": dtype, "strict": strict,
-                          "image_mode": image_mode, "batch_docs": batch_docs,
+                          **images, "batch_docs": batch_docs,
                           "cache_dir": str(cache_dir) if cache_dir else None})
     cpus = os.cpu_count() or 1
     workers = max(1, min(workers or cpus, len(tasks) or 1))
@@ -386,7 +394,31 @@ def prepare(
         return {"complete": False, "shards": len(names), "shards_done": len(done),
                 "docs": sum(d["docs"] for d in done.values()), "tokens": sum(d["tokens"] for d in done.values()),
                 "seconds": round(seconds, 3)}
-    return _finish(out, names, sources, done, tok_dir, dtype, seconds, [t["name"] for t in tasks])
+    return _finish(out, names, sources, done, tok_dir, dtype, seconds, [t["name"] for t in tasks], images)
+
+
+def _image_settings(toks, image_mode: str | None, max_image_tokens: int | None) -> dict:
+    """{"image_mode", "max_image_tokens"} of this prepare: the image tokenizer's own unless given; a
+    budget alone means native (as `tokenizer encode image --max-tokens`). The budget is null unless
+    native; a set without an image tokenizer skips documents with images."""
+    if toks.image is None:
+        if image_mode is not None and image_mode not in IMAGE_MODES:
+            raise UserError(f"--image-mode must be one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
+        return {"image_mode": image_mode or "resize", "max_image_tokens": None}
+    if image_mode is None:  # fit images the way the image tokenizer (and sample/eval) does
+        image_mode = "native" if max_image_tokens is not None else tokenizer_image_mode(toks.image)
+    if image_mode not in IMAGE_MODES:
+        raise UserError(f"--image-mode must be one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
+    if max_image_tokens is not None and max_image_tokens < 1:
+        raise UserError(f"--max-image-tokens must be at least 1, got {max_image_tokens}")
+    if image_mode != "native":
+        if max_image_tokens is not None:
+            raise UserError(f"--max-image-tokens goes with --image-mode native, not {image_mode}")
+        return {"image_mode": image_mode, "max_image_tokens": None}
+    if not toks.space.any_aspect:
+        raise UserError("--image-mode native needs a token space of version 2 (any image grid); this tokenizer "
+                        "set's token_space.json holds square images only")
+    return {"image_mode": image_mode, "max_image_tokens": max_image_tokens or toks.image.max_tokens}
 
 
 PLAN = "prepare.json"
@@ -406,18 +438,28 @@ def tokenizer_fingerprint(tok_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_plan(out: Path, sources: list[str], tok_dir: Path, parts: int = 1) -> dict:
-    """Record (or check) what every part of this folder tokenizes and with which tokenizers.
+def _check_plan(out: Path, sources: list[str], tok_dir: Path, parts: int = 1, images: dict | None = None) -> dict:
+    """Record (or check) what every part of this folder tokenizes, with which tokenizers and how
+    images are fitted.
 
     A run of one part may change the input list (shards whose source changed are redone, as
-    before parts existed); shards made by another tokenizer set are never reused."""
-    plan = {"sources": sources, "tokenizers": tokenizer_fingerprint(tok_dir), "tokenizer_dir": str(tok_dir.resolve())}
+    before parts existed); shards made by another tokenizer set or image fit are never reused.
+    A plan from before image settings were recorded takes this run's."""
+    plan = {"sources": sources, "tokenizers": tokenizer_fingerprint(tok_dir), "tokenizer_dir": str(tok_dir.resolve()),
+            **(images or {})}
     path = out / PLAN
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("tokenizers") != plan["tokenizers"]:
             raise UserError(f"{out} is being prepared with another tokenizer set (fingerprint "
                             f"{old.get('tokenizers')}, {tok_dir} has {plan['tokenizers']}); use the same set or another --out")
+        for key in (images or {}):
+            if key in old and old[key] != plan[key]:
+                raise UserError(f"{out} is being prepared with {key} {old[key]}, not {plan[key]}; "
+                                f"use the same setting or another --out")
+        if any(key not in old for key in (images or {})):
+            old = {**old, **(images or {})}
+            _write_json(path, old)
         if old.get("sources") != sources and parts > 1:
             raise UserError(f"{out} is being prepared from other input shards ({len(old.get('sources', []))} "
                             f"listed in {path}, {len(sources)} given); every part needs the same --input")
@@ -461,7 +503,9 @@ def merge(out: str | Path, part_dirs: Iterable[str | Path] = ()) -> dict:
     if missing:
         raise UserError(f"{len(missing)} of {len(names)} shards are not done yet (e.g. {', '.join(missing[:5])}); "
                         f"run the parts that hold them (--part i --parts N), then merge again")
-    return _finish(out, names, sources, done, Path(plan["tokenizer_dir"]), ids_dtype(space.vocab_size).str, 0.0, [])
+    images = {k: plan[k] for k in ("image_mode", "max_image_tokens") if k in plan}
+    return _finish(out, names, sources, done, Path(plan["tokenizer_dir"]), ids_dtype(space.vocab_size).str, 0.0, [],
+                   images)
 
 
 def _run_tasks(tasks, tok_dir, workers, threads, show, n_done, n_total, done, device) -> None:
@@ -514,7 +558,8 @@ class _LocalCounter:
         return contextlib.nullcontext()
 
 
-def _finish(out: Path, names, sources, done, tok_dir: Path | None, dtype: str, seconds: float, new: list[str]) -> dict:
+def _finish(out: Path, names, sources, done, tok_dir: Path | None, dtype: str, seconds: float, new: list[str],
+            images: dict | None = None) -> dict:
     kinds: list[str] = []
     total = {"docs": 0, "tokens": 0, "tokens_by_modality": {m: 0 for m in MODALITY_NAMES},
              "docs_by_kind": {}, "bad": {}, "max_doc_tokens": 0}
@@ -537,10 +582,12 @@ def _finish(out: Path, names, sources, done, tok_dir: Path | None, dtype: str, s
     stats = {**total, "shards": len(names), "bad_total": sum(total["bad"].values()),
              "seconds": round(seconds, 3), "shards_this_run": len(new),
              "docs_per_second": round(new_docs / seconds, 2) if new and seconds > 0 else None}
+    images = {"image_mode": None, "max_image_tokens": None, **(images or {})}
+    stats.update(images)
     _write_json(out / "stats.json", stats)
     manifest = {"format": FORMAT, "version": VERSION, "dtype": np.dtype(dtype).name, "shards": names,
                 "sources": sources, "tokenizers": str(Path(tok_dir).resolve()) if tok_dir else "", "kinds": kinds,
-                "docs": total["docs"], "tokens": total["tokens"]}
+                "docs": total["docs"], "tokens": total["tokens"], **images}
     _write_json(out / "manifest.json", manifest)
     return stats
 

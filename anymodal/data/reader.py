@@ -52,6 +52,7 @@ from .media import (
     BAD_BOX,
     BAD_JSON,
     BAD_SEGMENT,
+    IMAGE_MODES,
     MISSING_FILE,
     BadRecord,
     fit_image,
@@ -279,10 +280,12 @@ def _embedded(value, sample: dict, exts: Sequence[str], what: str) -> bytes:
 
 
 class _Decoder:
-    def __init__(self, image_size, image_mode, sample_rate, max_audio_seconds, images, audio):
+    def __init__(self, image_size, image_mode, sample_rate, max_audio_seconds, images, audio,
+                 image_factor=8, max_image_tokens=None, image_max_side=64):
         self.image_size, self.image_mode, self.sample_rate = image_size, image_mode, sample_rate
         self.max_audio_seconds = max_audio_seconds
         self.want_images, self.want_audio = images, audio
+        self.fit_args = {"factor": image_factor, "max_tokens": max_image_tokens, "max_side": image_max_side}
 
     def document(self, sample: dict) -> RawDocument | None:
         key, shard = sample["__key__"], sample["__shard__"]
@@ -325,7 +328,7 @@ class _Decoder:
             elif "image" in seg:
                 data = _embedded(seg["image"], sample, IMAGE_EXTS, "image")
                 if self.want_images:  # else only checked to exist (iter_audio skips the decode)
-                    arr, fit = fit_image(open_image(data), self.image_size, self.image_mode)
+                    arr, fit = fit_image(open_image(data), self.image_size, self.image_mode, **self.fit_args)
                     fits.append(fit)
                     out.append({"image": arr})
             elif "audio" in seg:
@@ -401,9 +404,25 @@ class _Decoder:
 
 
 def decode_sample(sample: dict, image_size: int | None = 64, image_mode: str = "resize",
-                  sample_rate: int = 16000, max_audio_seconds: float | None = None) -> RawDocument:
+                  sample_rate: int = 16000, max_audio_seconds: float | None = None, image_factor: int = 8,
+                  max_image_tokens: int | None = None, image_max_side: int = 64) -> RawDocument:
     """One raw sample (as from `iter_samples`) -> `RawDocument`; raises `BadRecord`."""
-    return _Decoder(image_size, image_mode, sample_rate, max_audio_seconds, True, True).document(sample)  # type: ignore[return-value]
+    _check_image_args(image_size, image_mode, image_factor, max_image_tokens)
+    dec = _Decoder(image_size, image_mode, sample_rate, max_audio_seconds, True, True, image_factor,
+                   max_image_tokens, image_max_side)
+    return dec.document(sample)  # type: ignore[return-value]
+
+
+def _check_image_args(image_size, image_mode, image_factor, max_image_tokens) -> None:
+    if image_mode not in IMAGE_MODES:
+        raise UserError(f"image mode must be one of {', '.join(IMAGE_MODES)}, not {image_mode!r}")
+    if image_mode == "native":
+        if image_factor < 1:
+            raise UserError(f"image_factor must be at least 1, got {image_factor}")
+        if max_image_tokens is None and not image_size:
+            raise UserError("native image mode needs max_image_tokens (or image_size to derive it from)")
+        if max_image_tokens is not None and max_image_tokens < 1:
+            raise UserError(f"max_image_tokens must be at least 1, got {max_image_tokens}")
 
 
 # -------------------------------------------------------------------------------- iteration
@@ -424,8 +443,15 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
                    kinds: Sequence[str] | None = None, max_audio_seconds: float | None = None,
                    images: bool = True, audio: bool = True, shuffle_buffer: int = 512,
                    decode_media: bool = True, resampled: bool = False, epoch_docs: int | None = None,
-                   cache_dir: str | os.PathLike | None = None) -> Iterator[RawDocument]:
+                   cache_dir: str | os.PathLike | None = None, image_factor: int = 8,
+                   max_image_tokens: int | None = None, image_max_side: int = 64) -> Iterator[RawDocument]:
     """Decoded documents of this rank's (and DataLoader worker's) share of the shards.
+
+    Images are fitted by `image_mode` (`media.fit_image`): resize / letterbox to `image_size`
+    squared, or native: each keeps its aspect on the grid of at most `max_image_tokens` codes of
+    `image_factor` pixels (default `(image_size // image_factor) ** 2`), sides at most
+    `image_max_side` codes. Boxes are mapped through the same fit, so native boxes keep their
+    normalized coordinates (each axis relative to the image's own width and height).
 
     `kinds` keeps only documents of those kinds; `images=False` / `audio=False` skip decoding
     (and drop) image / audio segments; `decode_media=False` does both (text only, and boxes are
@@ -438,8 +464,7 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
     """
     if not decode_media:
         images = audio = False
-    if image_mode not in ("resize", "letterbox"):
-        raise UserError(f"image mode must be 'resize' or 'letterbox', not {image_mode!r}")
+    _check_image_args(image_size, image_mode, image_factor, max_image_tokens)
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not in [0, {world_size})")
     urls = expand_shards(shards)
@@ -458,7 +483,8 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
         mine, stride = urls, readers  # too few shards: split by sample instead
     own = counter is None
     counter = RecordCounter() if own else counter
-    dec = _Decoder(image_size, image_mode, sample_rate, max_audio_seconds, images, audio)
+    dec = _Decoder(image_size, image_mode, sample_rate, max_audio_seconds, images, audio, image_factor,
+                   max_image_tokens, image_max_side)
     kinds_set = set(kinds) if kinds is not None else None
 
     def decoded() -> Iterator[RawDocument]:
@@ -490,7 +516,7 @@ def iter_documents(shards, image_size: int | None = 64, image_mode: str = "resiz
 
 
 def iter_images(shards, image_size: int | None = 64, image_mode: str = "resize", **kw) -> Iterator[np.ndarray]:
-    """Every image (uint8 [size, size, 3]) of the documents; audio is not decoded."""
+    """Every image (uint8 [H, W, 3]: [size, size, 3] unless native) of the documents; audio is not decoded."""
     for doc in iter_documents(shards, image_size=image_size, image_mode=image_mode, audio=False, **kw):
         yield from doc.images
 

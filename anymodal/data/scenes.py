@@ -1,7 +1,10 @@
 """Scenes of the demo world: sampling, rendering and the texts that describe them (docs/world.md).
 
-A scene is 1-3 solid shapes on a white `S x S` canvas. Boxes are square, in pixels,
-`(x1, y1, x2, y2)` with exclusive ends (side = x2 - x1), at least 2 px apart and inside the canvas.
+A scene is 1-3 solid shapes on a white `W x H` canvas (square, wide or tall). Boxes are square,
+in pixels, `(x1, y1, x2, y2)` with exclusive ends (side = x2 - x1), at least 2 px apart and inside
+the canvas. Every word is relative to the canvas, so it stays true on any canvas: a size is a box
+side as a fraction of the canvas's short side (boxes stay square, so a circle stays round), a
+position is where the box centre falls on a 3 x 3 grid of the canvas's own width and height.
 Shapes are drawn without anti-aliasing by testing pixel centres, so every pixel is exactly a
 palette colour or white and the checker can recover the truth.
 """
@@ -25,10 +28,17 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLOURS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
-SIZE_RANGE = {"small": (0.18, 0.28), "large": (0.34, 0.46)}  # box side as a fraction of S
+SIZE_RANGE = {"small": (0.18, 0.28), "large": (0.34, 0.46)}  # box side as a fraction of the short side
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 LEAD_INS = ("", "a picture of ", "there is ")
+# A prompt that asks for a non-square image says so (t2i and story captions, spoken a2i captions):
+# the model cannot guess the aspect from the objects. The first phrasing is the one eval's docs use.
+ASPECT_LEAD_INS: dict[str, tuple[str, ...]] = {
+    "wide": ("a wide picture of ", "a wide image of ", "wide: "),
+    "tall": ("a tall picture of ", "a tall image of ", "tall: "),
+}
+ASPECTS = ("square", "wide", "tall")
 MIN_GAP = 2  # free pixels between any two boxes
 
 
@@ -43,32 +53,55 @@ class SceneObject:
     def combo(self) -> tuple[str, str]:
         return (self.colour, self.shape)
 
-    def to_dict(self, canvas: int) -> dict:
+    def to_dict(self, width: int, height: int | None = None) -> dict:
         return {"shape": self.shape, "colour": self.colour, "size": self.size,
-                "box": list(self.box), "position": position_word(self.box, canvas)}
+                "box": list(self.box), "position": position_word(self.box, width, height)}
 
 
 @dataclass(frozen=True)
 class Scene:
-    size: int
+    width: int
+    height: int
     objects: tuple[SceneObject, ...] = field(default_factory=tuple)
 
+    @property
+    def canvas(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    @property
+    def aspect(self) -> str:
+        return aspect_word(self.width, self.height)
+
+    def with_objects(self, objects) -> Scene:
+        return Scene(self.width, self.height, tuple(objects))
+
     def to_dicts(self) -> list[dict]:
-        return [o.to_dict(self.size) for o in self.objects]
+        return [o.to_dict(self.width, self.height) for o in self.objects]
 
     def combos(self) -> set[tuple[str, str]]:
         return {o.combo for o in self.objects}
 
 
-def side_range(size_word: str, canvas: int) -> tuple[int, int]:
-    """Integer box sides allowed for a size word on an `canvas x canvas` image."""
+def canvas_size(canvas: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a canvas given as a side (square) or as (width, height)."""
+    return (canvas, canvas) if isinstance(canvas, int) else (int(canvas[0]), int(canvas[1]))
+
+
+def aspect_word(width: int, height: int) -> str:
+    """'square', 'wide' (wider than tall) or 'tall' (taller than wide)."""
+    return "square" if width == height else "wide" if width > height else "tall"
+
+
+def side_range(size_word: str, short: int) -> tuple[int, int]:
+    """Integer box sides allowed for a size word on a canvas whose short side is `short` pixels."""
     lo, hi = SIZE_RANGE[size_word]
-    return ceil(lo * canvas - 1e-9), floor(hi * canvas + 1e-9)
+    return ceil(lo * short - 1e-9), floor(hi * short + 1e-9)
 
 
-def size_word(side: float, canvas: int) -> str:
-    """Size word of a box side, splitting halfway between the small and large ranges."""
-    return "small" if side / canvas <= (SIZE_RANGE["small"][1] + SIZE_RANGE["large"][0]) / 2 else "large"
+def size_word(side: float, short: float) -> str:
+    """Size word of a box side on a canvas of short side `short`, splitting halfway between the
+    small and large ranges."""
+    return "small" if side / short <= (SIZE_RANGE["small"][1] + SIZE_RANGE["large"][0]) / 2 else "large"
 
 
 def position_word(box, width: int, height: int | None = None) -> str:
@@ -84,24 +117,27 @@ def boxes_apart(a, b, gap: int = MIN_GAP) -> bool:
     return b[0] - a[2] >= gap or a[0] - b[2] >= gap or b[1] - a[3] >= gap or a[1] - b[3] >= gap
 
 
-def place_box(rng: np.random.Generator, side: int, canvas: int, others, tries: int = 60):
+def place_box(rng: np.random.Generator, side: int, canvas: int | tuple[int, int], others, tries: int = 60):
     """A random square box of `side` inside the canvas, apart from `others`; None if none found."""
+    width, height = canvas_size(canvas)
     for _ in range(tries):
-        x, y = int(rng.integers(0, canvas - side + 1)), int(rng.integers(0, canvas - side + 1))
+        x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
         box = (x, y, x + side, y + side)
         if all(boxes_apart(box, o) for o in others):
             return box
     return None
 
 
-def sample_scene(rng: np.random.Generator, canvas: int = 64, n_objects: int | None = None,
+def sample_scene(rng: np.random.Generator, canvas: int | tuple[int, int] = 64, n_objects: int | None = None,
                  allowed: set[tuple[str, str]] | None = None,
                  must_include: tuple[str, str] | None = None, max_objects: int = 3) -> Scene:
-    """Sample 1-3 non-overlapping objects with distinct (colour, shape) pairs.
+    """Sample 1-3 non-overlapping objects with distinct (colour, shape) pairs on a canvas of
+    `canvas` pixels a side, or `(width, height)`.
 
     `allowed` restricts the (colour, shape) pairs (train excludes the unseen ones);
     `must_include` forces one object of that pair (val's unseen-combination documents).
     """
+    width, height = canvas_size(canvas)
     allowed_list = sorted(allowed if allowed is not None else {(c, s) for c in COLOURS for s in SHAPES})
     n = int(rng.integers(1, max_objects + 1)) if n_objects is None else n_objects
     objects: list[SceneObject] = []
@@ -118,18 +154,18 @@ def sample_scene(rng: np.random.Generator, canvas: int = 64, n_objects: int | No
         sz = SIZES[int(rng.integers(2))]
         box = None
         for word in (sz, "small"):  # a large object that does not fit is tried small
-            lo, hi = side_range(word, canvas)
-            box = place_box(rng, int(rng.integers(lo, hi + 1)), canvas, [o.box for o in objects])
+            lo, hi = side_range(word, min(width, height))
+            box = place_box(rng, int(rng.integers(lo, hi + 1)), (width, height), [o.box for o in objects])
             if box is not None:
                 sz = word
                 break
         if box is None:
             if i == 0:
-                raise RuntimeError(f"canvas {canvas} too small for one object")
+                raise RuntimeError(f"canvas {width}x{height} too small for one object")
             break
         objects.append(SceneObject(combo[1], combo[0], sz, box))
     order = rng.permutation(len(objects))  # the forced object is not always first
-    return Scene(canvas, tuple(objects[j] for j in order))
+    return Scene(width, height, tuple(objects[j] for j in order))
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -155,8 +191,8 @@ _MASKS: dict[tuple[str, int], np.ndarray] = {}
 
 
 def render_scene(scene: Scene) -> np.ndarray:
-    """Scene -> uint8 [S, S, 3] image."""
-    img = np.empty((scene.size, scene.size, 3), dtype=np.uint8)
+    """Scene -> uint8 [H, W, 3] image."""
+    img = np.empty((scene.height, scene.width, 3), dtype=np.uint8)
     img[:] = BACKGROUND
     for o in scene.objects:
         x1, y1, x2, y2 = o.box
@@ -170,10 +206,14 @@ def render_scene(scene: Scene) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- texts
 
 
-def describe(o: SceneObject, canvas: int) -> str:
-    pos = position_word(o.box, canvas)
-    where = "in the center" if pos == "center" else f"at the {pos}"
-    return f"a {o.size} {o.colour} {o.shape} {where}"
+def where_phrase(box, width: int, height: int | None = None) -> str:
+    """`in the center` or `at the {position}`."""
+    pos = position_word(box, width, height)
+    return "in the center" if pos == "center" else f"at the {pos}"
+
+
+def describe(o: SceneObject, width: int, height: int | None = None) -> str:
+    return f"a {o.size} {o.colour} {o.shape} {where_phrase(o.box, width, height)}"
 
 
 def join_phrases(parts: list[str]) -> str:
@@ -184,7 +224,13 @@ def join_phrases(parts: list[str]) -> str:
 
 def caption(scene: Scene, lead_in: str = "") -> str:
     """`a small red circle at the top left, a large ... and a ...` (objects in scene order)."""
-    return lead_in + join_phrases([describe(o, scene.size) for o in scene.objects])
+    return lead_in + join_phrases([describe(o, scene.width, scene.height) for o in scene.objects])
+
+
+def prompt_lead_ins(aspect: str) -> tuple[str, ...]:
+    """Lead-ins of a caption that asks for an image: a non-square one says its aspect, a square
+    one needs no word (and keeps the plain lead-ins)."""
+    return LEAD_INS if aspect == "square" else ASPECT_LEAD_INS[aspect]
 
 
 def referring_expression(o: SceneObject) -> str:
@@ -202,16 +248,16 @@ def move_object(rng: np.random.Generator, scene: Scene, index: int, direction: s
     dx, dy = MOVES[direction]
     side = o.box[2] - o.box[0]
     others = [p.box for j, p in enumerate(scene.objects) if j != index]
-    lo = max(4, scene.size // 8)  # a visible step
-    steps = list(range(lo, scene.size))
+    lo = max(4, min(scene.canvas) // 8)  # a visible step
+    steps = list(range(lo, scene.width if dx else scene.height))
     for _ in range(20):
         step = steps[int(rng.integers(len(steps)))]
         x, y = o.box[0] + dx * step, o.box[1] + dy * step
         box = (x, y, x + side, y + side)
-        if min(box) < 0 or box[2] > scene.size or box[3] > scene.size:
+        if min(box) < 0 or box[2] > scene.width or box[3] > scene.height:
             continue
         if all(boxes_apart(box, b) for b in others):
             objs = list(scene.objects)
             objs[index] = replace(o, box=box)
-            return Scene(scene.size, tuple(objs))
+            return scene.with_objects(objs)
     return None

@@ -21,9 +21,14 @@ the rest is what a model should produce):
     prose   text                                                                       (prompt: 0)
 
 `meta` holds the truth: `objects` (of image 0 or of the spoken text), `frames` (story), `target`
-(ground/refer object), `transcript`, `voice`, `speed`, and `unseen` (true when any object is a
-colour+shape pair held out of train). Cues come in a few phrasings each (`cues.CUES`), drawn per
-document.
+(ground/refer object), `transcript`, `voice`, `speed`, `canvas` ([width, height] of a non-square
+scene; absent for a square one) and `unseen` (true when any object is a colour+shape pair held out
+of train). Cues come in a few phrasings each (`cues.CUES`), drawn per document.
+
+Scenes are drawn on the canvases of `canvases` ("WxH" -> proportion): an image-bearing document
+draws its canvas first, and the caption of a prompt that asks for a non-square image says "wide" or
+"tall" (`scenes.ASPECT_LEAD_INS`). With one canvas (the default: `image_size` square) nothing is
+drawn, so a square-only world writes the documents it always wrote.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ SPLIT_ID = {"train": 0, "val": 1}
 DEFAULT_KINDS = {"t2i": 0.18, "i2t": 0.14, "ground": 0.12, "refer": 0.08, "asr": 0.12,
                  "tts": 0.08, "a2i": 0.08, "story": 0.08, "prose": 0.12}
 DEFAULT_VOICES = ["en-us", "en", "en-us+f3", "en+f2", "en+m3", "en-gb-scotland", "en-029", "en-gb-x-rp"]
+_CANVAS_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 INSTRUCTIONS = ("show me the {colour} {shape}", "find the {colour} {shape}",
                 "draw a {size} {colour} {shape}", "where is the {colour} {shape}",
                 "point to the {colour} {shape}")
@@ -68,6 +74,10 @@ class WorldConfig:
     """What the demo world looks like and how it is written (configs/world/demo.yaml)."""
 
     image_size: int = 64
+    # Canvases "WxH" in pixels -> proportion (renormalized; 0 drops one), e.g. {"48x48": 0.9,
+    # "64x48": 0.05, "48x64": 0.05}; given, they replace the image_size square for every image (the
+    # scenes only spoken stay image_size square). Empty: every scene is image_size x image_size.
+    canvases: dict[str, float] = field(default_factory=dict)
     max_objects: int = 3
     kinds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KINDS))
     unseen: list[str] = field(default_factory=lambda: ["purple triangle", "orange square"])
@@ -103,6 +113,16 @@ class WorldConfig:
                                   f"(colours: {', '.join(S.COLOURS)}; shapes: {', '.join(S.SHAPES)})")
         if self.image_size < 24:
             raise ConfigError(f"config key 'image_size' is {self.image_size}; it must be at least 24")
+        for name, weight in self.canvases.items():
+            m = _CANVAS_RE.match(str(name))
+            if m is None:
+                raise ConfigError(f"config key 'canvases' entry {name!r} is not WIDTHxHEIGHT in pixels (e.g. 64x48)")
+            if min(int(m[1]), int(m[2])) < 24:
+                raise ConfigError(f"config key 'canvases' entry {name!r}: each side must be at least 24 pixels")
+            if weight < 0:
+                raise ConfigError(f"config key 'canvases' entry {name!r} has a negative proportion")
+        if self.canvases and sum(self.canvases.values()) <= 0:
+            raise ConfigError("config key 'canvases' needs non-negative proportions with a positive sum")
         if not 1 <= self.max_objects <= 3:
             raise ConfigError("config key 'max_objects' must be 1, 2 or 3")
         if self.speech_max_objects < 1:
@@ -124,6 +144,15 @@ class WorldConfig:
     @property
     def unseen_pairs(self) -> set[tuple[str, str]]:
         return {tuple(p.split()) for p in self.unseen}  # type: ignore[misc]
+
+    def canvas_choices(self) -> tuple[list[tuple[int, int]], np.ndarray]:
+        """The canvases (width, height) with a positive proportion, and their probabilities."""
+        if not self.canvases:
+            return [(self.image_size, self.image_size)], np.ones(1)
+        pairs = [(tuple(int(v) for v in _CANVAS_RE.match(k).groups()), w)  # type: ignore[union-attr]
+                 for k, w in self.canvases.items() if w > 0]
+        w = np.array([p[1] for p in pairs], dtype=np.float64)
+        return [p[0] for p in pairs], w / w.sum()  # type: ignore[misc]
 
 
 def load_world_config(path: str | None = None, overrides=()) -> WorldConfig:
@@ -187,15 +216,29 @@ class _Planner:
         self.unseen_list = sorted(unseen)
         if not self.seen_pairs:
             raise ConfigError("config key 'unseen' holds out every colour+shape pair")
+        self.canvases, self.canvas_p = cfg.canvas_choices()
 
-    # a scene that respects the split: train never shows an unseen pair; val shows one when asked
-    def scene(self, rng, unseen: bool, n_objects=None, max_objects=None) -> S.Scene:
-        sz, mo = self.cfg.image_size, min(self.cfg.max_objects, max_objects or self.cfg.max_objects)
+    def canvas(self, rng) -> tuple[int, int]:
+        """The canvas of a document's images. Drawn only when there is a choice: a world of one
+        canvas spends no random numbers on it, so square-only configs keep their documents."""
+        if len(self.canvases) == 1:
+            return self.canvases[0]
+        return self.canvases[int(rng.choice(len(self.canvases), p=self.canvas_p))]
+
+    # a scene that respects the split: train never shows an unseen pair; val shows one when asked.
+    # Without a canvas (spoken texts, which show no image) the scene is image_size square.
+    def scene(self, rng, unseen: bool, n_objects=None, max_objects=None, canvas=None) -> S.Scene:
+        sz = canvas if canvas is not None else (self.cfg.image_size, self.cfg.image_size)
+        mo = min(self.cfg.max_objects, max_objects or self.cfg.max_objects)
         if unseen:
             forced = self.unseen_list[int(rng.integers(len(self.unseen_list)))]
             allowed = self.all_pairs if self.split == "val" else self.seen_pairs
             return S.sample_scene(rng, sz, n_objects, allowed, must_include=forced, max_objects=mo)
         return S.sample_scene(rng, sz, n_objects, self.seen_pairs, max_objects=mo)
+
+    def image_scene(self, rng, unseen: bool, **kw) -> S.Scene:
+        """A scene to be shown as an image: its canvas drawn first."""
+        return self.scene(rng, unseen, canvas=self.canvas(rng), **kw)
 
     def utterance(self, rng, text: str) -> Utterance:
         c = self.cfg
@@ -204,7 +247,21 @@ class _Planner:
                          int(rng.integers(c.pitch_min, c.pitch_max + 1)))
 
     def caption(self, rng, scene: S.Scene) -> str:
+        """A caption that describes an image (the answer of i2t): no word about its aspect."""
         return S.caption(scene, S.LEAD_INS[int(rng.integers(len(S.LEAD_INS)))])
+
+    def prompt_caption(self, rng, scene: S.Scene) -> str:
+        """A caption that asks for an image (t2i, a2i, story): says "wide" or "tall" unless square."""
+        leads = S.prompt_lead_ins(scene.aspect)
+        return S.caption(scene, leads[int(rng.integers(len(leads)))])
+
+    @staticmethod
+    def scene_meta(scene: S.Scene) -> dict:
+        """`objects`, and `canvas` for a non-square scene (square ones keep their old meta)."""
+        meta: dict = {"objects": scene.to_dicts()}
+        if scene.aspect != "square":
+            meta["canvas"] = [scene.width, scene.height]
+        return meta
 
     def doc(self, index: int) -> PlannedDoc:
         rng = np.random.default_rng([self.seed, SPLIT_ID[self.split], index])
@@ -234,37 +291,36 @@ class _Planner:
 
     # --- one method per kind: (segments, meta)
     def _t2i(self, rng, unseen):
-        sc = self.scene(rng, unseen)
-        return [{"text": self.caption(rng, sc)}, {"image": sc}], \
-            {"objects": sc.to_dicts(), "prompt_segments": 1}
+        sc = self.image_scene(rng, unseen)
+        return [{"text": self.prompt_caption(rng, sc)}, {"image": sc}], {**self.scene_meta(sc), "prompt_segments": 1}
 
     def cue(self, rng, task: str, ref: str | None = None) -> str:
         return cue(task, int(rng.integers(len(CUES[task]))), ref=ref)
 
     def _i2t(self, rng, unseen):
-        sc = self.scene(rng, unseen)
+        sc = self.image_scene(rng, unseen)
         return [{"image": sc}, {"text": self.cue(rng, "i2t")}, {"text": self.caption(rng, sc)}], \
-            {"objects": sc.to_dicts(), "prompt_segments": 2}
+            {**self.scene_meta(sc), "prompt_segments": 2}
 
     def _ground(self, rng, unseen):
-        sc = self.scene(rng, unseen)
+        sc = self.image_scene(rng, unseen)
         queries = self._queries(rng, sc)
         segs: list[dict] = [{"image": sc}]
         for t in queries:
             o = sc.objects[t]
             segs += [{"text": self.cue(rng, "ground", ref=S.referring_expression(o))},
                      {"box": list(o.box), "image_index": 0}]
-        return segs, {"objects": sc.to_dicts(), "target": queries[0], "prompt_segments": 2}
+        return segs, {**self.scene_meta(sc), "target": queries[0], "prompt_segments": 2}
 
     def _refer(self, rng, unseen):
-        sc = self.scene(rng, unseen)
+        sc = self.image_scene(rng, unseen)
         queries = self._queries(rng, sc)
         segs: list[dict] = [{"image": sc}]
         for t in queries:
             o = sc.objects[t]
             segs += [{"text": self.cue(rng, "refer")}, {"box": list(o.box), "image_index": 0},
                      {"text": f"<ref>{S.referring_expression(o)}</ref>"}]
-        return segs, {"objects": sc.to_dicts(), "target": queries[0], "prompt_segments": 3}
+        return segs, {**self.scene_meta(sc), "target": queries[0], "prompt_segments": 3}
 
     def _spoken_text(self, rng, unseen) -> tuple[str, list[dict]]:
         """A caption of a fresh scene, or a short instruction about one object."""
@@ -290,24 +346,26 @@ class _Planner:
             {"objects": objs, "transcript": text, "voice": u.voice, "speed": u.speed, "prompt_segments": 1}
 
     def _a2i(self, rng, unseen):
-        sc = self.scene(rng, unseen, max_objects=self.cfg.speech_max_objects)
-        text = self.caption(rng, sc)
+        sc = self.image_scene(rng, unseen, max_objects=self.cfg.speech_max_objects)
+        text = self.prompt_caption(rng, sc)  # spoken: "a wide picture of ..." asks for a wide image
         u = self.utterance(rng, text)
         return [{"audio": u}, {"text": self.cue(rng, "a2i")}, {"image": sc}], \
-            {"objects": sc.to_dicts(), "transcript": text, "voice": u.voice, "speed": u.speed,
+            {**self.scene_meta(sc), "transcript": text, "voice": u.voice, "speed": u.speed,
              "prompt_segments": 2}
 
     def _story(self, rng, unseen):
-        sc = self.scene(rng, unseen, n_objects=int(rng.integers(1, self.cfg.max_objects + 1)))
+        canvas = self.canvas(rng)
+        sc = self.scene(rng, unseen, n_objects=int(rng.integers(1, self.cfg.max_objects + 1)), canvas=canvas)
         n_frames = int(rng.integers(2, self.cfg.story_max_images + 1))
-        segs: list[dict] = [{"text": self.caption(rng, sc)}, {"image": sc}]
-        frames, events = [sc.to_dicts()], []
+        segs: list[dict] = [{"text": self.prompt_caption(rng, sc)}, {"image": sc}]
+        meta = self.scene_meta(sc)  # every frame shares the first one's canvas
+        frames, events = [meta.pop("objects")], []
         for _ in range(n_frames - 1):
             sc, sentence = self._story_step(rng, sc)
             segs += [{"text": sentence}, {"image": sc}]
             frames.append(sc.to_dicts())
             events.append(sentence)
-        return segs, {"objects": frames[0], "frames": frames, "events": events, "prompt_segments": 1}
+        return segs, {"objects": frames[0], "frames": frames, "events": events, **meta, "prompt_segments": 1}
 
     def _story_step(self, rng, sc: S.Scene) -> tuple[S.Scene, str]:
         """One change: an object moves (usually), appears, or disappears."""
@@ -317,17 +375,16 @@ class _Planner:
             choices = sorted(allowed - sc.combos())
             combo = choices[int(rng.integers(len(choices)))]
             word = S.SIZES[int(rng.integers(2))]
-            lo, hi = S.side_range(word, sc.size)
-            box = S.place_box(rng, int(rng.integers(lo, hi + 1)), sc.size, [o.box for o in sc.objects])
+            lo, hi = S.side_range(word, min(sc.canvas))
+            box = S.place_box(rng, int(rng.integers(lo, hi + 1)), sc.canvas, [o.box for o in sc.objects])
             if box is not None:
                 o = S.SceneObject(combo[1], combo[0], word, box)
-                pos = S.position_word(box, sc.size)
-                where = "in the center" if pos == "center" else f"at the {pos}"
-                return S.Scene(sc.size, sc.objects + (o,)), f"then a {word} {o.colour} {o.shape} appears {where}"
+                where = S.where_phrase(box, sc.width, sc.height)
+                return sc.with_objects(sc.objects + (o,)), f"then a {word} {o.colour} {o.shape} appears {where}"
         if r < 0.3 and len(sc.objects) > 1:
             i = int(rng.integers(len(sc.objects)))
             o = sc.objects[i]
-            return S.Scene(sc.size, sc.objects[:i] + sc.objects[i + 1:]), \
+            return sc.with_objects(sc.objects[:i] + sc.objects[i + 1:]), \
                 f"then {S.referring_expression(o)} disappears"
         for _ in range(12):
             i = int(rng.integers(len(sc.objects)))

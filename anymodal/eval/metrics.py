@@ -36,15 +36,21 @@ def word_errors(ref: str, hyp: str) -> tuple[int, int]:
 
 
 # ---- images ---------------------------------------------------------------------------------------
-def image_check(truth: list[dict], found: list[dict]) -> dict[str, float]:
+def image_check(truth: list[dict], found: list[dict], asked: str | None = None,
+                drawn: str | None = None) -> dict[str, float]:
     """The image check (docs/world.md) of one generated image against the objects its prompt asked for.
 
     correct: the (colour, shape) multiset equals the prompt's (`checker.objects_match`);
     position / size: share of the prompt's objects found with the right colour, shape AND position
-    (size) word (`checker.position_accuracy` / `size_accuracy`)."""
+    (size) word (`checker.position_accuracy` / `size_accuracy`);
+    aspect (when the aspect `asked` is given): 1 when the image was `drawn` at that aspect
+    ("square" / "wide" / "tall"), 0 when not or when no image came out (`drawn` None)."""
 
-    return {"correct": float(objects_match(found, truth)), "position": float(position_accuracy(found, truth)),
-            "size": float(size_accuracy(found, truth))}
+    out = {"correct": float(objects_match(found, truth)), "position": float(position_accuracy(found, truth)),
+           "size": float(size_accuracy(found, truth))}
+    if asked is not None:
+        out["aspect"] = float(drawn == asked)
+    return out
 
 
 # ---- aggregation --------------------------------------------------------------------------------
@@ -65,7 +71,7 @@ class _Sum:
 # metric key -> the task whose examples count towards `n`
 METRIC_TASKS = {
     "t2i_accuracy": "t2i", "t2i_position_accuracy": "t2i", "t2i_size_accuracy": "t2i",
-    "a2i_accuracy": "a2i", "caption_accuracy": "i2t",
+    "t2i_aspect_match": "t2i", "a2i_accuracy": "a2i", "a2i_aspect_match": "a2i", "caption_accuracy": "i2t",
     "grounding_acc50": "ground", "grounding_miou": "ground",
     "refer_accuracy": "refer", "asr_wer": "asr", "tts_wer": "tts",
 }
@@ -94,6 +100,8 @@ class Metrics:
         """task is 't2i' or 'a2i'; check is `image_check(...)`'s result."""
         self._count(task, unseen)
         self._add(f"{task}_accuracy", float(check["correct"]), 1, unseen)
+        if "aspect" in check:
+            self._add(f"{task}_aspect_match", float(check["aspect"]), 1, unseen)
         if task == "t2i":
             self._add("t2i_position_accuracy", float(check["position"]), 1, unseen)
             self._add("t2i_size_accuracy", float(check["size"]), 1, unseen)
@@ -147,8 +155,55 @@ class Metrics:
         return out
 
 
+# ---- per aspect -------------------------------------------------------------------------------------
+ASPECT_GROUPS = {"square": ("square",), "wide": ("wide",), "tall": ("tall",), "non_square": ("wide", "tall")}
+# metric -> (task, the field of its examples that is averaged)
+ASPECT_METRICS = {
+    "t2i_accuracy": ("t2i", "correct"), "t2i_position_accuracy": ("t2i", "position"),
+    "t2i_size_accuracy": ("t2i", "size"), "t2i_aspect_match": ("t2i", "aspect_match"),
+    "a2i_accuracy": ("a2i", "correct"), "a2i_aspect_match": ("a2i", "aspect_match"),
+    "caption_accuracy": ("i2t", "correct"), "grounding_acc50": ("ground", "correct"),
+    "grounding_miou": ("ground", "iou"), "refer_accuracy": ("refer", "correct"),
+}
+ASPECT_TASKS = ("t2i", "a2i", "i2t", "ground", "refer")
+
+
+def by_aspect(examples: list[dict]) -> dict[str, dict]:
+    """The image-text metrics per aspect of the scene asked about or shown (`square`, `wide`, `tall`,
+    and `non_square` = wide and tall together), from the eval examples (each has `task`, `aspect` and
+    the fields of `ASPECT_METRICS`); null where a group had no examples of a task, counts under `n`."""
+    out: dict[str, dict] = {}
+    for group, aspects in ASPECT_GROUPS.items():
+        mine = [e for e in examples if e.get("aspect", "square") in aspects and e["task"] in ASPECT_TASKS]
+        row: dict = {}
+        for key, (task, attr) in ASPECT_METRICS.items():
+            vals = [float(e[attr]) for e in mine if e["task"] == task and e.get(attr) is not None]
+            row[key] = sum(vals) / len(vals) if vals else None
+        row["n"] = {t: sum(e["task"] == t for e in mine) for t in ASPECT_TASKS}
+        out[group] = row
+    return out
+
+
+def format_aspect_table(aspects: dict[str, dict]) -> str:
+    """The per-aspect metrics as a plain text table (empty when there was nothing but square)."""
+    groups = [g for g in ("square", "wide", "tall") if g in aspects]
+    if not any(sum(aspects[g]["n"].values()) for g in groups if g != "square"):
+        return ""
+    rows = [("by aspect", *groups, "n " + "/".join(groups))]
+    for key, (task, _) in ASPECT_METRICS.items():
+        if any(aspects[g].get(key) is not None for g in groups):
+            v = [aspects[g].get(key) for g in groups]
+            rows.append((key, *("-" if x is None else f"{x:.3f}" for x in v),
+                         "/".join(str(aspects[g]["n"][task]) for g in groups)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_table(result: dict) -> str:
-    """A plain text table of the metrics, overall and unseen, with their counts."""
+    """A plain text table of the metrics, overall and unseen, with their counts (and, when the data
+    held non-square scenes, the image-text metrics per aspect)."""
     rows = [("metric", "overall", "unseen", "n", "n unseen")]
 
     def fmt(v):
@@ -164,4 +219,5 @@ def format_table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    aspects = format_aspect_table(result.get("by_aspect") or {})
+    return "\n".join(lines) + ("\n\n" + aspects if aspects else "")

@@ -4,7 +4,9 @@ Documents are read with the data reader, cut at `meta.prompt_segments` into the 
 model is given) and the truth, and grouped by kind. Each kind's prompts are generated in batches by
 the sampling engine, with the grammar forcing the span the task asks for:
 
-    t2i / a2i   prompt, then forced `<boi>`: one image, checked by the image check
+    t2i / a2i   prompt, then forced `<boi>`: one image of the model's own grid (version-2 token
+                spaces: it picks the size tokens), decoded at that grid and checked by the image
+                check at its own size; whether its aspect is the one asked is reported beside
     i2t         image + "describe:", then text until `</s>` (greedy): caption accuracy
     ground      image + "find <ref>…</ref>", then forced `<box>` (greedy locations): Acc@0.5, mean IoU
     refer       image + "what is at" + box, then text (greedy): refer accuracy
@@ -18,7 +20,10 @@ Prompts carry the documents' task cues (docs/world.md), exactly as training saw 
 Images and clips are sampled (per-document fixed seeds) with classifier-free guidance; text and
 locations are greedy. Bits per token per modality are measured by teacher forcing on every
 document read (all kinds, including story and prose). Every metric is also reported on the
-documents whose scenes hold an unseen colour+shape pair (`meta.unseen`).
+documents whose scenes hold an unseen colour+shape pair (`meta.unseen`), and the image-text tasks
+per aspect of their scene (`by_aspect`: square, wide, tall, and non_square for the two together;
+a world document's aspect is its `meta.canvas`, square when absent). Images are read as the image
+tokenizer takes them (`reader_args`: native tokenizers keep each image's aspect).
 """
 
 from __future__ import annotations
@@ -34,21 +39,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..data.checker import analyse_image, caption_correct, refer_correct
+from ..data.checker import analyse_image, caption_correct, image_aspect, refer_correct
 from ..data.cues import cue
+from ..data.media import native_grid
 from ..data.reader import RecordCounter, iter_documents
+from ..data.scenes import aspect_word
 from ..errors import UserError
 from ..fileio import write_atomic
 from ..kernels import install as install_kernels
 from ..modality import MODALITY_NAMES
 from ..model.loss import lm_loss
 from ..sample.engine import Engine, Request
-from ..sample.prompt import audio_codes, image_codes, image_mode
+from ..sample.prompt import audio_codes, image_codes
 from ..sample.render import decode_audio, decode_images
 from ..sample.sampling import ModalitySampling, SamplingParams
 from ..tokenizers.stream import Audio, Box, Image, Text
 from ..tokenizers.stream import iou as box_iou
-from .metrics import Metrics, format_table, image_check
+from .metrics import Metrics, by_aspect, format_table, image_check
 
 GEN_KINDS = ("t2i", "a2i", "i2t", "ground", "refer", "asr", "tts")
 
@@ -85,7 +92,9 @@ class Evaluator:
         self.b, self.o = bundle, opts
         self.sp = bundle.space
         self.tok = bundle.tok
-        self.engine = Engine(bundle.model, self.sp, device=bundle.device)
+        # the most codes an image may take: the grammar lets the model choose any grid within it
+        self.max_image_tokens = bundle.tok.image.max_tokens if bundle.tok.image is not None else None
+        self.engine = self._engine()
         self.metrics = Metrics()
         self.sampling = opts.sampling or eval_sampling()
         self.bar = None
@@ -94,14 +103,17 @@ class Evaluator:
         # prompt ids per document key: media are tokenized once, however often the docs are evaluated
         self._prompts: dict[str, list[int]] = {}
 
+    def _engine(self) -> Engine:
+        return Engine(self.b.model, self.sp, device=self.b.device, max_image_tokens=self.max_image_tokens)
+
     # ---- reading -----------------------------------------------------------------------------
     def read(self, data) -> tuple[dict[str, list], list, int]:
-        """Documents per generation kind (up to limit each) and documents for bits per token."""
+        """Documents per generation kind (up to limit each) and documents for bits per token.
+        Images are fitted as the image tokenizer takes them (a native one keeps their aspect)."""
 
         tok = self.tok
         counter = RecordCounter()
-        size = tok.image.resolution if tok.image is not None else 64
-        mode = image_mode(tok.image) if tok.image is not None else "resize"
+        image_args = tok.image.cfg.model.reader_args() if tok.image is not None else {}
         rate = tok.audio.sample_rate if tok.audio is not None else 16000
         per_kind: dict[str, list] = {k: [] for k in GEN_KINDS}
         bits: list = []
@@ -109,7 +121,7 @@ class Evaluator:
         bits_limit = self.o.bits_docs if self.o.bits_docs is not None else (
             None if limit is None else limit * (len(GEN_KINDS) + 2))
         try:
-            docs = iter_documents(data, image_size=size, image_mode=mode, sample_rate=rate, counter=counter,
+            docs = iter_documents(data, **image_args, sample_rate=rate, counter=counter,
                                   images=tok.image is not None, audio=tok.audio is not None)
             for doc in docs:
                 usable = self._usable(doc)
@@ -167,15 +179,17 @@ class Evaluator:
         return max(0, min(new, self.engine.max_len - len(prompt)))
 
     def generate(self, prompts: list[list[int]], new: int | list[int], seeds: list[int], force=None,
-                 cfg: float = 1.0, min_new: int = 1, stop_ids=()) -> list:
-        """One result per prompt; None where fewer than `min_new` tokens fit after the prompt."""
+                 cfg: float = 1.0, min_new: int | list[int] = 1, stop_ids=()) -> list:
+        """One result per prompt; None where fewer than `min_new` (per prompt, or one for all)
+        tokens fit after the prompt."""
         news = new if isinstance(new, list) else [new] * len(prompts)
+        mins = min_new if isinstance(min_new, list) else [min_new] * len(prompts)
         reqs, idx = [], []
-        for i, (p, n, s) in enumerate(zip(prompts, news, seeds)):
+        for i, (p, n, s, least) in enumerate(zip(prompts, news, seeds, mins)):
             room = self._fits(p, n)
             # An answer that cannot fit (an image needs all its tokens) is not generated at all: the
             # document scores as a failure and is counted under n.over_context.
-            if room < max(1, min_new):
+            if room < max(1, least):
                 self.over_context += 1
                 continue
             reqs.append(Request(p, room, self.sampling, seed=s, cfg_scale=cfg,
@@ -193,11 +207,24 @@ class Evaluator:
         return "".join(s.text for s in dec.segments if isinstance(s, Text))
 
     def example(self, task: str, doc, correct, **fields) -> None:
-        """One answer for `examples.jsonl` (which document, whether it was right, what was said)."""
+        """One answer for `examples.jsonl` (which document and aspect, whether it was right, what was said)."""
         objects = doc.meta.get("objects", ())
         self.examples.append({"task": task, "key": doc.key, "unseen": bool(doc.meta.get("unseen")),
-                              "objects": len(objects), "scene": [_brief(o) for o in objects],
-                              "correct": bool(correct), **fields})
+                              "aspect": doc_aspect(doc), "objects": len(objects),
+                              "scene": [_brief(o) for o in objects], "correct": bool(correct), **fields})
+
+    def image_budget(self, doc) -> tuple[int, int]:
+        """(new tokens, least room) for the image a t2i/a2i prompt asks for. Version 2: room for the
+        longest grid the grammar lets the model choose (`image_max_span` of the tokenizer's
+        `max_tokens`), and a document is only skipped when even the grid nearest the asked aspect
+        cannot fit (the grammar closes an image after its h rows, so nothing forces more).
+        Version 1: the one square grid."""
+        sp = self.sp
+        if not sp.any_aspect or self.max_image_tokens is None:
+            return sp.image_tokens + 2, sp.image_tokens + 2
+        w, h = doc.meta.get("canvas") or (1, 1)
+        rows, cols = native_grid(int(w), int(h), self.max_image_tokens, sp.image_max_side)
+        return sp.image_max_span(self.max_image_tokens), sp.image_span(rows, cols)
 
     def _tick(self, n: int) -> None:
         if self.bar is not None:
@@ -209,20 +236,25 @@ class Evaluator:
         for chunk in _batches(docs, self.o.batch_size):
             prompts = [self.prompt(d) for d in chunk]
             seeds = [self.o.seed + hash_key(d.key) for d in chunk]
-            results = self.generate(prompts, sp.image_tokens + 2, seeds, force=sp.boi, cfg=self.o.cfg,
-                                    min_new=sp.image_tokens + 2)
+            budgets = [self.image_budget(d) for d in chunk]
+            results = self.generate(prompts, [b[0] for b in budgets], seeds, force=sp.boi, cfg=self.o.cfg,
+                                    min_new=[b[1] for b in budgets])
             grids = []
             for res in results:
                 dec = self.b.stream.decode(res.tokens) if res is not None else None
                 img = [s for s in dec.segments if isinstance(s, Image)] if dec is not None else []
                 grids.append(img[0].codes if img else None)
-            pics = iter(decode_images([g for g in grids if g is not None], self.tok.image))
+            # each image decoded at its own grid, and checked at its own size
+            pics = iter(_per_shape([g for g in grids if g is not None], lambda gs: decode_images(gs, self.tok.image)))
             for d, g in zip(chunk, grids):
-                found = analyse_image(next(pics)) if g is not None else []
-                check = image_check(d.meta["objects"], found)
+                pic = next(pics) if g is not None else None
+                found = analyse_image(pic) if pic is not None else []
+                drawn = image_aspect(pic) if pic is not None else None
+                check = image_check(d.meta["objects"], found, asked=doc_aspect(d), drawn=drawn)
                 self.metrics.add_image(kind, check, bool(d.meta.get("unseen")))
                 self.example(kind, d, check["correct"], found=[_brief(o) for o in found], position=check["position"],
-                             size=check["size"])
+                             size=check["size"], aspect_match=check["aspect"], drawn_aspect=drawn,
+                             grid=list(g.shape) if g is not None else None)
             self._tick(len(chunk))
 
     def text_task(self, kind: str, docs: list) -> None:
@@ -335,7 +367,7 @@ class Evaluator:
 
     def refresh(self) -> None:
         """Rebuild the sampling engine from the model's current weights (a trainer's next pass)."""
-        self.engine = Engine(self.b.model, self.sp, device=self.b.device)
+        self.engine = self._engine()
 
     def run_docs(self, per_kind: dict[str, list], bits: list, skipped: int = 0, kinds=GEN_KINDS) -> dict:
         """Every metric on documents already read (`read`); only the generation tasks in `kinds`.
@@ -367,6 +399,7 @@ class Evaluator:
         result["n"]["skipped_records"] = int(skipped)
         result["n"]["over_context"] = int(self.over_context)
         result["by_objects"] = by_objects(self.examples)
+        result["by_aspect"] = by_aspect(self.examples)
         return result
 
 
@@ -379,6 +412,24 @@ def by_objects(examples: list[dict]) -> dict[str, dict[str, float]]:
             n[0] += int(e["correct"])
             n[1] += 1
     return {t: {k: round(c / m, 4) for k, (c, m) in sorted(v.items())} for t, v in tally.items()}
+
+
+def doc_aspect(doc) -> str:
+    """The aspect of a document's scene: its `meta.canvas` [width, height], square without one."""
+    canvas = doc.meta.get("canvas")
+    return aspect_word(int(canvas[0]), int(canvas[1])) if canvas else "square"
+
+
+def _per_shape(arrays: list[np.ndarray], fn) -> list:
+    """`fn` on the arrays of each shape together (a batch is one tensor), results in input order."""
+    out: list = [None] * len(arrays)
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(tuple(np.shape(a)), []).append(i)
+    for members in groups.values():
+        for i, r in zip(members, fn([arrays[i] for i in members])):
+            out[i] = r
+    return out
 
 
 def _brief(obj: dict) -> str:

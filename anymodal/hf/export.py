@@ -3,6 +3,8 @@
     DIR/config.json                  ChameleonConfig (sizes, QK-Norm, swin/pre, rope theta, special ids)
                                      plus `boi_token_id`, `eoi_token_id`, `image_token_range` and an
                                      `anymodal` block: the whole token space and what HF cannot hold
+                                     (any-aspect spaces: `eor_token_id`, `image_size_token_range`,
+                                     `image_max_tokens`)
     DIR/model.safetensors            the weights in HF's names (or model-0000i-of-0000n.safetensors
                                      and model.safetensors.index.json above `max_shard_size`)
     DIR/generation_config.json       <s> </s> <pad>, greedy by default
@@ -46,15 +48,10 @@ from anymodal.hf import StreamGrammar  # optional: keeps images, clips and boxes
 model = ChameleonForConditionalGeneration.from_pretrained("{name}")
 tok = AutoTokenizer.from_pretrained("{name}")
 ids = tok("a small red circle at the top left<boi>", return_tensors="pt").input_ids
-ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], 1)
-out = model.generate(ids, max_new_tokens={image_tokens_plus}, do_sample=False,
-                     logits_processor=[StreamGrammar.from_folder("{name}")])
+{example}
 ```
 
-Image codes are ids [{image_lo}, {image_hi}) (code = id - {image_lo}), {grid_h} x {grid_w} per image
-between `<boi>` ({boi}) and `<eoi>` ({eoi}); write the {grid_h}x{grid_w} codes (id - {image_lo}) as `{{"ids": [...]}}` and
-decode them with this folder's image tokenizer:
-`anymodal tokenizer decode image --tokenizer {name}/image codes.json image.png`.
+{images}
 
 What `transformers` does not represent, and where it lives instead:
 - the image tokenizer: `image/` (ours, not Chameleon's VQGAN; `model.vqmodel.*` is a zero
@@ -63,16 +60,59 @@ What `transformers` does not represent, and where it lives instead:
   between `<boa>` ({boa}) and `<eoa>` ({eoa})), decoded by `audio/`;
 - boxes: `<box>` then four `<loc_*>` pieces (x1 y1 x2 y2, {loc_bins} bins of the image's width and height)
   then `</box>`; they are ordinary text pieces of the tokenizer;
-- the stream grammar (exactly {grid_h}x{grid_w} codes per image, whole audio frames, ordered box corners):
+- the stream grammar ({grammar}; whole audio frames; ordered box corners):
   `anymodal.hf.StreamGrammar`, a `LogitsProcessor`.
 `token_space.json` (also under `anymodal` in `config.json`) has every range.
 """
 
+# Version-2 token spaces: any grid, stated by two size tokens, rows closed by <eor>.
+GRID_EXAMPLE = """h, w = {grid_h}, {grid_w}  # any grid with sides up to {max_side} codes; <size_n> is id {size_lo} + n - 1
+ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids, torch.tensor([[{size_lo} + h - 1, {size_lo} + w - 1]])], 1)
+out = model.generate(ids, max_new_tokens=h * (w + 1) + 1, do_sample=False,
+                     logits_processor=[StreamGrammar.from_folder("{name}")])"""
+GRID_IMAGES = """Image codes are ids [{image_lo}, {image_hi}) (code = id - {image_lo}). An image is `<boi>` ({boi}), two
+size tokens `<size_h> <size_w>` (ids [{size_lo}, {size_hi}): sides of 1..{max_side} codes), h rows of w codes
+each closed by `<eor>` ({eor}), then `<eoi>` ({eoi}). A prompt ending in `<boi>` lets the model choose the
+grid (at most {max_tokens} codes); one ending in `<boi> <size_h> <size_w>` fixes it. Write an image's
+codes (id - {image_lo}, without the `<eor>`s) as `{{"grid": [h, w], "ids": [...]}}` and decode them with this
+folder's image tokenizer: `anymodal tokenizer decode image --tokenizer {name}/image codes.json image.png`."""
+GRID_GRAMMAR = "an image's two size tokens,\n  then h rows of exactly w codes and `<eor>`, then `<eoi>`"
 
-def _hf_config(cfg, space, params: int):
+# Version-1 token spaces: one square grid, its codes between <boi> and <eoi>.
+SQUARE_EXAMPLE = """ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], 1)
+out = model.generate(ids, max_new_tokens={image_tokens_plus}, do_sample=False,
+                     logits_processor=[StreamGrammar.from_folder("{name}")])"""
+SQUARE_IMAGES = """Image codes are ids [{image_lo}, {image_hi}) (code = id - {image_lo}), {grid_h} x {grid_w} per image
+between `<boi>` ({boi}) and `<eoi>` ({eoi}); write the {grid_h}x{grid_w} codes (id - {image_lo}) as `{{"ids": [...]}}` and
+decode them with this folder's image tokenizer:
+`anymodal tokenizer decode image --tokenizer {name}/image codes.json image.png`."""
+SQUARE_GRAMMAR = "exactly {grid_h}x{grid_w} codes per image"
+
+
+def _readme(name: str, source, params: int, space, max_tokens: int | None) -> str:
+    """The folder's README.md, for the image layout of its token space."""
+    a_lo, a_hi = space.audio_range()
+    size_lo, size_hi = space.size_range() if space.any_aspect else (0, 0)
+    fields = dict(name=name, source=source, params=params, image_lo=space.image_offset,
+                  image_hi=space.image_offset + space.image_codebook_size, grid_h=space.image_grid[0],
+                  grid_w=space.image_grid[1], image_tokens_plus=space.image_tokens + 1, boi=space.boi, eoi=space.eoi,
+                  eor=space.eor, size_lo=size_lo, size_hi=size_hi, max_side=space.image_max_side,
+                  max_tokens=max_tokens or space.image_tokens, audio_lo=a_lo, audio_hi=a_hi,
+                  audio_n_q=space.audio_n_q, audio_k=space.audio_codebook_size, boa=space.boa, eoa=space.eoa,
+                  loc_bins=space.loc_bins)
+    example, images, grammar = ((GRID_EXAMPLE, GRID_IMAGES, GRID_GRAMMAR) if space.any_aspect
+                                else (SQUARE_EXAMPLE, SQUARE_IMAGES, SQUARE_GRAMMAR))
+    return README.format(example=example.format(**fields), images=images.format(**fields),
+                         grammar=grammar.format(**fields), **fields)
+
+
+def _hf_config(cfg, space, params: int, image_max_tokens: int | None = None):
     import transformers  # optional: the anymodal[hf] extra
 
     lo, hi = space.image_range()
+    # version 2: what `StreamGrammar.from_folder` and readers of the stream need besides the ranges
+    grid = dict(eor_token_id=space.eor, image_size_token_range=list(space.size_range()),
+                image_max_tokens=image_max_tokens or space.image_tokens) if space.any_aspect else {}
     not_held = ["the image tokenizer (image/; model.vqmodel is a zero placeholder)",
                 "audio codec tokens and their tokenizer (audio/)",
                 "the stream grammar (anymodal.hf.StreamGrammar)"]
@@ -82,7 +122,7 @@ def _hf_config(cfg, space, params: int):
         boi_token_id=space.boi, eoi_token_id=space.eoi, image_token_range=[lo, hi],
         anymodal={"format_version": FORMAT_VERSION, "token_space": space.to_dict(), "params": params,
                   "image_grid": list(space.image_grid), "audio_token_range": list(space.audio_range()),
-                  "loc_token_range": list(space.loc_range()), "not_in_transformers": not_held},
+                  "loc_token_range": list(space.loc_range()), "not_in_transformers": not_held, **grid},
     )
 
 
@@ -123,7 +163,7 @@ def export_hf(bundle_dir: str | Path, out: str | Path, max_shard_size: int | str
     except ValueError as e:
         raise UserError(f"cannot export {bundle_dir} to Hugging Face format: {e}") from None
     params = b.model.num_params()
-    hf_config = _hf_config(cfg, space, params)
+    hf_config = _hf_config(cfg, space, params, b.max_image_tokens)
     state = to_hf_state_dict(b.model.state_dict(), cfg)
     if cfg.tie_embeddings:  # one tensor under two names: safetensors stores each name's own copy
         state["lm_head.weight"] = state["lm_head.weight"].clone()
@@ -140,13 +180,7 @@ def export_hf(bundle_dir: str | Path, out: str | Path, max_shard_size: int | str
         if (bundle_dir / name).is_dir():
             shutil.copytree(bundle_dir / name, tmp / name)
     space.save(tmp / "token_space.json")
-    a_lo, a_hi = space.audio_range()
-    write_atomic(tmp / "README.md", README.format(
-        name=out.name, source=bundle_dir, params=params, image_lo=space.image_offset,
-        image_hi=space.image_offset + space.image_codebook_size, grid_h=space.image_grid[0],
-        grid_w=space.image_grid[1], image_tokens_plus=space.image_tokens + 1, boi=space.boi, eoi=space.eoi,
-        audio_lo=a_lo, audio_hi=a_hi, audio_n_q=space.audio_n_q, audio_k=space.audio_codebook_size,
-        boa=space.boa, eoa=space.eoa, loc_bins=space.loc_bins))
+    write_atomic(tmp / "README.md", _readme(out.name, bundle_dir, params, space, b.max_image_tokens))
     replace_dir(tmp, out)
     print(f"[export] {bundle_dir} -> {out} (Hugging Face Chameleon, {params:,} parameters, "
           f"{shards} weight file{'s' if shards > 1 else ''})", file=sys.stderr)

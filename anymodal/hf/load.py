@@ -131,6 +131,12 @@ def _row_map(ck: HFCheckpoint, space: TokenSpace, text) -> tuple[list[int], list
             ours.extend(range(off, off + size))
             theirs.extend(range(src_off, src_off + size))
         counts[name] = f"{size if same else 0}/{size}"
+    if space.any_aspect:  # <eor> and <size_n> stand for the same thing in every any-aspect space
+        sides = min(space.image_max_side, src.image_max_side) if src is not None and src.any_aspect else 0
+        if sides:
+            ours.extend([space.eor, *range(space.image_size_offset, space.image_size_offset + sides)])
+            theirs.extend([src.eor, *range(src.image_size_offset, src.image_size_offset + sides)])
+        counts["image layout"] = f"{sides + 1 if sides else 0}/{space.image_max_side + 1}"
     if src is not None:  # ids that stand for nothing (vocab padding) on both sides: their output rows
         pad = min(space.vocab_size - space.used_size, src.vocab_size - src.used_size)
         ours.extend(range(space.used_size, space.used_size + pad))

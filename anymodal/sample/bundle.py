@@ -46,6 +46,12 @@ class Bundle:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def max_image_tokens(self) -> int | None:
+        """The most codes of an image whose grid the model chooses: the image tokenizer's `max_tokens`
+        (pass it to `Engine`); None without an image tokenizer."""
+        return self.tok.image.max_tokens if self.tok.image is not None else None
+
 
 def pick_device(device: str | None = None) -> str:
     if device in (None, "auto"):

@@ -9,10 +9,12 @@ Classifier-free guidance (image and audio spans). A request with `cfg_scale != 1
 *unconditional* row in the same batch, with its own cache rows. That row holds only `<s>`; while
 its partner writes text it is fed `<pad>` into slots marked invalid (so it still sees only `<s>`).
 When the partner opens an image/audio span, the unconditional row is fed the same span tokens as
-valid slots, so it sees `<s> <boi> c_1 … c_k`: the span opened without the prompt. Inside the span
-the partner samples from `c + (s − 1)·(c − u)` (= `u + s·(c − u)`, written so that s = 1 gives `c`
-bit for bit). When the span closes, the span slots are invalidated again and the row's position
-goes back to 1, ready for the next span.
+valid slots, so it sees `<s> <boi> c_1 … c_k`: the span opened without the prompt. In a version-2
+image that includes the size tokens the partner chose (or its prompt stated) and every `<eor>`, so
+both rows follow one grid. Inside the span the partner samples from `c + (s − 1)·(c − u)`
+(= `u + s·(c − u)`, written so that s = 1 gives `c` bit for bit); the size tokens too, so guidance
+also pulls the grid towards the prompt's. When the span closes, the span slots are invalidated
+again and the row's position goes back to 1, ready for the next span.
 
 Per step the Python work is a fixed handful of tensor ops on [B, V] (no per-token Python loops
 over the vocabulary, no mask rebuilding): the cache is preallocated, masks come from a table.
@@ -51,7 +53,7 @@ class Request:
     sampling: ModalitySampling = field(default_factory=ModalitySampling.default)
     seed: int = 0
     cfg_scale: float = 1.0  # classifier-free guidance on image and audio spans; 1 = off
-    force: Sequence[int] = ()  # e.g. [<box>] for grounding, [<boi>] for text-to-image
+    force: Sequence[int] = ()  # e.g. [<box>] for grounding, [<boi>] (+ <size_h> <size_w>: that grid) for t2i
     stop_after_span: bool = False  # finish as soon as the first image/audio/box span closes
     stop_ids: Sequence[int] = ()  # finish after generating one of these ids (e.g. `</ref>`)
 
@@ -72,7 +74,10 @@ class Engine:
     """Generates for batches of requests with one model and one token space."""
 
     def __init__(self, model, space: TokenSpace, device="cpu", dtype=None,
-                 max_audio_frames: int | None = None, max_len: int | None = None, native: bool = True):
+                 max_audio_frames: int | None = None, max_len: int | None = None, native: bool = True,
+                 max_image_tokens: int | None = None):
+        """max_image_tokens: the most codes of an image whose grid the model chooses (the image
+        tokenizer's `max_tokens`; default the square grid of the space)."""
         self.model = model
         if dtype is None:
             dtype = next(model.parameters()).dtype
@@ -81,7 +86,8 @@ class Engine:
         self.space = space
         self.device = torch.device(device)
         self.dtype = dtype
-        self.constrainer = Constrainer(space, max_audio_frames=max_audio_frames, device=self.device)
+        self.constrainer = Constrainer(space, max_audio_frames=max_audio_frames, device=self.device,
+                                       max_image_tokens=max_image_tokens)
         self.max_len = int(max_len or model.cfg.max_seq_len)
         if model.cfg.vocab_size < space.vocab_size:
             raise ValueError(f"model vocab {model.cfg.vocab_size} < token space vocab {space.vocab_size}")
@@ -109,13 +115,14 @@ class Engine:
         native = self.native if self.native is not None and self.native.applies(cache) else None
         picker = _Picker(requests, self.space.pad, self.device)
         out = _Outputs(requests, state.mode.tolist())
+        rows = None  # the grammar's row index of the state, when the native step needed it already
         for step in range(max_new):
             mode_before = state.mode.clone() if guidance.active else None  # [n], for the CFG rows' feed
             live = out.live(self.device)  # [n] bool; None while every row is generating
-            maybe_box = BOX in out.modes  # else the grammar skips its box-corner checks
-            cond = self._constrain(guidance.mix(logits, state.mode), state, out.left(), maybe_box)  # [n, V]
-            tok, prob = picker.pick(cond, out.modes, live, step)  # [n], [n]
-            con.advance(state, tok, active=live, maybe_box=maybe_box)
+            # out.modes (the rows' modes, kept in Python) lets the grammar skip checks no row needs
+            cond = self._constrain(guidance.mix(logits, state.mode), state, out.left(), out.modes, rows)  # [n, V]
+            tok, prob = picker.pick(cond, out.modes, live, step, partial(con.fits, state))  # [n], [n]
+            con.advance(state, tok, active=live, modes=out.modes)
             finished = out.record(tok.tolist(), prob.tolist(), state.mode.tolist(), on_token)
             if finished:
                 con.finish(state, torch.tensor([i in finished for i in range(n)], device=self.device))
@@ -123,7 +130,8 @@ class Engine:
                 break
             if native is not None:
                 # The ids any row may emit next: the native step computes only those logits.
-                span = con.vocab_span(out.modes, state.pos.tolist(), min(out.left()))
+                rows = con.row_index(state, modes=out.modes)
+                span = con.vocab_span(rows, min(out.left()))
                 decode = partial(native.step, vocab=span)
             else:
                 decode = self.model.decode
@@ -170,12 +178,12 @@ class Engine:
         return logits, cache, guidance
 
     def _constrain(self, logits: torch.Tensor, state: ConstraintState, left: list[int],
-                   maybe_box: bool) -> torch.Tensor:
+                   modes: list[int], rows: torch.Tensor | None) -> torch.Tensor:
         """The grammar's mask on logits [n, V] (in place): disallowed ids -inf. left: tokens each row
         may still generate; near the end of a budget, spans that would not fit are not opened."""
         con = self.constrainer
         remaining = torch.tensor(left, device=self.device) if min(left) < con.tight else None  # [n]
-        return con.apply(logits, state, remaining, maybe_box=maybe_box)
+        return con.apply(logits, state, remaining, modes=modes, rows=rows)
 
 
 def _uncond_prompt(prompt: list[int], mode: int, space: TokenSpace) -> list[int]:
@@ -266,10 +274,14 @@ class _Picker:
                 self.forced[i, : len(r.force)] = torch.tensor(list(r.force), dtype=torch.long)
         self.rows = torch.arange(n, device=device)
 
-    def pick(self, logits: torch.Tensor, modes: list[int], live: torch.Tensor | None,
-             step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(self, logits: torch.Tensor, modes: list[int], live: torch.Tensor | None, step: int,
+             fits: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [n] from constrained logits [n, V], and the probability of each under the constrained
-        distribution [n]. modes: each row's grammar mode; finished rows (live False) get `<pad>`."""
+        distribution [n]. modes: each row's grammar mode; finished rows (live False) get `<pad>`.
+
+        A forced id must fit the stream's structure (`fits`: ids [n] -> bool [n]) but not the limits
+        on the model's own choices (room left, its grid budget): like a prompt, it is the caller's
+        choice, e.g. `<boi> <size_h> <size_w>` with just the budget that grid needs."""
         modality = [min(md, BOX) for md in modes]  # text/image/audio/loc parameter set
         tok, prob = sample(logits, [self.params[i][0][k] for i, k in enumerate(modality)],
                            [self.params[i][1][k] for i, k in enumerate(modality)],
@@ -278,7 +290,7 @@ class _Picker:
             f = self.forced[:, step]  # [n], -1: not forced
             use = (f >= 0) if live is None else (f >= 0) & live
             if bool(use.any()):
-                ok = torch.isfinite(logits[self.rows, f.clamp_min(0)]) | ~use
+                ok = fits(f.clamp_min(0)) | ~use
                 if not bool(ok.all()):
                     bad = int((~ok).nonzero()[0, 0])
                     raise ValueError(f"forced token {int(f[bad])} is not allowed at step {step} "

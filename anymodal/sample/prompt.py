@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.media import load_image, read_audio_file
+from ..data.media import open_image, read_audio_file
 from ..errors import UserError
 from ..tokenizers.stream import Audio, Image, Segment, Text
 
@@ -85,17 +85,22 @@ def prompt_segments(parts: list[PromptPart], tok) -> tuple[list[Segment], list[n
 
 
 def image_mode(image_tok) -> str:
-    """How the image tokenizer fits images to its square: 'resize' or 'letterbox'."""
+    """How the image tokenizer fits images: 'resize' or 'letterbox' (to its square) or 'native'
+    (each image's own aspect within its token budget)."""
     cfg = getattr(image_tok, "cfg", None)
     return getattr(getattr(cfg, "model", None), "image_mode", "resize")
 
 
-def read_image(path: str | Path, image_tok) -> np.ndarray:
-    """uint8 [S, S, 3] fitted to the tokenizer's resolution; UserError for a missing/bad file."""
+def read_image(path: str | Path, image_tok, max_tokens: int | None = None, mode: str | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] as the tokenizer takes the image: its square resolution (resize/letterbox) or,
+    native (its mode, `mode="native"`, or a `max_tokens` budget given), the grid nearest the image's
+    aspect within `max_tokens` codes (default: the tokenizer's budget). UserError for a missing/bad file."""
     if not Path(path).is_file():
         raise UserError(f"image file not found: {path}")
+    if mode is None and max_tokens is not None:
+        mode = "native"
     try:
-        return load_image(str(path), image_tok.resolution, mode=image_mode(image_tok))
+        return image_tok.fit(open_image(str(path)), mode or image_mode(image_tok), max_tokens)[0]
     except UserError:
         raise
     except Exception as e:  # BadRecord and friends: a user's file that is not an image
@@ -103,12 +108,10 @@ def read_image(path: str | Path, image_tok) -> np.ndarray:
 
 
 @torch.inference_mode()
-def image_codes(pixels: np.ndarray | list[np.ndarray], image_tok) -> list[np.ndarray]:
-    """uint8 [S, S, 3] (or a list) -> int64 code grids [h, w] (batched)."""
-    arrs = pixels if isinstance(pixels, list) else [pixels]
-    dev = next(image_tok.parameters()).device
-    x = torch.from_numpy(np.stack(arrs)).to(dev).permute(0, 3, 1, 2).float() / 255.0  # [B, 3, S, S]
-    return [c.cpu().numpy().astype(np.int64) for c in image_tok.encode(x)]
+def image_codes(pixels: np.ndarray | list[np.ndarray], image_tok, batch: int = 64) -> list[np.ndarray]:
+    """uint8 [H, W, 3] (or a list, sizes may differ) -> int64 code grids [H / f, W / f], in order;
+    images of one size are encoded together, `batch` at a time."""
+    return image_tok.encode_pixels(pixels if isinstance(pixels, list) else [pixels], batch)
 
 
 @torch.inference_mode()

@@ -1,5 +1,6 @@
-"""The way out: generated ids -> files. Images and clips are decoded with the bundle's tokenizers
-and written as image_*.png / audio_*.wav (the prompt's images as prompt_image_*.png) beside
+"""The way out: generated ids -> files. Images (of any grid: a PNG is the generated grid times the
+tokenizer's downsampling) and clips are decoded with the bundle's tokenizers and written as
+image_*.png / audio_*.wav (the prompt's images as prompt_image_*.png) beside
 index.html, sample.md and tokens.json.
 
 Generated text is untrusted (a model can emit `<script>`): every piece of text that reaches the
@@ -175,12 +176,19 @@ def _prompt_parts(prompt: Prompt, out: Path) -> list[Part]:
 
 @torch.inference_mode()
 def decode_images(codes: list[np.ndarray], image_tok) -> list[np.ndarray]:
-    """Code grids [h, w] -> uint8 [H, W, 3] pixels (batched)."""
-    if not codes:
-        return []
-    dev = next(image_tok.parameters()).device
-    x = image_tok.decode(torch.from_numpy(np.stack(codes)).to(dev))  # [B, 3, H, W] in [0, 1]
-    return list((x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    """Code grids [h, w] of any shapes -> uint8 [h * f, w * f, 3] pixels (f the tokenizer's
+    downsampling), in order; the grids of one shape are decoded as one batch."""
+    dev = next(image_tok.parameters()).device if codes else None
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(codes):
+        by_shape.setdefault(tuple(np.shape(c)), []).append(i)
+    out: list[np.ndarray | None] = [None] * len(codes)
+    for idx in by_shape.values():
+        batch = torch.from_numpy(np.stack([np.asarray(codes[i], dtype=np.int64) for i in idx])).to(dev)
+        x = image_tok.decode(batch)  # [b, 3, H, W] in [0, 1]
+        for i, px in zip(idx, (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()):
+            out[i] = px
+    return out
 
 
 @torch.inference_mode()

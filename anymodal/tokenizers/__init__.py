@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UserError
 from .stream import Stream
 from .text import TextTokenizer
-from .token_space import TokenSpace
+from .token_space import VERSION, TokenSpace
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Tokenizers:
     stream: Stream
 
 
-def build_space(text: TextTokenizer, image=None, audio=None) -> TokenSpace:
+def build_space(text: TextTokenizer, image=None, audio=None, version: int = VERSION) -> TokenSpace:
     return TokenSpace.build(
         text,
         image_codebook_size=image.codebook_size if image is not None else 0,
@@ -37,6 +37,7 @@ def build_space(text: TextTokenizer, image=None, audio=None) -> TokenSpace:
         audio_codebook_size=audio.codebook_size if audio is not None else 0,
         audio_frame_rate=audio.frame_rate if audio is not None else 0.0,
         audio_sample_rate=audio.sample_rate if audio is not None else 0,
+        version=version,
     )
 
 
@@ -55,9 +56,13 @@ def load_tokenizers(path: str | Path, device: str = "cpu") -> Tokenizers:
         from .audio import AudioTokenizer  # likewise
 
         audio = AudioTokenizer.load(path / "audio", device=device).eval()
-    space = build_space(text, image, audio)
     if (path / "token_space.json").is_file():
-        TokenSpace.load(path).check_same(space, f"{path}/token_space.json vs its tokenizers")
+        # A set saved with an older layout (version 1: square images only) keeps it.
+        saved = TokenSpace.load(path)
+        space = build_space(text, image, audio, version=saved.version)
+        saved.check_same(space, f"{path}/token_space.json vs its tokenizers")
+    else:
+        space = build_space(text, image, audio)
     return Tokenizers(text, image, audio, space, Stream(space, text))
 
 

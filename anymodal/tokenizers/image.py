@@ -3,6 +3,9 @@
     image [B, 3, H, W] in [0, 1] -> encoder -> z [B, Cz, h, w] -> quantizer -> ids [B, h, w]
     ids -> codes -> decoder -> image [B, 3, H, W]
 
+H and W may be any multiples of the downsample factor (the nets are convolutional and the optional
+attention block has no positions), so one tokenizer encodes and decodes grids of any aspect.
+
 The encoder/decoder are the usual VQGAN-style stacks (ResNet blocks, GroupNorm, SiLU, optional
 self-attention at the lowest resolution) with one twist for cheap training on a CPU: an optional
 pixel-(un)shuffle "patch" stem, so the first and last convolutions run at H/p instead of H. Flat-colour
@@ -14,7 +17,8 @@ low dimension (l2-normalised, ViT-VQGAN style) with k-means init, EMA updates an
 replacement, which keeps codebook usage high; `fsq` and `lfq` are the lookup-free alternatives.
 
 Files: a tokenizer dir holds `config.yaml` (an `ImageTokenizerConfig`) and `model.safetensors`.
-`encode_file` / `decode_file` back `anymodal tokenizer encode|decode image`.
+`encode_file` / `decode_file` back `anymodal tokenizer encode|decode image`: the JSON holds the grid
+the image was encoded at, and decoding writes that grid's size in pixels.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from safetensors.torch import load_file, save_file
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from ..config import check_choice, load_config, resolve_config_path, save_config
-from ..data.media import load_image, save_png
+from ..data.media import Fit, fit_image, open_image, save_png
 from ..data.reader import BadRecord
 from ..errors import ConfigError, UserError
 from ..fileio import atomic_path
+from .token_space import DEFAULT_IMAGE_MAX_SIDE
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -62,12 +67,17 @@ class ImageModelConfig:
     # 0 = off (and no extra weights).
     refine_channels: int = 0
     refine_hidden: int = 16
-    image_mode: str = "resize"  # how odd-sized inputs are fitted: resize | letterbox
+    # How inputs are fitted: resize | letterbox (to resolution x resolution) | native (their own
+    # aspect, on the grid of at most `max_tokens` codes nearest it: data/media.native_grid).
+    image_mode: str = "resize"
+    max_tokens: int = 0  # native mode's budget of codes per image; 0: (resolution / downsample)^2
 
     def __post_init__(self) -> None:
         check_choice("model.downsample", self.downsample, (4, 8, 16))
         check_choice("model.patch_size", self.patch_size, (1, 2, 4, 8))
-        check_choice("model.image_mode", self.image_mode, ("resize", "letterbox"))
+        check_choice("model.image_mode", self.image_mode, ("resize", "letterbox", "native"))
+        if self.max_tokens < 0:
+            raise ConfigError(f"model.max_tokens must be >= 0, got {self.max_tokens}")
         levels = self.downsample // self.patch_size
         if self.downsample % self.patch_size or levels & (levels - 1):
             raise ConfigError(f"model.downsample {self.downsample} is not patch_size {self.patch_size} times a power of 2")
@@ -84,6 +94,17 @@ class ImageModelConfig:
         for c in list(self.channels) + [self.z_channels]:
             if c % self.norm_groups:
                 raise ConfigError(f"channel width {c} is not a multiple of model.norm_groups {self.norm_groups}")
+
+    @property
+    def token_budget(self) -> int:
+        """Codes one image may take: `max_tokens`, or the square grid's area when that is 0."""
+        return self.max_tokens or (self.resolution // self.downsample) ** 2
+
+    def reader_args(self, image_mode: str | None = None, max_tokens: int | None = None) -> dict:
+        """The `iter_documents` image arguments that fit images as this tokenizer takes them
+        (its own mode and budget unless given), so trainer, prepare and eval read alike."""
+        return {"image_size": self.resolution, "image_mode": image_mode or self.image_mode,
+                "image_factor": self.downsample, "max_image_tokens": max_tokens or self.token_budget}
 
 
 @dataclass
@@ -399,6 +420,16 @@ class ImageTokenizer(nn.Module):
         return (n, n)
 
     @property
+    def downsample(self) -> int:
+        """Pixels per code along each side."""
+        return self.cfg.model.downsample
+
+    @property
+    def max_tokens(self) -> int:
+        """The most codes one image may take (native mode's budget; the square grid's area by default)."""
+        return self.cfg.model.token_budget
+
+    @property
     def codebook_size(self) -> int:
         q = self.cfg.quantizer
         return int(np.prod(q.fsq_levels)) if q.kind == "fsq" else q.codebook_size
@@ -435,13 +466,16 @@ class ImageTokenizer(nn.Module):
         return self.decoder(q), ids, aux
 
     def _check_images(self, images: torch.Tensor) -> None:
-        r = self.resolution
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != r or images.shape[3] != r:
-            raise UserError(f"images must be [B, 3, {r}, {r}], got {list(images.shape)}")
+        f = self.downsample
+        if (images.ndim != 4 or images.shape[1] != 3 or min(images.shape[2:]) < f
+                or images.shape[2] % f or images.shape[3] % f):
+            raise UserError(f"images must be [B, 3, H, W] with H and W positive multiples of {f}, "
+                            f"got {list(images.shape)}")
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images float [B, 3, H, W] in [0, 1] -> ids LongTensor [B, h, w]."""
+        """images float [B, 3, H, W] in [0, 1], H and W multiples of `downsample` -> ids LongTensor
+        [B, H / downsample, W / downsample]."""
         self._check_images(images)
         was = self.training
         self.eval()
@@ -452,14 +486,40 @@ class ImageTokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, h, w] -> images float [B, 3, H, W] in [0, 1]."""
-        h, w = self.grid_shape
-        if ids.ndim != 3 or tuple(ids.shape[1:]) != (h, w):
-            raise UserError(f"image ids must be [B, {h}, {w}], got {list(ids.shape)}")
+        """ids [B, h, w] (any grid) -> images float [B, 3, h * downsample, w * downsample] in [0, 1]."""
+        if ids.ndim != 3 or min(ids.shape[1:]) < 1:
+            raise UserError(f"image ids must be [B, h, w] with h, w >= 1, got {list(ids.shape)}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size):
             raise UserError(f"image ids must lie in [0, {self.codebook_size}), got {int(ids.min())}..{int(ids.max())}")
         out = self.decoder(self.codes_to_latent(ids.to(self._device()).long()))  # [B, 3, H, W]
         return ((out + 1) / 2).clamp(0, 1)
+
+    def fit(self, img, image_mode: str | None = None, max_tokens: int | None = None) -> tuple[np.ndarray, Fit]:
+        """An RGB PIL image -> (uint8 [H, W, 3] as this tokenizer takes it, its `Fit`): the square
+        `resolution` (resize / letterbox) or, native, the grid nearest its aspect within `max_tokens`
+        codes (default: the tokenizer's budget)."""
+        return fit_image(img, self.resolution, image_mode or self.cfg.model.image_mode, factor=self.downsample,
+                         max_tokens=max_tokens or self.max_tokens, max_side=DEFAULT_IMAGE_MAX_SIDE)
+
+    @torch.no_grad()
+    def encode_pixels(self, images: list[np.ndarray], batch: int = 64) -> list[np.ndarray]:
+        """uint8 [H, W, 3] images of any (mixed) sizes -> int64 code grids [H / f, W / f], in order.
+
+        Images of one size go through the encoder together (at most `batch` at a time): a batch is
+        one tensor, and a native-aspect corpus holds a handful of grid shapes."""
+        out: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, arr in enumerate(images):
+            groups.setdefault(tuple(np.shape(arr)), []).append(i)
+        dev = self._device()
+        for members in groups.values():
+            for s in range(0, len(members), batch):
+                part = members[s:s + batch]
+                x = torch.from_numpy(np.stack([np.asarray(images[i], dtype=np.uint8) for i in part]))  # [B, H, W, 3]
+                x = x.to(dev).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W] in [0, 1]
+                for i, codes in zip(part, self.encode(x).cpu().numpy().astype(np.int64)):
+                    out[i] = codes
+        return out  # type: ignore[return-value]
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
@@ -507,24 +567,35 @@ def load_image_config(path: str | Path | None = None, overrides=()) -> ImageToke
 # files (the CLI)
 
 
-def encode_file(tok_dir: str | Path, in_image: str | Path, out_json: str | Path) -> None:
-    """Image file (any format, mode and size PIL reads) -> JSON `{"grid": [h, w], "ids": [[...]]}`."""
+def encode_file(tok_dir: str | Path, in_image: str | Path, out_json: str | Path, max_tokens: int | None = None) -> None:
+    """Image file (any format, mode and size PIL reads) -> JSON `{"grid": [h, w], "ids": [[...]]}`.
 
+    The image keeps its aspect (the grid nearest it within `max_tokens` codes, default the
+    tokenizer's budget) when the tokenizer's mode is native or `max_tokens` is given; else it is
+    fitted to the square resolution by the tokenizer's resize/letterbox mode."""
+
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     tok = ImageTokenizer.load(tok_dir)
     if not Path(in_image).is_file():
         raise UserError(f"no such image file: {in_image}")
     try:
-        arr = load_image(Path(in_image), tok.resolution, mode=tok.cfg.model.image_mode)  # uint8 [R, R, 3]
+        img = open_image(Path(in_image))
     except BadRecord as e:
         raise UserError(f"cannot read image {in_image}: {e}") from None
-    x = rearrange(torch.from_numpy(np.ascontiguousarray(arr)), "h w c -> 1 c h w").float() / 255
-    ids = tok.encode(x)[0]  # [h, w]
-    doc = {"kind": "image", "grid": list(tok.grid_shape), "codebook_size": tok.codebook_size, "ids": ids.tolist()}
+    arr, _ = tok.fit(img, "native" if max_tokens is not None else None, max_tokens)  # uint8 [H, W, 3]
+    ids = tok.encode_pixels([arr])[0]  # [h, w]
+    doc = {"kind": "image", "grid": list(ids.shape), "codebook_size": tok.codebook_size, "ids": ids.tolist()}
     Path(out_json).write_text(json.dumps(doc))
 
 
-def read_ids_json(path: str | Path, grid: tuple[int, int], codebook_size: int) -> torch.Tensor:
-    """Read and validate an ids file: `{"ids": [[...]]}` or a bare nested list; -> LongTensor [h, w]."""
+def read_ids_json(path: str | Path, grid: tuple[int, int] | None, codebook_size: int,
+                  max_side: int = DEFAULT_IMAGE_MAX_SIDE) -> torch.Tensor:
+    """Read and validate an ids file -> LongTensor [h, w].
+
+    `{"grid": [h, w], "ids": ...}` (as `encode_file` writes), `{"ids": [[...]]}` or a bare nested
+    list: any grid of sides 1..`max_side`. A flat raster-order list needs the grid: the file's
+    "grid", else `grid` (the tokenizer's square default)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"no such ids file: {path}")
@@ -533,17 +604,26 @@ def read_ids_json(path: str | Path, grid: tuple[int, int], codebook_size: int) -
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not a JSON ids file: {e}") from None
     ids = doc.get("ids") if isinstance(doc, dict) else doc
+    want = doc.get("grid") if isinstance(doc, dict) else None
+    if want is not None:
+        if not (isinstance(want, list) and len(want) == 2 and all(type(n) is int and 1 <= n <= max_side for n in want)):
+            raise UserError(f"{path}: 'grid' must be [h, w] with sides 1..{max_side}, got {str(want)[:40]}")
+        want = tuple(want)
     try:
         arr = np.asarray(ids)
     except Exception:
         arr = np.asarray([])
-    h, w = grid
     if arr.dtype == object or arr.size == 0 or not np.issubdtype(arr.dtype, np.number):
-        raise UserError(f"{path}: 'ids' must be a {h}x{w} grid of integers")
-    if arr.shape == (h * w,):
-        arr = arr.reshape(h, w)  # a flat raster-order list is fine too
-    if arr.shape != (h, w):
-        raise UserError(f"{path}: ids have shape {list(arr.shape)}, this tokenizer's grid is [{h}, {w}]")
+        raise UserError(f"{path}: 'ids' must be a grid (list of rows) of integers")
+    flat_grid = want or grid
+    if arr.ndim == 1 and flat_grid is not None and arr.shape == (flat_grid[0] * flat_grid[1],):
+        arr = arr.reshape(flat_grid)  # a flat raster-order list is fine too
+    if arr.ndim != 2:
+        raise UserError(f"{path}: ids have shape {list(arr.shape)}, not a grid [h, w]")
+    if want is not None and arr.shape != want:
+        raise UserError(f"{path}: ids have shape {list(arr.shape)}, its 'grid' says {list(want)}")
+    if max(arr.shape) > max_side:
+        raise UserError(f"{path}: a grid of {list(arr.shape)} has a side over {max_side} codes")
     if not np.all(np.equal(np.mod(arr, 1), 0)):
         raise UserError(f"{path}: ids must be integers")
     if arr.min() < 0 or arr.max() >= codebook_size:
@@ -552,10 +632,10 @@ def read_ids_json(path: str | Path, grid: tuple[int, int], codebook_size: int) -
 
 
 def decode_file(tok_dir: str | Path, in_json: str | Path, out_png: str | Path) -> None:
-    """JSON ids (as `encode_file` writes) -> PNG image."""
+    """JSON ids (as `encode_file` writes, any grid) -> PNG of grid * downsample pixels."""
 
     tok = ImageTokenizer.load(tok_dir)
     ids = read_ids_json(in_json, tok.grid_shape, tok.codebook_size)
-    img = tok.decode(ids[None])[0]  # [3, R, R]
-    arr = (rearrange(img, "c h w -> h w c").numpy() * 255).round().astype(np.uint8)  # [R, R, 3]
+    img = tok.decode(ids[None])[0]  # [3, H, W]
+    arr = (rearrange(img, "c h w -> h w c").cpu().numpy() * 255).round().astype(np.uint8)  # [H, W, 3]
     save_png(arr, out_png)

@@ -1,8 +1,13 @@
 """The stream: documents as segments <-> one sequence of token ids.
 
-    <s> text… <boi> c_1 … c_{h·w} <eoi> text… <boa> f_1(l_0…l_{n_q-1}) … f_T <eoa> … </s>
+    <s> text… <boi> <size_h> <size_w> c_1,1 … c_1,w <eor> … c_h,1 … c_h,w <eor> <eoi> text…
+        <boa> f_1(l_0…l_{n_q-1}) … f_T <eoa> … </s>
 
-Images are raster order; audio is frame-major (each frame emits its n_q level codes in order);
+An image states its grid (h rows, w codes a row, as two size tokens) before its codes and ends
+every row with `<eor>`, so images of any aspect share the stream and a model learns where each row
+ends (the layout of Emu3 and Lumina-mGPT). Token spaces of version 1 keep the square format:
+`<boi> c_1 … c_{h·w} <eoi>` with the one grid of the space. Codes are raster order;
+audio is frame-major (each frame emits its n_q level codes in order);
 a box is `<box><loc_x1><loc_y1><loc_x2><loc_y2></box>` with coordinates normalized to the image
 and quantized to B bins. `decode` accepts any id sequence a model might emit: what it cannot
 parse is reported in `Decoded.problems`, never raised.
@@ -130,10 +135,18 @@ class Stream:
             return self.text.encode(seg.text)
         if isinstance(seg, Image):
             codes = np.asarray(seg.codes)
-            if tuple(codes.shape) != tuple(s.image_grid):
-                raise UserError(f"image codes have shape {tuple(codes.shape)}, the grid is {tuple(s.image_grid)}")
+            if not s.any_aspect:
+                if tuple(codes.shape) != tuple(s.image_grid):
+                    raise UserError(f"image codes have shape {tuple(codes.shape)}, the grid is {tuple(s.image_grid)}")
+                self._check_range(codes, s.image_codebook_size, "image")
+                return [s.boi, *(codes.reshape(-1).astype(np.int64) + s.image_offset).tolist(), s.eoi]
+            if codes.ndim != 2 or not (1 <= min(codes.shape) and max(codes.shape) <= s.image_max_side):
+                raise UserError(f"image codes have shape {tuple(codes.shape)}; the grid must be h x w with sides "
+                                f"1..{s.image_max_side}")
             self._check_range(codes, s.image_codebook_size, "image")
-            return [s.boi, *(codes.reshape(-1).astype(np.int64) + s.image_offset).tolist(), s.eoi]
+            h, w = codes.shape
+            rows = np.concatenate([codes.astype(np.int64) + s.image_offset, np.full((h, 1), s.eor)], axis=1)  # [h, w+1]
+            return [s.boi, s.size_id(h), s.size_id(w), *rows.reshape(-1).tolist(), s.eoi]
         if isinstance(seg, Audio):
             codes = np.asarray(seg.codes)
             if codes.ndim != 2 or codes.shape[1] != s.audio_n_q:
@@ -174,6 +187,7 @@ class Stream:
         img_lo, img_hi = s.image_range()
         aud_lo, aud_hi = s.audio_range()
         loc_lo, loc_hi = s.loc_range()
+        size_lo, size_hi = s.size_range() if s.any_aspect else (0, 0)
 
         def flush_text():
             if text_buf:
@@ -205,6 +219,9 @@ class Stream:
             elif img_lo <= t < img_hi or aud_lo <= t < aud_hi:
                 out.problems.append(f"stray {'image' if t < img_hi else 'audio'} code at {i} outside its span")
                 i += 1
+            elif s.any_aspect and (t == s.eor or size_lo <= t < size_hi):
+                out.problems.append(f"stray image {'row end' if t == s.eor else 'size'} token at {i} outside an image")
+                i += 1
             elif t in (s.eoi, s.eoa, s.ebox) or (loc_lo <= t < loc_hi):
                 out.problems.append(f"stray {self.text.piece(t)} at {i}")
                 i += 1
@@ -215,6 +232,8 @@ class Stream:
         return out
 
     def _decode_image(self, ids: list[int], i: int, out: Decoded) -> int:
+        if self.space.any_aspect:
+            return self._decode_grid_image(ids, i, out)
         s = self.space
         lo, hi = s.image_range()
         j = i + 1
@@ -228,6 +247,65 @@ class Stream:
                 out.problems.append(f"image at {i} not closed by <eoi>")
         else:
             out.problems.append(f"image at {i} has {len(codes)} codes, expected {s.image_tokens}; dropped")
+        return j + 1 if closed else j
+
+    def _decode_grid_image(self, ids: list[int], i: int, out: Decoded) -> int:
+        """Version 2: `<boi> <size_h> <size_w> (codes <eor>)*h <eoi>`. Whatever is missing or ragged is
+        recovered where it can be and reported: the grid comes from the size tokens, else from the
+        rows seen; a short row is padded and a long one cut; rows a truncated image never reached
+        are filled. Padding repeats the code above (the last row's code in that column), or the
+        image's most frequent code where there is no row above."""
+        s = self.space
+        lo, hi = s.image_range()
+        size_lo, size_hi = s.size_range()
+        j = i + 1
+        sizes = []
+        while j < len(ids) and len(sizes) < 2 and size_lo <= ids[j] < size_hi:
+            sizes.append(ids[j] - size_lo + 1)
+            j += 1
+        rows: list[list[int]] = [[]]
+        while j < len(ids) and (lo <= ids[j] < hi or ids[j] == s.eor):
+            if ids[j] == s.eor:
+                rows.append([])
+            else:
+                rows[-1].append(ids[j] - lo)
+            j += 1
+        closed = j < len(ids) and ids[j] == s.eoi
+        ended_rows = len(rows) - 1  # rows closed by <eor>
+        if not rows[-1]:
+            rows.pop()
+        if not any(rows):
+            out.problems.append(f"image at {i} has no codes; dropped")
+            return j + 1 if closed else j
+        if len(sizes) == 2:
+            h, w = sizes
+        else:
+            h, w = len(rows), max(len(r) for r in rows)
+            out.problems.append(f"image at {i} has {len(sizes)} of its 2 size tokens; grid {h}x{w} taken from its rows")
+        fixes = []
+        if len(rows) > h:
+            fixes.append(f"{len(rows) - h} extra rows cut")
+            rows = rows[:h]
+        ragged = [r for r in range(len(rows)) if len(rows[r]) != w]
+        if ragged:
+            fixes.append(f"{len(ragged)} rows of the wrong length (first: row {ragged[0]}, {len(rows[ragged[0]])} codes)")
+        if ended_rows < len(rows) or len(rows) < h:
+            fixes.append(f"truncated after {ended_rows} of {h} rows")
+        flat = [c for r in rows for c in r]
+        common = int(np.bincount(flat).argmax())
+        grid = np.full((h, w), common, dtype=np.int64)
+        for r, row in enumerate(rows):
+            grid[r, : min(w, len(row))] = row[:w]
+            if len(row) < w and r > 0:
+                grid[r, len(row):] = grid[r - 1, len(row):]
+        for r in range(len(rows), h):
+            if r > 0:
+                grid[r] = grid[r - 1]
+        out.segments.append(Image(grid))
+        if fixes:
+            out.problems.append(f"image at {i} ({h}x{w}): " + "; ".join(fixes) + "; filled in")
+        if not closed:
+            out.problems.append(f"image at {i} not closed by <eoi>")
         return j + 1 if closed else j
 
     def _decode_audio(self, ids: list[int], i: int, out: Decoded) -> int:

@@ -3,7 +3,14 @@
     [0, text_size)                              sentencepiece pieces (specials, <loc_i>, bytes, merges)
     [image_offset, image_offset + K_img)        image VQ codes
     [audio_offset, audio_offset + n_q * K_aud)  audio codec codes, level l code c -> audio_offset + l*K_aud + c
+    eor                                         end of an image row (version 2)
+    [image_size_offset, + image_max_side)       image side lengths 1..S in codes, <size_n> -> offset + n - 1 (version 2)
     [used, vocab_size)                          padding up to a multiple of 64 (never valid)
+
+Version 1 spaces have no row or size tokens: every image is the square `image_grid`, h*w codes
+between `<boi>` and `<eoi>`. Version 2 spaces (what `build` makes) write any grid:
+`<boi> <size_h> <size_w> row_1 <eor> ... row_h <eor> <eoi>` (see `stream.py`). The row and size
+tokens count as image tokens in the modality table; `image_range()` is the codes alone.
 
 Masks and modality ids come from these ranges, never from piece names. The space is saved as
 `token_space.json` beside every tokenizer set, token shard dir, run dir and bundle; loaders
@@ -25,6 +32,8 @@ from ..fileio import write_atomic
 from ..modality import Modality
 
 VOCAB_MULTIPLE = 64
+VERSION = 2  # the newest layout this code writes and reads
+DEFAULT_IMAGE_MAX_SIDE = 64  # size tokens <size_1>..<size_64>: up to 1,024 px a side at 16 px a code
 
 # Names of the special pieces (sentencepiece user-defined symbols) and the attribute each id lives in.
 SPECIAL_PIECES: dict[str, str] = {
@@ -75,6 +84,9 @@ class TokenSpace:
     vocab_size: int
     text_fingerprint: str = ""
     version: int = 1
+    eor: int = -1  # version 2: end of an image row
+    image_size_offset: int = 0  # version 2: id of <size_1>
+    image_max_side: int = 0  # version 2: sides 1..image_max_side in codes (0: square images only)
     _table: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- construction -------------------------------------------------------------------------
@@ -88,11 +100,23 @@ class TokenSpace:
         audio_codebook_size: int = 0,
         audio_frame_rate: float = 0.0,
         audio_sample_rate: int = 0,
+        version: int = VERSION,
+        image_max_side: int = DEFAULT_IMAGE_MAX_SIDE,
     ) -> TokenSpace:
-        """Lay the image and audio ranges after the text range and pad the vocab."""
+        """Lay the image and audio ranges after the text range, then (version 2, with an image
+        tokenizer) `<eor>` and the size tokens, and pad the vocab. `version=1` builds the square
+        layout of older tokenizer sets."""
+        if version not in (1, 2):
+            raise UserError(f"token space version {version} is not one this anymodal knows (1 or {VERSION})")
         image_offset = text.vocab_size
         audio_offset = image_offset + image_codebook_size
         used = audio_offset + audio_n_q * audio_codebook_size
+        aspect = version >= 2 and image_codebook_size > 0
+        if aspect and image_max_side < max(image_grid):
+            raise UserError(f"image_max_side {image_max_side} is below the tokenizer's grid {tuple(image_grid)}")
+        structure = dict(eor=used, image_size_offset=used + 1, image_max_side=image_max_side) if aspect else {}
+        if aspect:
+            used += 1 + image_max_side
         return cls(
             text_size=text.vocab_size,
             **text.special_ids(),
@@ -108,17 +132,50 @@ class TokenSpace:
             audio_sample_rate=int(audio_sample_rate),
             vocab_size=round_up(used),
             text_fingerprint=text.fingerprint,
+            version=version,
+            **structure,
         )
 
     # ---- ids -----------------------------------------------------------------------------------
     @property
     def used_size(self) -> int:
         """Ids below this are real tokens; the rest is padding."""
+        if self.any_aspect:
+            return self.image_size_offset + self.image_max_side
         return self.audio_offset + self.audio_n_q * self.audio_codebook_size
 
     @property
+    def any_aspect(self) -> bool:
+        """Images carry their own grid (size tokens and row ends); False: the square format."""
+        return self.image_max_side > 0
+
+    @property
     def image_tokens(self) -> int:
+        """Codes in an image of the default grid."""
         return self.image_grid[0] * self.image_grid[1]
+
+    def image_span(self, h: int | None = None, w: int | None = None) -> int:
+        """Tokens from `<boi>` to `<eoi>` inclusive for an h x w grid (default: `image_grid`)."""
+        h = self.image_grid[0] if h is None else h
+        w = self.image_grid[1] if w is None else w
+        if self.any_aspect:
+            return 2 + 2 + h * (w + 1)  # <boi> <size_h> <size_w> rows with <eor> <eoi>
+        return h * w + 2
+
+    def image_max_span(self, max_tokens: int) -> int:
+        """The longest image span (`<boi>` to `<eoi>`) of any grid of at most `max_tokens` codes."""
+        if not self.any_aspect:
+            return self.image_span()
+        return 4 + max_tokens + min(max_tokens, self.image_max_side)  # codes, one <eor> per row (h <= sides)
+
+    def size_id(self, n: int) -> int:
+        """The token of an image side of n codes (version 2)."""
+        if not self.any_aspect or not 1 <= n <= self.image_max_side:
+            raise UserError(f"an image side of {n} codes is not in this token space (1..{self.image_max_side})")
+        return self.image_size_offset + n - 1
+
+    def size_range(self) -> tuple[int, int]:
+        return self.image_size_offset, self.image_size_offset + self.image_max_side
 
     def image_id(self, code):
         return self.image_offset + code
@@ -134,7 +191,7 @@ class TokenSpace:
 
     def audio_range(self, level: int | None = None) -> tuple[int, int]:
         if level is None:
-            return self.audio_offset, self.used_size
+            return self.audio_offset, self.audio_offset + self.audio_n_q * self.audio_codebook_size
         start = self.audio_offset + level * self.audio_codebook_size
         return start, start + self.audio_codebook_size
 
@@ -149,6 +206,9 @@ class TokenSpace:
             t[slice(*self.loc_range())] = Modality.LOC
             t[slice(*self.image_range())] = Modality.IMAGE
             t[slice(*self.audio_range())] = Modality.AUDIO
+            if self.any_aspect:
+                t[self.eor] = Modality.IMAGE
+                t[slice(*self.size_range())] = Modality.IMAGE
             self._table = t
         return self._table
 
@@ -174,7 +234,11 @@ class TokenSpace:
     @classmethod
     def from_dict(cls, d: dict) -> TokenSpace:
         names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
-        missing = names - set(d) - {"text_fingerprint", "version"}
+        version = d.get("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= VERSION:
+            raise UserError(f"token space version {version!r} is newer than this anymodal reads (1..{VERSION}); "
+                            "upgrade anymodal")
+        missing = names - set(d) - {"text_fingerprint", "version", "eor", "image_size_offset", "image_max_side"}
         if missing:
             raise UserError(f"token space is missing fields: {', '.join(sorted(missing))}")
         kwargs = {k: v for k, v in d.items() if k in names}

@@ -7,6 +7,10 @@ DDP and the VQ codebook's EMA statistics are all-reduced by vector-quantize-pyto
 
 Data: `data.train_shards` / `data.val_shards` (any pattern the reader takes); when empty, the demo
 world is generated into `OUT/world/`. Bad records are skipped and counted by the reader.
+Images are read as the tokenizer takes them (`ImageModelConfig.reader_args`): resize/letterbox to
+the square resolution, or in `model.image_mode: native` each on the grid nearest its own aspect
+within `model.max_tokens` codes, so a corpus of mixed aspects trains the nets on mixed grids. A
+batch is always one image size: images are bucketed by size, and each bucket gives out batches.
 Small corpora are decoded once into RAM (`data.in_memory`, batches drawn by a per-epoch permutation
 that depends only on (seed, rank, step), so a resumed run sees exactly the batches it would have
 seen); large ones are streamed with a shuffle buffer.
@@ -35,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from einops import rearrange
 from torchvision.utils import make_grid
 
@@ -94,49 +99,88 @@ def _world_shards(out: Path, cfg: ImageTokenizerConfig, rank: int) -> tuple[str,
     return str(root / "train" / "*.tar"), str(root / "val" / "*.tar")
 
 
-def _load_images(shards, cfg: ImageTokenizerConfig, limit: int, counter, rank=0, world=1) -> torch.Tensor:
-    """Decode images into one uint8 tensor [N, R, R, 3]."""
-    m = cfg.model
-    out = []
-    for img in iter_images(shards, image_size=m.resolution, image_mode=m.image_mode, rank=rank,
-                           world_size=world, counter=counter):
-        out.append(torch.from_numpy(np.ascontiguousarray(img)))
-        if limit and len(out) >= limit:
+Images = torch.Tensor | list[torch.Tensor]  # uint8 [N, H, W, 3], or one such tensor per image size
+
+
+def _buckets(images: Images) -> list[torch.Tensor]:
+    return [images] if isinstance(images, torch.Tensor) else list(images)
+
+
+def _load_images(shards, cfg: ImageTokenizerConfig, limit: int, counter, rank=0, world=1) -> Images:
+    """Decode images into one uint8 tensor [N, H, W, 3] when they share one size (always so in
+    resize/letterbox mode), else a list of them, one per size in order of first appearance."""
+    by_size: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    n = 0
+    for img in iter_images(shards, **cfg.model.reader_args(), rank=rank, world_size=world, counter=counter):
+        by_size.setdefault(img.shape, []).append(torch.from_numpy(np.ascontiguousarray(img)))
+        n += 1
+        if limit and n >= limit:
             break
-    if not out:
+    if not n:
         raise UserError(f"no readable images in {shards}")
-    return torch.stack(out)
+    stacked = [torch.stack(group) for group in by_size.values()]
+    return stacked[0] if len(stacked) == 1 else stacked
 
 
 class MemoryBatches:
-    """Batches from images held in RAM; batch `step` depends only on (seed, rank, step)."""
+    """Batches from images held in RAM; batch `step` depends only on (seed, rank, step).
 
-    def __init__(self, images: torch.Tensor, batch: int, seed: int, rank: int):
-        self.images, self.batch, self.seed, self.rank = images, min(batch, len(images)), seed, rank
-        self.per_epoch = max(1, len(images) // self.batch)
-        self._epoch, self._perm = -1, None
+    Each epoch walks one random permutation of all images and deals each to its size's bucket; a
+    bucket that holds a batch (`batch` images, or all of its own when it has fewer) gives it out,
+    and what is left at the end of the epoch waits for the next permutation. So a batch is one size,
+    every size is seen in proportion to its images, and with one size this is the permutation cut
+    into consecutive batches."""
+
+    def __init__(self, images: Images, batch: int, seed: int, rank: int):
+        self.buckets = _buckets(images)
+        counts = [len(b) for b in self.buckets]
+        self.sizes = [min(batch, n) for n in counts]  # batch size of each bucket
+        self.starts = np.cumsum([0] + counts)  # bucket k holds global indices [starts[k], starts[k + 1])
+        self.batch, self.seed, self.rank = min(batch, sum(counts)), seed, rank
+        self.per_epoch = max(1, sum(n // b for n, b in zip(counts, self.sizes)))
+        self._epoch, self._plan = -1, []
+
+    def _deal(self, epoch: int) -> list[tuple[int, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + epoch)
+        perm = torch.randperm(int(self.starts[-1]), generator=g).numpy()
+        bucket_of = np.searchsorted(self.starts, perm, side="right") - 1
+        pending: list[list[int]] = [[] for _ in self.buckets]
+        plan = []
+        for i, k in zip(perm.tolist(), bucket_of.tolist()):
+            pending[k].append(i - int(self.starts[k]))
+            if len(pending[k]) == self.sizes[k]:
+                plan.append((k, torch.tensor(pending[k])))
+                pending[k] = []
+        return plan
 
     def get(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + epoch)
-            self._perm, self._epoch = torch.randperm(len(self.images), generator=g), epoch
-        return self.images[self._perm[i * self.batch:(i + 1) * self.batch]]  # [B, R, R, 3] uint8
+            self._plan, self._epoch = self._deal(epoch), epoch
+        k, idx = self._plan[i]
+        return self.buckets[k][idx]  # [B, H, W, 3] uint8
 
 
 class _ImageStream(torch.utils.data.IterableDataset):
-    """One pass over this rank's images (the reader also splits by DataLoader worker)."""
+    """One pass over this rank's images (the reader also splits by DataLoader worker), as batches:
+    each image size fills a bucket of its own, and a full bucket is one batch (what is left of each
+    size at the end of the pass is dropped, as a DataLoader's drop_last drops a partial batch)."""
 
-    def __init__(self, shards, cfg: ImageTokenizerConfig, rank: int, world: int, seed: int, counter):
+    def __init__(self, shards, cfg: ImageTokenizerConfig, rank: int, world: int, seed: int, counter, batch: int):
         super().__init__()
         self.shards, self.cfg, self.rank, self.world, self.seed, self.counter = shards, cfg, rank, world, seed, counter
+        self.batch = batch
 
     def __iter__(self):
-        m = self.cfg.model
-        for img in iter_images(self.shards, image_size=m.resolution, image_mode=m.image_mode, rank=self.rank,
-                               world_size=self.world, counter=self.counter, shuffle=True, seed=self.seed,
+        pending: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for img in iter_images(self.shards, **self.cfg.model.reader_args(), rank=self.rank, world_size=self.world,
+                               counter=self.counter, shuffle=True, seed=self.seed,
                                shuffle_buffer=self.cfg.data.shuffle_buffer):
-            yield torch.from_numpy(np.ascontiguousarray(img))  # [R, R, 3] uint8
+            group = pending.setdefault(img.shape, [])
+            group.append(torch.from_numpy(np.ascontiguousarray(img)))  # [H, W, 3] uint8
+            if len(group) == self.batch:
+                yield torch.stack(group)  # [B, H, W, 3]
+                pending[img.shape] = []
 
 
 class StreamBatches:
@@ -153,14 +197,14 @@ class StreamBatches:
         epoch = 0
         while True:
             ds = _ImageStream(self.shards, self.cfg, self.rank, self.world, t.seed + start_step + epoch,
-                              self.counter if d.workers == 0 else None)  # worker counts stay in the workers
-            loader = torch.utils.data.DataLoader(ds, batch_size=t.batch_size, num_workers=d.workers, drop_last=True)
+                              self.counter if d.workers == 0 else None, t.batch_size)  # worker counts stay there
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=d.workers)  # batched by the stream
             n = 0
             for batch in loader:
                 n += 1
-                yield batch  # [B, R, R, 3] uint8
+                yield batch  # [B, H, W, 3] uint8
             if n == 0:
-                raise UserError(f"fewer than batch_size={t.batch_size} readable images in {self.shards}")
+                raise UserError(f"fewer than batch_size={t.batch_size} readable images of one size in {self.shards}")
             epoch += 1
 
     def get(self, step: int) -> torch.Tensor:
@@ -170,7 +214,7 @@ class StreamBatches:
 
 
 def permute_colours(batch: torch.Tensor, share: float, seed: int, step: int) -> torch.Tensor:
-    """Permute the RGB channels of a random `share` of a uint8 batch [B, R, R, 3] (white stays white).
+    """Permute the RGB channels of a random `share` of a uint8 batch [B, H, W, 3] (white stays white).
 
     Decouples colour from shape: in the demo world some colour+shape pairs appear only in val, and
     without this the decoder draws an unseen purple triangle half blue. Depends only on (seed, step),
@@ -181,11 +225,11 @@ def permute_colours(batch: torch.Tensor, share: float, seed: int, step: int) -> 
     pick = torch.rand(len(batch), generator=g) < share  # [B]
     perms = torch.stack([torch.randperm(3, generator=g) for _ in range(len(batch))])  # [B, 3]
     perms[~pick] = torch.arange(3)  # the rest keep their channel order
-    return batch.gather(-1, perms[:, None, None, :].expand_as(batch))  # [B, R, R, 3]
+    return batch.gather(-1, perms[:, None, None, :].expand_as(batch))  # [B, H, W, 3]
 
 
 def mix_colours(batch: torch.Tensor, share: float, seed: int, step: int) -> torch.Tensor:
-    """Recolour a random `share` of a uint8 batch [B, R, R, 3] by a random ink-mixing matrix.
+    """Recolour a random `share` of a uint8 batch [B, H, W, 3] by a random ink-mixing matrix.
 
     In "ink" space (255 - pixel, white = 0) each picked image gets ink' = M ink with M a random
     row-stochastic 3x3 matrix (a channel permutation blended with random mixing weights), so
@@ -204,13 +248,13 @@ def mix_colours(batch: torch.Tensor, share: float, seed: int, step: int) -> torc
     alpha = torch.rand(b, 1, 1, generator=g)
     m = (1 - alpha) * perm + alpha * mix  # [B, 3, 3], rows sum to 1
     m[~pick] = torch.eye(3)
-    ink = 255.0 - batch.float()  # [B, R, R, 3]
+    ink = 255.0 - batch.float()  # [B, H, W, 3]
     out = 255.0 - torch.einsum("bhwc,bdc->bhwd", ink, m)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def to_model_space(batch: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
-    """uint8 [B, R, R, 3] -> float [B, 3, R, R] in [-1, 1]."""
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]."""
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
@@ -220,38 +264,42 @@ def to_model_space(batch: torch.Tensor, device, channels_last: bool) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate(tok: ImageTokenizer, images: torch.Tensor, batch: int = 64, image_check: bool = True) -> tuple[dict, torch.Tensor]:
-    """Metrics of tok on uint8 images [N, R, R, 3]; also returns the reconstructions (uint8, same shape)."""
+def evaluate(tok: ImageTokenizer, images: Images, batch: int = 64, image_check: bool = True) -> tuple[dict, Images]:
+    """Metrics of tok on uint8 images [N, H, W, 3] (or a list of such tensors, one per size: every
+    image counts once, whatever its size); also returns the reconstructions (uint8, same layout)."""
     was = tok.training
     tok.eval()
     dev = next(tok.parameters()).device
-    psnr, ss, recs, all_ids = [], [], [], []
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch].to(dev).permute(0, 3, 1, 2).float() / 255  # [b, 3, R, R]
-        ids = tok.encode(x)  # [b, h, w]
-        rec = tok.decode(ids)  # [b, 3, R, R] in [0, 1]
-        rec = (rec * 255).round() / 255  # measure what a PNG of it would hold
-        mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-        psnr.append(10 * torch.log10(1 / mse))
-        ss.append(ssim(rec * 2 - 1, x * 2 - 1))
-        recs.append((rec * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        all_ids.append(ids.flatten().cpu())
+    psnr, ss, all_ids, rec_buckets = [], [], [], []
+    for bucket in _buckets(images):
+        recs = []
+        for i in range(0, len(bucket), batch):
+            x = bucket[i:i + batch].to(dev).permute(0, 3, 1, 2).float() / 255  # [b, 3, H, W]
+            ids = tok.encode(x)  # [b, h, w]
+            rec = tok.decode(ids)  # [b, 3, H, W] in [0, 1]
+            rec = (rec * 255).round() / 255  # measure what a PNG of it would hold
+            mse = ((rec - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+            psnr.append(10 * torch.log10(1 / mse))
+            ss.append(ssim(rec * 2 - 1, x * 2 - 1))
+            recs.append((rec * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+            all_ids.append(ids.flatten().cpu())
+        rec_buckets.append(torch.cat(recs))
     ids = torch.cat(all_ids)
     counts = torch.bincount(ids, minlength=tok.codebook_size).double()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    rec_u8 = torch.cat(recs)
     metrics = {
         "psnr": float(torch.cat(psnr).mean()),
         "ssim": float(torch.cat(ss).mean()),
         "codebook_usage": float((counts > 0).double().mean()),
         "perplexity": float(entropy.exp()),
-        "n_images": len(images),
+        "n_images": sum(len(b) for b in _buckets(images)),
     }
     if image_check:
-        metrics["image_check_agreement"] = image_check_agreement(images.numpy(), rec_u8.numpy())
+        originals = [a for b in _buckets(images) for a in b.numpy()]
+        metrics["image_check_agreement"] = image_check_agreement(originals, [a for b in rec_buckets for a in b.numpy()])
     tok.train(was)
-    return metrics, rec_u8
+    return metrics, rec_buckets[0] if isinstance(images, torch.Tensor) else rec_buckets
 
 
 def image_check_agreement(originals: np.ndarray, recons: np.ndarray) -> float:
@@ -260,11 +308,24 @@ def image_check_agreement(originals: np.ndarray, recons: np.ndarray) -> float:
     return float(np.mean(same)) if same else 0.0
 
 
-def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, n: int = 8) -> None:
-    """PNG: n originals on the top row, their reconstructions below (uint8 [N, R, R, 3] inputs)."""
-    n = min(n, len(originals))
-    tiles = rearrange(torch.cat([originals[:n], recons[:n]]), "n h w c -> n c h w")  # [2n, 3, R, R]
-    sheet = make_grid(tiles, nrow=n, padding=0)  # [3, 2R, nR]: row 1 originals, row 2 reconstructions
+def _first_images(images: Images, n: int) -> list[torch.Tensor]:
+    """Up to n images [H, W, 3], taken from the sizes in turn (so a mixed set shows each aspect)."""
+    buckets = _buckets(images)
+    order = [(k, i) for i in range(max(len(b) for b in buckets)) for k, b in enumerate(buckets) if i < len(b)]
+    return [buckets[k][i] for k, i in order[:n]]
+
+
+def save_grid(originals: Images, recons: Images, path: Path, n: int = 8) -> None:
+    """PNG: n originals on the top row, their reconstructions below (uint8 [N, H, W, 3] inputs, or
+    lists of them per size: each tile is then centred on a white cell of the largest size)."""
+    tiles = _first_images(originals, n) + _first_images(recons, n)
+    n = len(tiles) // 2
+    cell_h, cell_w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    cells = []
+    for t in tiles:
+        dh, dw = cell_h - t.shape[0], cell_w - t.shape[1]
+        cells.append(F.pad(rearrange(t, "h w c -> c h w"), (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), value=255))
+    sheet = make_grid(torch.stack(cells), nrow=n, padding=0)  # [3, 2H, nW]: originals, then reconstructions
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(rearrange(sheet, "c h w -> h w c").numpy(), path)
 
@@ -393,19 +454,19 @@ class ImageTrainer:
         return p
 
     def next_batch(self) -> torch.Tensor:
-        """This rank's uint8 images [B, R, R, 3] of the next step, colour-augmented."""
+        """This rank's uint8 images [B, H, W, 3] of the next step (one size), colour-augmented."""
         t, step = self.cfg.train, self.step
         raw = permute_colours(self.batches.get(step), t.colour_aug, t.seed, step)
         return mix_colours(raw, t.colour_mix, t.seed, step)
 
     def train_step(self, raw: torch.Tensor) -> ImageStepStats:
-        """One generator (and, once the GAN is on, discriminator) update on uint8 images [B, R, R, 3]."""
+        """One generator (and, once the GAN is on, discriminator) update on uint8 images [B, H, W, 3]."""
         t, step, loss_fn, disc = self.cfg.train, self.step, self.loss_fn, self.disc
         lr = t.lr * lr_factor(step, t.warmup_steps, self.frac, t.min_lr_ratio)
         self.tok.train_progress = self.frac
         for g in self.opt.param_groups:
             g["lr"] = lr
-        x = to_model_space(raw, self.device, t.channels_last)  # [B, 3, R, R]
+        x = to_model_space(raw, self.device, t.channels_last)  # [B, 3, H, W]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             rec, ids, aux = self.model(x)
         rec = rec.float()

@@ -8,8 +8,10 @@ import pytest
 from anymodal.data import scenes as S
 from anymodal.data.checker import (
     analyse_image,
+    caption_aspect,
     caption_correct,
     classify_pixels,
+    image_aspect,
     match_objects,
     objects_match,
     parse_caption,
@@ -31,6 +33,30 @@ def test_image_check_recovers_fresh_scenes(canvas, n):
         scene = S.sample_scene(rng, canvas)
         ok += truth_key(analyse_image(S.render_scene(scene))) == truth_key(scene.to_dicts())
     assert ok / n >= 0.995
+
+
+@pytest.mark.parametrize("canvas", [(64, 48), (48, 64), (96, 48)])
+def test_image_check_recovers_non_square_scenes_at_their_own_size(canvas):
+    rng = np.random.default_rng(77 + canvas[0] + 3 * canvas[1])
+    ok = 0
+    for _ in range(200):
+        scene = S.sample_scene(rng, canvas)
+        img = S.render_scene(scene)
+        assert img.shape == (canvas[1], canvas[0], 3) and image_aspect(img) == scene.aspect
+        ok += truth_key(analyse_image(img)) == truth_key(scene.to_dicts())
+    assert ok / 200 >= 0.995
+
+
+def test_positions_and_sizes_are_judged_against_the_image_itself():
+    wide = np.full((48, 64, 3), 255, np.uint8)
+    wide[2:16, 48:62] = (220, 40, 40)  # 14 px in a 48 px short side: small; top right of a 64 x 48 image
+    wide[18:36, 23:41] = (40, 80, 220)  # 18 px: large; center of the wide image (x centre 32 of 64)
+    got = {o["colour"]: (o["size"], o["position"]) for o in analyse_image(wide)}
+    assert got == {"red": ("small", "top right"), "blue": ("large", "center")}
+    tall = np.ascontiguousarray(wide.transpose(1, 0, 2))  # 48 x 64: the same objects mirrored on the diagonal
+    got = {o["colour"]: (o["size"], o["position"]) for o in analyse_image(tall)}
+    assert got == {"red": ("small", "bottom left"), "blue": ("large", "center")}
+    assert image_aspect(wide) == "wide" and image_aspect(tall) == "tall" and image_aspect(wide[:, :48]) == "square"
 
 
 def test_image_check_tolerates_noise_and_rejects_off_palette():
@@ -76,6 +102,16 @@ def test_caption_parser_is_exact_on_world_captions():
         assert caption_correct(cap, scene.to_dicts())
     assert parse_caption("  A Small Red Circle at the top left.  ") == [
         {"size": "small", "colour": "red", "shape": "circle", "position": "top left"}]
+
+
+def test_captions_that_ask_for_an_aspect():
+    for aspect, leads in S.ASPECT_LEAD_INS.items():
+        for lead in leads:
+            cap = lead + "a small red circle at the top left and a large blue square in the center"
+            assert caption_aspect(cap) == aspect
+            assert [o["colour"] for o in parse_caption(cap)] == ["red", "blue"]
+    assert caption_aspect("a picture of a small red circle at the top") == "square"
+    assert caption_aspect("a small red circle at the top") == "square"
 
 
 @pytest.mark.parametrize("bad", ["", "a small red hexagon at the top", "a red circle at the top",

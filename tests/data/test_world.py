@@ -23,6 +23,12 @@ HAVE_ESPEAK = espeak_available()
 UNSEEN = {("purple", "triangle"), ("orange", "square")}
 
 
+def wh(img) -> np.ndarray:
+    """[w, h, w, h] of an image: a normalized box times this is in its pixels."""
+    h, w = img.shape[:2]
+    return np.array([w, h, w, h])
+
+
 def members(path) -> dict[str, bytes]:
     with tarfile.open(path) as t:
         return {m.name: t.extractfile(m).read() for m in t.getmembers()}
@@ -86,7 +92,7 @@ def test_every_kind_with_its_layout(corpus):
         if doc.kind in ("ground", "refer"):
             target = doc.meta["objects"][doc.meta["target"]]
             box = next(s["box"] for s in doc.segments if "box" in s)
-            assert np.allclose(np.array(box) * doc.images[0].shape[0], target["box"])  # normalized to the image
+            assert np.allclose(np.array(box) * wh(doc.images[0]), target["box"])  # normalized to the image
             first_ref = next(t for t in texts if "<ref>" in t)  # the first query is about the target
             assert parse_referring(first_ref) == (target["colour"], target["shape"])
         if doc.kind in ("t2i", "i2t"):
@@ -170,7 +176,7 @@ def test_ground_and_refer_ask_about_several_objects(tmp_path):
         assert len({tuple(b) for b in boxes}) == len(boxes)
         for box, ref in zip(boxes, refs):  # each answer belongs to its own query
             o = next(o for o in objs if (o["colour"], o["shape"]) == ref)
-            assert np.allclose(np.array(box) * doc.images[0].shape[0], o["box"])  # boxes are normalized
+            assert np.allclose(np.array(box) * wh(doc.images[0]), o["box"])  # boxes are normalized
         target = objs[doc.meta["target"]]
         assert refs[0] == (target["colour"], target["shape"])  # the first query is the eval target
         assert n == (2 if doc.kind == "ground" else 3) and ("box" in doc.segments[n]) == (doc.kind == "ground")
@@ -198,6 +204,10 @@ def test_without_espeak_no_audio_docs_and_one_notice(tmp_path, monkeypatch, caps
     ["bogus_key=1"],
     ["kinds.t2v=1"],
     ["unseen=[pink hexagon]"],
+    ["canvases.64by48=1"],
+    ["canvases.16x48=1"],
+    ["canvases.64x48=-1"],
+    ["canvases={48x48: 0, 64x48: 0, 48x64: 0}"],
     ["--config", "no/such/world.yaml"],
 ])
 def test_cli_bad_arguments_exit_2(args, tmp_path, capsys):
@@ -215,7 +225,8 @@ def test_cli_argparse_errors_exit_2(tmp_path):
 
 def test_cli_writes_shards_and_summary(tmp_path, capsys):
     assert main(["world", "--out", str(tmp_path), "--split", "val", "--docs", "25", "--seed", "3",
-                 "--shard-size", "10", "--no-audio", "image_size=40"]) == 0
+                 "--shard-size", "10", "--no-audio", "image_size=40",
+                 "canvases={40x40: 1, 48x48: 0, 64x48: 0, 48x64: 0}"]) == 0
     brief = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert brief["docs"] == 25 and brief["shards"] == 3 and brief["audio"] is False
     summary = json.loads((tmp_path / "val.json").read_text())

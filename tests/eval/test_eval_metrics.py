@@ -13,10 +13,11 @@ from anymodal.data.world import generate_world
 from anymodal.eval.metrics import Metrics, edit_distance, format_table, image_check, word_errors
 from anymodal.eval.run import EvalOptions, Evaluator, by_objects
 from anymodal.sample.bundle import save_bundle_layout, tiny_bundle
+from anymodal.sample.engine import Engine
 
-WORLD_KEYS = {"t2i_accuracy", "t2i_position_accuracy", "t2i_size_accuracy", "a2i_accuracy", "caption_accuracy",
-              "grounding_acc50", "grounding_miou", "refer_accuracy", "asr_wer", "tts_wer", "bits_per_token", "n",
-              "unseen"}
+WORLD_KEYS = {"t2i_accuracy", "t2i_position_accuracy", "t2i_size_accuracy", "t2i_aspect_match", "a2i_accuracy",
+              "a2i_aspect_match", "caption_accuracy", "grounding_acc50", "grounding_miou", "refer_accuracy", "asr_wer",
+              "tts_wer", "bits_per_token", "n", "unseen"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +101,12 @@ def test_eval_command_on_a_tiny_world(bundle, world, tmp_path, capsys):
     assert main(["eval", "--model", str(bdir), "--data", world, "--out", str(out), "--limit", "2",
                  "--batch-size", "4"]) == 0
     r = json.loads(out.read_text())
-    assert set(r) == WORLD_KEYS | {"by_objects"}
+    assert set(r) == WORLD_KEYS | {"by_objects", "by_aspect"}
+    assert set(r["by_aspect"]) == {"square", "wide", "tall", "non_square"}
+    for task in ("t2i", "a2i", "i2t", "ground", "refer"):  # every answer counts under one aspect
+        n = {g: r["by_aspect"][g]["n"][task] for g in r["by_aspect"]}
+        assert n["square"] + n["wide"] + n["tall"] == r["n"][task] and n["non_square"] == n["wide"] + n["tall"]
+    assert 0.0 <= r["t2i_aspect_match"] <= 1.0
     printed = capsys.readouterr().out
     assert "grounding_acc50" in printed and "bits_per_token.text" in printed
     for task in ("t2i", "i2t", "ground", "refer", "asr", "tts", "a2i"):
@@ -170,21 +176,25 @@ class Oracle(torch.nn.Module):
         return torch.zeros(*ids.shape, self.cfg.vocab_size)
 
 
-def test_eval_scores_a_perfect_model_as_perfect(bundle, world):
-    """With an oracle in place of the model, the text, box and transcript tasks score perfectly:
-    prompts are cut and tokenized exactly like the documents, and the scoring reads them right."""
-    ev = Evaluator(bundle, EvalOptions(limit=2, batch_size=3, progress=False))
-    per_kind, _, _ = ev.read(world)
+def oracle_engine(ev: Evaluator, bundle, per_kind: dict, kinds, **engine_kw):
+    """An engine whose model answers each document's prompt (of these kinds) with its true
+    continuation; checks on the way that prompts are cut exactly like the documents."""
     answers = {}
-    for kind in ("i2t", "ground", "refer", "asr"):
+    for kind in kinds:
         for d in per_kind[kind]:
             full, _ = bundle.stream.encode(ev.segments(d), bos=True, eos=True)
             prompt = ev.prompt(d)
             assert full[: len(prompt)].tolist() == prompt
             answers[tuple(prompt)] = full[len(prompt):].tolist()
-    from anymodal.sample.engine import Engine
+    return Engine(Oracle(bundle.model, answers), bundle.space, **engine_kw)
 
-    ev.engine = Engine(Oracle(bundle.model, answers), bundle.space)
+
+def test_eval_scores_a_perfect_model_as_perfect(bundle, world):
+    """With an oracle in place of the model, the text, box and transcript tasks score perfectly:
+    prompts are cut and tokenized exactly like the documents, and the scoring reads them right."""
+    ev = Evaluator(bundle, EvalOptions(limit=2, batch_size=3, progress=False))
+    per_kind, _, _ = ev.read(world)
+    ev.engine = oracle_engine(ev, bundle, per_kind, ("i2t", "ground", "refer", "asr"))
     ev.text_task("i2t", per_kind["i2t"])
     ev.text_task("refer", per_kind["refer"])
     ev.text_task("asr", per_kind["asr"])
@@ -202,8 +212,8 @@ def test_answers_that_cannot_fit_score_as_failures_and_are_counted(bundle, world
     ev = Evaluator(bundle, EvalOptions(limit=2, batch_size=2, progress=False))
     per_kind, _, _ = ev.read(world)
     docs = per_kind["a2i"]
-    need = bundle.space.image_tokens + 2
-    ev.engine.max_len = min(len(ev.prompt(d)) for d in docs) + need - 1  # one token short for each
+    # one token short for each: not even the grid of the aspect asked for fits
+    ev.engine.max_len = min(len(ev.prompt(d)) + ev.image_budget(d)[1] for d in docs) - 1
     ev.image_task("a2i", docs)
     r = ev.metrics.result()
     assert docs and r["a2i_accuracy"] == 0.0 and r["n"]["a2i"] == len(docs)

@@ -31,6 +31,7 @@ from anymodal.hf.tokenizer import hf_text_tokenizer
 from anymodal.model import ModelConfig, Transformer, lm_loss
 from anymodal.sample.bundle import load_bundle, save_bundle_layout, tiny_bundle
 from anymodal.sample.session import SampleOptions, run_sample
+from anymodal.tokenizers import build_space
 from anymodal.tokenizers.stream import Audio, Box, Image, Text
 from anymodal.train.export import export
 from anymodal.train.lm import load_train_config, train
@@ -95,6 +96,13 @@ def test_export_loads_in_transformers_with_the_same_logits(trained, tiny_tokset)
     assert (config["boi_token_id"], config["eoi_token_id"]) == (space.boi, space.eoi)
     assert config["image_token_range"] == list(space.image_range())
     assert config["anymodal"]["token_space"] == space.to_dict()
+    # what the any-aspect stream needs besides the ranges (StreamGrammar.from_folder reads the budget)
+    assert config["anymodal"]["eor_token_id"] == space.eor
+    assert config["anymodal"]["image_size_token_range"] == list(space.size_range())
+    assert config["anymodal"]["image_max_tokens"] == 16
+    assert StreamGrammar.from_folder(folder).max_image_tokens == 16
+    readme = (folder / "README.md").read_text()
+    assert f"closed by `<eor>` ({space.eor})" in readme and f"<size_n> is id {space.size_range()[0]} + n - 1" in readme
     assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == space.eos
     for name in ("README.md", "tokenizer.json", "token_space.json", "text/text.model", "image/model.safetensors",
                  "audio/model.safetensors"):
@@ -102,7 +110,7 @@ def test_export_loads_in_transformers_with_the_same_logits(trained, tiny_tokset)
     # mixed text + image + loc + audio ids: the same logits as ours
     b = load_bundle(trained["bundle"])
     ids, _ = b.stream.encode([Text("a red circle"), Image(np.arange(space.image_tokens).reshape(space.image_grid) % 7),
-                              Text("<ref>the red circle</ref>"), Box(0.1, 0.2, 0.6, 0.7),
+                              Text("<ref>the red circle</ref>"), Box(0.1, 0.2, 0.6, 0.7), Image(np.arange(6).reshape(2, 3)),
                               Audio(np.ones((3, space.audio_n_q), dtype=np.int64))])
     x = torch.as_tensor(ids)[None]
     with torch.no_grad():
@@ -138,9 +146,33 @@ def test_grammar_keeps_spans_whole_where_the_model_would_not():
     sp = tiny_bundle().space
     grammar = StreamGrammar(sp)
     lo, hi = sp.image_range()
+    s_lo = sp.size_range()[0]
     ids = torch.tensor([[sp.bos, sp.boi]])
     scores = torch.randn(1, sp.vocab_size)
-    scores[0, sp.eoi] = 100.0  # the model wants to close the image at once
+    scores[0, sp.eoi] = scores[0, lo] = 100.0  # the model wants to close the image at once, or skip its size
+    masked = grammar(ids, scores.clone())
+    assert torch.isinf(masked[0, sp.eoi]) and torch.isinf(masked[0, lo])
+    # only size tokens, h within the image budget (the square grid's 16 codes by default)
+    assert torch.isfinite(masked[0]).nonzero()[:, 0].tolist() == list(range(s_lo, s_lo + 16))
+    ids = torch.cat([ids, torch.tensor([[s_lo + 1, s_lo + 2]]), torch.full((1, 3), lo)], 1)  # a 2 x 3 grid's first row
+    masked = grammar(ids, torch.randn(1, sp.vocab_size))
+    assert torch.isfinite(masked[0]).nonzero()[:, 0].tolist() == [sp.eor]  # the row ends after 3 codes
+    ids = torch.cat([ids, torch.tensor([[sp.eor, lo, lo, lo, sp.eor]])], 1)  # 2 rows: only <eoi> may follow
+    masked = grammar(ids, torch.randn(1, sp.vocab_size))
+    assert torch.isfinite(masked[0]).nonzero()[:, 0].tolist() == [sp.eoi]
+    # a budget from the export (the image tokenizer's max_tokens) bounds the model's grid
+    masked = StreamGrammar(sp, max_image_tokens=6)(torch.tensor([[sp.bos, sp.boi, s_lo + 2]]), torch.randn(1, sp.vocab_size))
+    assert torch.isfinite(masked[0]).nonzero()[:, 0].tolist() == [s_lo, s_lo + 1]  # h = 3: w <= 2
+
+
+def test_grammar_of_a_square_space_is_unchanged():
+    t = tiny_bundle().tok
+    sp = build_space(t.text, t.image, t.audio, version=1)
+    grammar = StreamGrammar(sp)
+    lo, hi = sp.image_range()
+    ids = torch.tensor([[sp.bos, sp.boi]])
+    scores = torch.randn(1, sp.vocab_size)
+    scores[0, sp.eoi] = 100.0
     masked = grammar(ids, scores.clone())
     assert lo <= int(masked.argmax()) < hi and torch.isinf(masked[0, sp.eoi])
     assert int(torch.isfinite(masked[0]).sum()) == hi - lo  # only image codes

@@ -10,6 +10,7 @@ from anymodal.sample.bundle import tiny_bundle
 from anymodal.sample.constraints import AUDIO, BOX, DONE, IMAGE, TEXT, Constrainer
 from anymodal.sample.engine import Engine, Request, cfg_mix
 from anymodal.sample.sampling import ModalitySampling, filter_logits, make_generators, sample
+from anymodal.tokenizers import Stream, build_space
 from anymodal.tokenizers.stream import Audio, Box, Image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,6 +19,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def bundle():
     return tiny_bundle(max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def space_v1(bundle):
+    """The square layout of version-1 token spaces over the same tokenizers (its ids are a prefix of
+    version 2's, so the same model serves both)."""
+    t = bundle.tok
+    return build_space(t.text, t.image, t.audio, version=1)
 
 
 class Biased(torch.nn.Module):
@@ -42,8 +51,10 @@ def opener_bias(space, strength=4.0):
 
 
 # ---- the state machine by hand ----------------------------------------------------------------------
-def test_masks_follow_the_grammar(bundle):
-    sp = bundle.space
+def test_masks_follow_the_grammar(space_v1):
+    """Version 1 (square images) exactly as before the any-aspect layout."""
+    sp = space_v1
+    assert not sp.any_aspect
     con = Constrainer(sp, max_audio_frames=3)
     st = con.initial(1)
     allowed = con.allowed(st)[0]
@@ -101,8 +112,8 @@ def test_masks_follow_the_grammar(bundle):
     assert a[sp.pad] and int(a.sum()) == 1
 
 
-def test_prompt_state_and_room(bundle):
-    sp = bundle.space
+def test_prompt_state_and_room(space_v1):
+    sp = space_v1
     con = Constrainer(sp)
     st = con.from_prompts([[sp.bos, 200, sp.boi, sp.image_id(1)], [sp.bos, sp.boa], [sp.bos, 200]])
     assert st.mode.tolist() == [IMAGE, AUDIO, TEXT]
@@ -112,6 +123,120 @@ def test_prompt_state_and_room(bundle):
     assert not a[sp.boi] and not a[sp.box] and a[sp.boa]
     a = con.allowed(st, remaining=torch.tensor([50, 50, 6]))[2]
     assert a[sp.box] and not a[sp.boi]
+
+
+def _only(allowed_row: torch.Tensor) -> list[int]:
+    return allowed_row.nonzero()[:, 0].tolist()
+
+
+def test_a_stated_grid_gives_w_codes_per_row_and_h_rows(bundle):
+    """Prompts ending in `<boi> <size_h> <size_w>` (three grids in one batch, one beyond the model's
+    own budget of 16 codes): exactly w codes, a forced `<eor>`, h times, then a forced `<eoi>`."""
+    sp = bundle.space
+    con = Constrainer(sp)
+    grids = [(2, 5), (3, 1), (3, 7)]
+    st = con.from_prompts([[sp.bos, 200, sp.boi, sp.size_id(h), sp.size_id(w)] for h, w in grids])
+    assert st.mode.tolist() == [IMAGE] * 3 and st.grid.tolist() == [list(g) for g in grids]
+    lo, hi = sp.image_range()
+    seen = [[] for _ in grids]
+    for _ in range(max(h * (w + 1) + 1 for h, w in grids)):
+        a = con.allowed(st)
+        tok = []
+        for b in range(len(grids)):
+            ids = _only(a[b])
+            if int(st.mode[b]) == TEXT:  # this row's image is done: feed text
+                tok.append(200)
+                continue
+            assert ids in (list(range(lo, hi)), [sp.eor], [sp.eoi]), ids
+            seen[b].append("c" if ids[0] == lo else {sp.eor: "r", sp.eoi: "e"}[ids[0]])
+            tok.append(lo + b if ids[0] == lo else ids[0])
+        con.advance(st, torch.tensor(tok))
+    for (h, w), kinds in zip(grids, seen):
+        assert "".join(kinds) == ("c" * w + "r") * h + "e"
+    assert st.mode.tolist() == [TEXT] * 3
+
+
+def test_the_models_grid_respects_its_token_budget(bundle):
+    """After `<boi>` only sizes: h <= max_image_tokens (and <= the side limit), then w with h*w within it."""
+    sp = bundle.space
+    size = lambda ids: [i - sp.size_range()[0] + 1 for i in ids]  # noqa: E731
+    for budget in (16, 12, 200):
+        con = Constrainer(sp, max_image_tokens=budget)
+        st = con.from_prompts([[sp.bos, sp.boi]])
+        assert size(_only(con.allowed(st)[0])) == list(range(1, min(budget, sp.image_max_side) + 1))
+        for h in (1, 3, 5, min(budget, 64)):
+            s2 = con.from_prompts([[sp.bos, sp.boi, sp.size_id(h)]])
+            want = max(1, min(sp.image_max_side, budget // h))
+            assert size(_only(con.allowed(s2)[0])) == list(range(1, want + 1)), (budget, h)
+    # a prompt may state an h beyond the budget: w = 1 is left
+    con = Constrainer(sp)
+    st = con.from_prompts([[sp.bos, sp.boi, sp.size_id(40)]])
+    assert size(_only(con.allowed(st)[0])) == [1]
+    # the default budget is the space's square grid
+    assert Constrainer(sp).max_image_tokens == sp.image_tokens == 16
+    assert con.image_open == sp.image_max_span(16) == 4 + 16 * 2  # the tallest: 16 rows of one code
+
+
+def test_v2_prompt_state_and_room(bundle):
+    sp = bundle.space
+    con = Constrainer(sp)
+    st = con.from_prompts([[sp.bos, 200, sp.boi, sp.size_id(2), sp.size_id(3), sp.image_id(1)],
+                           [sp.bos, sp.boi, sp.image_id(1)],  # a square-layout image: not an image here
+                           [sp.bos, sp.boi, sp.size_id(2)], [sp.bos, 200]])
+    assert st.mode.tolist() == [IMAGE, TEXT, IMAGE, TEXT] and st.pos.tolist() == [3, 0, 1, 0]
+    assert st.grid[0].tolist() == [2, 3] and int(st.grid[2, 0]) == 2
+    # <boi> opens only when the longest grid the model may choose fits (16 x 1: 36 tokens here)
+    a = con.allowed(st, remaining=torch.tensor([50, 50, 50, 35]))[3]
+    assert not a[sp.boi] and a[sp.boa]
+    assert con.allowed(st, remaining=torch.tensor([50, 50, 50, 36]))[3][sp.boi]
+    # an image already open (a prompt ending in <boi>) gets a grid that fits the budget
+    size = lambda ids: [i - sp.size_range()[0] + 1 for i in ids]  # noqa: E731
+    st = con.from_prompts([[sp.bos, sp.boi], [sp.bos, sp.boi, sp.size_id(4)], [sp.bos, sp.boi, sp.size_id(3)]])
+    a = con.allowed(st, remaining=torch.tensor([12, 15, 3]))
+    assert size(_only(a[0])) == [1, 2, 3, 4]  # 3 + 2h <= 12
+    assert size(_only(a[1])) == [1, 2]  # 2 + 4(w + 1) <= 15
+    assert size(_only(a[2])) == [1]  # nothing fits: the smallest, cut by the budget
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_random_logits_never_break_the_format(bundle, space_v1, version):
+    """Any logits, any budget: every image decodes with its stated grid (within the budget of the
+    model's own choice), rows of w codes, h rows; so do clips and boxes. Version 1: the square."""
+    sp = bundle.space if version == 2 else space_v1
+    stream = Stream(sp, bundle.tok.text)
+    con = Constrainer(sp, max_audio_frames=4, max_image_tokens=12)
+    B = 12
+    stated = [sp.boi, sp.size_id(5), sp.size_id(2)] if version == 2 else [sp.boi, sp.image_id(1), sp.image_id(2)]
+    prompts = [[sp.bos, 200], [sp.bos, sp.boi], [sp.bos, *stated]] * (B // 3)
+    shapes = set()
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        budget = torch.randint(5, 80, (B,), generator=g)
+        budget[2::3] = budget[2::3].clamp_min(5 * 3 + 1)  # a stated 5 x 2 grid needs its rows and <eoi>
+        if version == 1:  # a square image the prompt opened needs all its codes and <eoi>
+            budget[1::3] = budget[1::3].clamp_min(sp.image_tokens + 1)
+        st = con.from_prompts(prompts)
+        out = [[] for _ in range(B)]
+        for step in range(int(budget.max())):
+            live = torch.tensor([step < int(n) and sp.eos not in o for n, o in zip(budget, out)])
+            logits = torch.randn(B, sp.vocab_size, generator=g) * 3
+            logits[:, [sp.boi, sp.boa, sp.box]] += 4.0
+            logits[:, [sp.eor, sp.eoi]] += 6.0  # a model that would end rows or images early
+            rem = (budget - step).clamp_min(1)
+            tok = con.apply(logits, st, rem).argmax(-1)
+            con.advance(st, tok, active=live)
+            for b in range(B):
+                if live[b]:
+                    out[b].append(int(tok[b]))
+        for b in range(B):
+            dec = stream.decode(prompts[b] + out[b])
+            assert not dec.problems, (seed, b, dec.problems)
+            for seg in dec.segments:
+                if isinstance(seg, Image):
+                    h, w = seg.codes.shape
+                    shapes.add((h, w))
+                    assert (h, w) == (5, 2) or h * w <= 12 if version == 2 else (h, w) == tuple(sp.image_grid)
+    assert len(shapes) >= 5 if version == 2 else shapes == {tuple(sp.image_grid)}
 
 
 # ---- sampling -----------------------------------------------------------------------------------------
@@ -182,7 +307,8 @@ def _check_well_formed(bundle, prompt, res, max_frames):
     kinds = set()
     for seg in dec.segments:
         if isinstance(seg, Image):
-            assert seg.codes.shape == tuple(sp.image_grid)
+            h, w = seg.codes.shape
+            assert h * w <= sp.image_tokens and max(h, w) <= sp.image_max_side  # the model's own grid
             kinds.add("image")
         elif isinstance(seg, Audio):
             assert 1 <= seg.codes.shape[0] <= max_frames and seg.codes.shape[1] == sp.audio_n_q
@@ -201,7 +327,7 @@ def test_every_output_is_well_formed(bundle):
     reqs = [Request(prompt, max_new_tokens=int(n), sampling=ModalitySampling.uniform(1.0), seed=s,
                     cfg_scale=(1.0, 2.5)[s % 2])
             for s, n in zip(range(24), np.random.default_rng(0).integers(8, 90, 24))]
-    reqs += [Request(prompt, max_new_tokens=30, seed=100 + i, force=[f], stop_after_span=True)
+    reqs += [Request(prompt, max_new_tokens=40, seed=100 + i, force=[f], stop_after_span=True)
              for i, f in enumerate((sp.boi, sp.boa, sp.box))]
     results = eng.generate(reqs)
     kinds = set()
@@ -214,7 +340,8 @@ def test_every_output_is_well_formed(bundle):
     assert {r.finish for r in results} >= {"eos", "span"}
     forced = results[-3:]
     assert [f.tokens[0] for f in forced] == [sp.boi, sp.boa, sp.box]
-    assert forced[0].tokens[-1] == sp.eoi and len(forced[0].tokens) == sp.image_tokens + 2
+    grid = bundle.stream.decode(forced[0].tokens).segments[0].codes.shape
+    assert forced[0].tokens[-1] == sp.eoi and len(forced[0].tokens) == sp.image_span(*grid)
     assert forced[2].tokens[-1] == sp.ebox and len(forced[2].tokens) == 6
     assert all(f.finish == "span" for f in forced)
 
@@ -236,12 +363,13 @@ def test_stop_reasons_in_order_and_forced_ids_obey_the_grammar(bundle):
     sp = bundle.space
     eng = Engine(bundle.model, sp)
     prompt = [sp.bos] + bundle.tok.text.encode("there is")
-    image = sp.image_tokens + 2  # <boi> codes <eoi>
+    image = sp.image_span(4, 3)  # <boi> <size_4> <size_3> 4 x (3 codes <eor>) <eoi>
+    grid = [sp.boi, sp.size_id(4), sp.size_id(3)]
     reqs = [
         Request(prompt, 1, force=[sp.eos], stop_ids=[sp.eos]),  # eos, also a stop id and the budget
-        Request(prompt, image, force=[sp.boi], stop_after_span=True, stop_ids=[sp.eoi]),  # span, stop, length
-        Request(prompt, image, force=[sp.boi], stop_ids=[sp.eoi]),  # stop id and length
-        Request(prompt, image, force=[sp.boi]),  # length
+        Request(prompt, image, force=grid, stop_after_span=True, stop_ids=[sp.eoi]),  # span, stop, length
+        Request(prompt, image, force=grid, stop_ids=[sp.eoi]),  # stop id and length
+        Request(prompt, image, force=grid),  # length
     ]
     res = eng.generate(reqs)
     assert [r.finish for r in res] == ["eos", "span", "stop", "length"]
@@ -325,3 +453,32 @@ def test_unconditional_branch_sees_only_the_open_span(bundle):
         assert torch.allclose(got, want, atol=1e-4), (t, (got - want).abs().max())
         spans += toks[t] in (sp.boi, sp.boa)
     assert spans >= 2, toks
+
+
+def test_cfg_rows_follow_each_requests_grid(bundle):
+    """Guided requests with different grids in one batch (one stated by its prompt, one forced, one the
+    model's choice): each unconditional row sees `<s> <boi> <size_h> <size_w> codes…` of its own
+    partner, size tokens included, and every image has its partner's rows."""
+    sp = bundle.space
+    spy = Spy(bundle.model)
+    eng = Engine(spy, sp)
+    text = [sp.bos] + bundle.tok.text.encode("a small red circle")
+    reqs = [Request(text + [sp.boi, sp.size_id(2), sp.size_id(6)], 40, ModalitySampling.uniform(1.0), seed=1,
+                    cfg_scale=3.0, stop_after_span=True),
+            Request(text, 40, ModalitySampling.uniform(1.0), seed=2, cfg_scale=2.0, stop_after_span=True,
+                    force=[sp.boi, sp.size_id(5), sp.size_id(1)]),
+            Request(text, 40, ModalitySampling.uniform(1.0), seed=3, cfg_scale=4.0, stop_after_span=True,
+                    force=[sp.boi])]
+    res = eng.generate(reqs)
+    grids = [bundle.stream.decode(([sp.boi, sp.size_id(2), sp.size_id(6)] if i == 0 else []) + r.tokens)
+             .segments[0].codes.shape for i, r in enumerate(res)]
+    assert grids[:2] == [(2, 6), (5, 1)] and grids[2][0] * grids[2][1] <= sp.image_tokens
+    assert all(r.finish == "span" and r.tokens[-1] == sp.eoi for r in res)
+    for j, r in enumerate(res):
+        span = ([sp.boi, sp.size_id(2), sp.size_id(6)] if j == 0 else []) + r.tokens
+        first = 3 if j == 0 else 0  # generated tokens before the first the uncond row follows
+        for t in range(len(r.tokens) - 1):
+            # uncond row 3 + j after feeding r.tokens[t]: a fresh pass over <s> and the span so far
+            ctx = torch.tensor([[sp.bos] + span[: first + t + 1]])
+            got = spy.steps[t + 1][1][3 + j]
+            torch.testing.assert_close(got, bundle.model(ctx)[0, -1], atol=1e-4, rtol=0)

@@ -164,19 +164,33 @@ def test_vocab_spans_cover_every_allowed_id():
     b = tiny_bundle(max_seq_len=64)
     sp = b.space
     con = Constrainer(sp)
-    for mode in (TEXT, IMAGE, AUDIO, BOX, DONE):
-        for pos in range(con.max_pos + 3):
-            st = con.initial(1)
-            st.mode[0], st.pos[0] = mode, pos
-            lo, hi = con.vocab_span([mode], [pos], remaining=10_000)
-            allowed = con.allowed(st).nonzero()[:, 1]
-            assert lo <= int(allowed.min()) and int(allowed.max()) < hi, (mode, pos)
-            # near the end of the budget the mask can change (audio is closed): whole vocabulary
-            st_end = con.allowed(st, torch.tensor([con.n_q])).nonzero()[:, 1]
-            lo2, hi2 = con.vocab_span([mode], [pos], remaining=con.n_q)
-            assert lo2 <= int(st_end.min()) and int(st_end.max()) < hi2
-    # an image code needs only the image codebook's logits, a text token only the text range
-    assert con.vocab_span([IMAGE], [0], 10_000) == sp.image_range()
-    assert con.vocab_span([TEXT], [0], 10_000)[1] <= sp.text_size
+    states = [(mode, pos, (0, 0)) for mode in (TEXT, AUDIO, BOX, DONE) for pos in range(con.max_pos + 3)]
+    # version-2 images: the sizes, then codes, row ends and <eoi> of a few grids
+    states += [(IMAGE, pos, grid) for grid in ((1, 1), (2, 3), (4, 4), (5, 1))
+               for pos in range(grid[0] * (grid[1] + 1) + 3)]
+    for mode, pos, grid in states:
+        st = con.initial(1)
+        st.mode[0], st.pos[0] = mode, pos
+        st.grid[0] = torch.tensor(grid)
+        lo, hi = con.vocab_span(con.row_index(st), remaining=10_000)
+        allowed = con.allowed(st).nonzero()[:, 1]
+        assert lo <= int(allowed.min()) and int(allowed.max()) < hi, (mode, pos)
+        # near the end of the budget the mask can change (audio is closed): whole vocabulary
+        st_end = con.allowed(st, torch.tensor([con.n_q])).nonzero()[:, 1]
+        lo2, hi2 = con.vocab_span(con.row_index(st), remaining=con.n_q)
+        assert lo2 <= int(st_end.min()) and int(st_end.max()) < hi2
+
+    def span(*rows):
+        st = con.initial(len(rows))
+        for i, (mode, pos, grid) in enumerate(rows):
+            st.mode[i], st.pos[i] = mode, pos
+            st.grid[i] = torch.tensor(grid)
+        return con.vocab_span(con.row_index(st), 10_000)
+
+    # an image code needs only the image codebook's logits, a row end or a size its own ids, text the text range
+    assert span((IMAGE, 2, (2, 3))) == sp.image_range()
+    assert span((IMAGE, 5, (2, 3))) == (sp.eor, sp.eor + 1)
+    assert span((IMAGE, 0, (0, 0))) == sp.size_range()
+    assert span((TEXT, 0, (0, 0)))[1] <= sp.text_size
     # rows in different states: the union
-    assert con.vocab_span([TEXT, IMAGE], [0, 3], 10_000) == (con.vocab_span([TEXT], [0], 10_000)[0], sp.image_range()[1])
+    assert span((TEXT, 0, (0, 0)), (IMAGE, 3, (2, 3))) == (span((TEXT, 0, (0, 0)))[0], sp.image_range()[1])

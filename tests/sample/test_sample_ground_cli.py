@@ -86,8 +86,15 @@ def test_sample_command_writes_every_output(bundle_dir, picture, tmp_path, capsy
     gen_images = sorted(f for f in files if f.startswith("image_"))
     gen_audio = sorted(f for f in files if f.startswith("audio_"))
     assert len(gen_images) == n_img and len(gen_audio) == n_aud and n_img + n_aud > 0
-    for f in gen_images:
-        assert np.asarray(PILImage.open(out / f)).shape == (16, 16, 3)
+    # each PNG is its generated grid (the model's own choice) times the tokenizer's 4 pixels a code
+    n = 0
+    for i, s in enumerate(tokens["samples"]):
+        for seg in bundle.stream.decode(s["tokens"]).segments:
+            if type(seg).__name__ == "Image":
+                h, w = seg.codes.shape
+                assert h * w <= bundle.tok.image.max_tokens
+                assert PILImage.open(out / f"image_{i}_{n}.png").size == (w * 4, h * 4)
+                n += 1
     page = (out / "index.html").read_text()
     assert all(f in page for f in gen_images + gen_audio)
     # the same seed reproduces the same tokens
@@ -134,16 +141,128 @@ def test_unfit_box_inverts_the_fit():
 
 
 def test_prompt_ending_inside_an_image_span(bundle_dir, tmp_path):
-    """`--prompt "...<boi>"` (as the demo uses it): the output starts with the image's codes."""
+    """`--prompt "...<boi>"` (as the demo uses it): the output starts with the image's grid (the
+    model's choice, here within the 20 tokens asked for), then its rows."""
     bundle = load_bundle(bundle_dir)
     sp = bundle.space
     res = run_sample(bundle, "a large red circle<boi>", tmp_path, opts=SampleOptions(cfg=3.0, max_new_tokens=20))
     toks = res[0].tokens
-    assert all(sp.image_offset <= t < sp.image_offset + sp.image_codebook_size for t in toks[: sp.image_tokens])
-    assert toks[sp.image_tokens] == sp.eoi
+    h, w = (t - sp.size_range()[0] + 1 for t in toks[:2])
+    lo, hi = sp.image_range()
+    assert [t == sp.eor for t in toks[2: 2 + h * (w + 1)]] == ([False] * w + [True]) * h
+    assert all(lo <= t < hi for t in toks[2: 2 + h * (w + 1)] if t != sp.eor)
+    assert toks[2 + h * (w + 1)] == sp.eoi and sp.image_span(h, w) - 1 <= 20
     assert sorted(p.name for p in tmp_path.glob("image_*.png")) == ["image_0_0.png"]
+    assert PILImage.open(tmp_path / "image_0_0.png").size == (4 * w, 4 * h)
     # --stop-after-span ends the sample right at <eoi>
     assert main(["sample", "--model", str(bundle_dir), "--prompt", "a large red circle<boi>", "--out",
                  str(tmp_path / "stop"), "--stop-after-span", "--max-new-tokens", "60"]) == 0
     sample = json.loads((tmp_path / "stop" / "tokens.json").read_text())["samples"][0]
-    assert sample["finish"] == "span" and len(sample["tokens"]) == sp.image_tokens + 1
+    h, w = (t - sp.size_range()[0] + 1 for t in sample["tokens"][:2])
+    assert sample["finish"] == "span" and len(sample["tokens"]) == sp.image_span(h, w) - 1
+
+
+@pytest.fixture(scope="module")
+def native_bundle_dir(tmp_path_factory):
+    """A tiny bundle with room for larger images: 512 tokens of context; its image tokenizer (4 pixels
+    a code) fits images natively, at most 32 codes each."""
+    b = tiny_bundle(max_seq_len=512)
+    b.tok.image.cfg.model.image_mode = "native"
+    b.tok.image.cfg.model.max_tokens = 32
+    return save_bundle_layout(b, tmp_path_factory.mktemp("native_bundle"))
+
+
+def _png_size(out):
+    (png,) = out.glob("image_*.png")
+    return PILImage.open(png).size
+
+
+def test_sample_image_size_and_aspect(native_bundle_dir, tmp_path, capsys):
+    """--image-size 96x48 draws a 24 x 12-code image: a 96x48 PNG; --aspect 2:1 the 2:1 grid within
+    max_tokens (4 x 8 codes: 32x16); a size off the grid snaps to whole codes."""
+    sp = load_bundle(native_bundle_dir).space
+    common = ["--model", str(native_bundle_dir), "--max-new-tokens", "320", "--stop-after-span", "--cfg", "2"]
+    assert main(["sample", "--prompt", "a wide picture", "--image-size", "96x48", "--out", str(tmp_path / "a"),
+                 *common]) == 0
+    assert _png_size(tmp_path / "a") == (96, 48)
+    doc = json.loads((tmp_path / "a" / "tokens.json").read_text())
+    assert doc["prompt"][-3:] == [sp.boi, sp.size_id(12), sp.size_id(24)] and doc["image_grid"] == [12, 24]
+    tokens = doc["samples"][0]["tokens"]
+    assert len(tokens) == 12 * 25 + 1 and tokens[-1] == sp.eoi
+    assert main(["sample", "--prompt", "a wide picture", "--aspect", "2:1", "--out", str(tmp_path / "b"),
+                 *common]) == 0
+    assert _png_size(tmp_path / "b") == (32, 16)
+    # the prompt's own <boi> gets the sizes after it; 30x21 px snaps to 8 x 5 codes
+    capsys.readouterr()
+    assert main(["sample", "--prompt", "a picture<boi>", "--image-size", "30x21", "--out", str(tmp_path / "c"),
+                 *common]) == 0
+    assert "snapped to 32x20" in capsys.readouterr().err
+    assert _png_size(tmp_path / "c") == (32, 20)
+    prompt = json.loads((tmp_path / "c" / "tokens.json").read_text())["prompt"]
+    assert prompt[-3:] == [sp.boi, sp.size_id(5), sp.size_id(8)] and prompt.count(sp.boi) == 1
+
+
+def test_image_size_user_errors(native_bundle_dir, tmp_path, capsys):
+    def fails(*args) -> str:
+        capsys.readouterr()
+        assert main(["sample", "--model", str(native_bundle_dir), "--prompt", "x", "--out", str(tmp_path),
+                     *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    assert "at most 64 codes (256 pixels)" in fails("--image-size", "300x48")
+    assert "expected WxH" in fails("--image-size", "wide")
+    assert "expected W:H" in fails("--aspect", "2:0")
+    assert "not both" in fails("--image-size", "8x8", "--aspect", "1:1")
+    assert "needs 301 new tokens; --max-new-tokens is 100" in fails("--image-size", "96x48", "--max-new-tokens", "100")
+    assert "prompt ends inside an audio clip" in fails("--prompt", "x<boa>", "--aspect", "1:1")
+
+
+def test_version_1_bundles_draw_their_square(tmp_path, capsys):
+    """A bundle of a version-1 token space keeps the square format: --image-size must be its square,
+    the image is `<boi>` and h*w codes."""
+    import dataclasses
+
+    from anymodal.model.transformer import Transformer
+    from anymodal.sample.bundle import Bundle
+    from anymodal.tokenizers import Stream, Tokenizers, build_space
+
+    t = tiny_bundle().tok
+    sp = build_space(t.text, t.image, t.audio, version=1)
+    model = Transformer(dataclasses.replace(tiny_bundle().model.cfg, vocab_size=sp.vocab_size)).eval()
+    folder = save_bundle_layout(Bundle(model, Tokenizers(t.text, t.image, t.audio, sp, Stream(sp, t.text))),
+                                tmp_path / "v1")
+    assert load_bundle(folder).space.version == 1
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(folder), "--prompt", "a picture", "--image-size", "16x16", "--out",
+                 str(out), "--stop-after-span", "--cfg", "1"]) == 0
+    tokens = json.loads((out / "tokens.json").read_text())
+    assert tokens["prompt"][-1] == sp.boi and len(tokens["samples"][0]["tokens"]) == sp.image_tokens + 1
+    assert _png_size(out) == (16, 16)
+    capsys.readouterr()
+    assert main(["sample", "--model", str(folder), "--prompt", "a picture", "--aspect", "2:1", "--out",
+                 str(out)]) == 2
+    assert "square images only, 16x16 pixels" in capsys.readouterr().err
+
+
+def test_ground_a_non_square_image_natively(native_bundle_dir, picture):
+    """A 60x40 input is fitted natively (6 x 4 codes: 24x16 pixels, its own aspect); the box comes back
+    in its pixels: the model's normalized box times the input's width and height."""
+    from anymodal.sample.ground import _open, ground_codes, ground_prompt, model_image
+    from anymodal.sample.prompt import image_codes
+
+    bundle = load_bundle(native_bundle_dir)
+    sp = bundle.space
+    fitted = model_image(bundle, _open(picture))
+    assert fitted.shape == (16, 24, 3)
+    codes = image_codes(fitted, bundle.tok.image)[0]
+    assert codes.shape == (4, 6)
+    ids = ground_prompt(sp, bundle.tok.text, codes, "the red square")
+    assert ids[:4] == [sp.bos, sp.boi, sp.size_id(4), sp.size_id(6)] and ids[4 + 4 * 7] == sp.eoi
+    g = ground_codes(bundle, [(codes, "the red square")])[0]
+    res = ground_image(bundle, picture, "the red square")
+    want = (g.box[0] * 60, g.box[1] * 40, g.box[2] * 60, g.box[3] * 40)
+    assert np.allclose(res["box"], want, atol=0.051) and res["score"] == round(g.score, 4)
+    x1, y1, x2, y2 = res["box"]
+    assert 0 <= x1 < x2 <= 60 and 0 <= y1 < y2 <= 40

@@ -43,6 +43,20 @@ def world(tmp_path_factory) -> dict:
     return {"train_shards": [str(root / "train" / "*.tar")], "val_shards": [str(root / "val" / "*.tar")]}
 
 
+def assert_resume_repeats_losses(cfg, run, last: int, resumed: list[int]) -> None:
+    """Drop the last checkpoint and the log of a finished run, resume it, and check the resumed steps'
+    losses equal the uninterrupted run's (exact resume)."""
+    log = run / "train_log.jsonl"
+    full = {r["step"]: r["loss"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r}
+    (run / "checkpoints" / f"step_{last:08d}.pt").unlink()
+    log.unlink()
+    train(cfg, run, resume=True, progress=False)
+    again = {r["step"]: r["loss"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r}
+    assert sorted(again) == resumed
+    for s in again:
+        assert again[s] == pytest.approx(full[s], rel=1e-5, abs=1e-7), (s, again[s], full[s])
+
+
 def test_shapes_dtypes_and_decode_of_encode_equals_forward():
     torch.manual_seed(0)
     tok = ImageTokenizer(tiny_cfg())
@@ -62,7 +76,9 @@ def test_shapes_dtypes_and_decode_of_encode_equals_forward():
     with pytest.raises(UserError):
         tok.decode(torch.full((1, 4, 4), 64))
     with pytest.raises(UserError):
-        tok.decode(torch.zeros(1, 3, 4, dtype=torch.long))
+        tok.decode(torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(UserError):
+        tok.decode(torch.zeros(1, 0, 4, dtype=torch.long))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -149,15 +165,7 @@ def test_training_raises_psnr_and_resume_matches(world, tmp_path):
     cfg_b = tiny_cfg(data={**world}, train={"steps": 124, "ckpt_every": 120})
     run = tmp_path / "b"
     train(cfg_b, run, progress=False)
-    log = run / "train_log.jsonl"
-    full = {r["step"]: r["loss"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r}
-    (run / "checkpoints" / "step_00000124.pt").unlink()
-    log.unlink()
-    train(cfg_b, run, resume=True, progress=False)
-    again = {r["step"]: r["loss"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r}
-    assert sorted(again) == [121, 122, 123, 124]
-    for s in again:
-        assert again[s] == pytest.approx(full[s], rel=1e-5, abs=1e-7), (s, again[s], full[s])
+    assert_resume_repeats_losses(cfg_b, run, last=124, resumed=[121, 122, 123, 124])
 
 
 @pytest.mark.parametrize("kind,extra", [("fsq", {"fsq_levels": [4, 4, 4]}), ("lfq", {"codebook_size": 64})])
@@ -198,7 +206,7 @@ def test_cli_round_trip_and_bad_input(tmp_path, capsys):
 
     (tmp_path / "bad.png").write_text("not an image")
     (tmp_path / "big.json").write_text(json.dumps({"ids": [[64] * 4] * 4}))
-    (tmp_path / "shape.json").write_text(json.dumps({"ids": [[0] * 5] * 4}))
+    (tmp_path / "shape.json").write_text(json.dumps({"ids": [[0] * 5, [0] * 4]}))  # ragged rows
     (tmp_path / "junk.json").write_text("{{")
     bad = [
         ("encode", "bad.png"), ("encode", "missing.png"),
@@ -428,3 +436,215 @@ def test_generated_world_sizes_follow_world_and_val_docs(tmp_path):
     cfg = tiny_cfg(data={"world_docs": 12})
     _world_shards(tmp_path / "b", cfg, rank=0)
     assert json.loads((tmp_path / "b" / "world" / "val" / "val.json").read_text())["docs"] == 64
+
+
+# ---------------------------------------------------------------------------------------- any aspect
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_any_grid_round_trip_at_three_aspects(attention):
+    """The nets are convolutional (the attention block has no positions): any H, W that are
+    multiples of the factor encode to [H/f, W/f] and decode back to H x W, consistently."""
+    torch.manual_seed(0)
+    tok = ImageTokenizer(tiny_cfg(model={"attention": attention}))
+    tok(torch.rand(4, 3, 32, 32) * 2 - 1)  # k-means initialises the codebook
+    tok.eval()
+    for h, w in ((48, 48), (48, 64), (64, 48), (32, 64)):
+        x = torch.rand(2, 3, h, w)
+        ids = tok.encode(x)
+        assert ids.shape == (2, h // 8, w // 8)
+        img = tok.decode(ids)
+        assert img.shape == (2, 3, h, w) and 0 <= float(img.min()) and float(img.max()) <= 1
+        with torch.no_grad():
+            rec, ids2, _ = tok(x * 2 - 1)
+        assert torch.equal(ids, ids2)
+        torch.testing.assert_close(img, ((rec + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+        # a fixed model is a fixed function: re-encoding its own decode gives the same codes each time
+        again = tok.encode(img)
+        assert torch.equal(again, tok.encode(tok.decode(ids))) and again.shape == ids.shape
+        # the batch does not leak between images: one image alone gives its own codes
+        assert torch.equal(tok.encode(x[1:]), ids[1:])
+    for bad in (torch.rand(1, 3, 50, 64), torch.rand(1, 3, 4, 8), torch.rand(3, 32, 32), torch.rand(1, 1, 32, 32)):
+        with pytest.raises(UserError, match="multiples of 8"):
+            tok.encode(bad)
+
+
+def test_encode_pixels_groups_sizes_and_keeps_order():
+    torch.manual_seed(0)
+    tok = ImageTokenizer(tiny_cfg())
+    tok(torch.rand(4, 3, 32, 32) * 2 - 1)
+    rng = np.random.default_rng(0)
+    sizes = [(24, 32), (32, 32), (24, 32), (32, 24), (24, 32)]
+    imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    codes = tok.encode_pixels(imgs, batch=2)
+    assert [c.shape for c in codes] == [(h // 8, w // 8) for h, w in sizes]
+    for arr, c in zip(imgs, codes):
+        alone = tok.encode(torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255)[0].numpy()
+        assert c.dtype == np.int64 and np.array_equal(c, alone)
+
+
+def test_native_fit_uses_the_tokenizer_budget():
+    from PIL import Image
+
+    from anymodal.data.media import native_grid
+
+    tok = ImageTokenizer(tiny_cfg(model={"image_mode": "native", "max_tokens": 32}))
+    assert tok.max_tokens == 32 and ImageTokenizer(tiny_cfg()).max_tokens == 16  # 0: the square grid's area
+    img = Image.new("RGB", (100, 60), "white")
+    arr, fit = tok.fit(img)
+    rows, cols = native_grid(100, 60, 32)
+    assert arr.shape == (rows * 8, cols * 8, 3) and rows * cols <= 32
+    assert fit.box(20, 10, 60, 30) == (0.2, 10 / 60, 0.6, 0.5)  # each axis relative to its own side
+    assert tok.fit(img, "resize")[0].shape == (32, 32, 3)
+    assert tok.fit(img, max_tokens=8)[0].shape[:2] == tuple(8 * n for n in native_grid(100, 60, 8))
+    args = tok.cfg.model.reader_args()
+    assert args == {"image_size": 32, "image_mode": "native", "image_factor": 8, "max_image_tokens": 32}
+
+
+def test_cli_max_tokens_keeps_the_aspect_and_decode_writes_that_size(tmp_path, capsys):
+    from PIL import Image
+
+    from anymodal.data.media import native_grid
+
+    torch.manual_seed(0)
+    tok = ImageTokenizer(tiny_cfg())  # resize mode, 32 px, 16 codes
+    tok(torch.rand(4, 3, 32, 32) * 2 - 1)
+    tok.save(tmp_path / "tok")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 80, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+
+    def run(*args) -> int:
+        return cli(["tokenizer", *map(str, args)])
+
+    assert run("encode", "image", "--tokenizer", tmp_path / "tok", tmp_path / "wide.png", tmp_path / "w.json",
+               "--max-tokens", 32) == 0
+    doc = json.loads((tmp_path / "w.json").read_text())
+    assert doc["grid"] == [4, 8] and np.asarray(doc["ids"]).shape == (4, 8)  # 2:1, 32 codes
+    assert run("decode", "image", "--tokenizer", tmp_path / "tok", tmp_path / "w.json", tmp_path / "w.png") == 0
+    out = np.asarray(Image.open(tmp_path / "w.png"))
+    assert out.shape == (32, 64, 3)
+    expect = (tok.decode(torch.tensor(doc["ids"])[None])[0].permute(1, 2, 0).numpy() * 255).round()
+    assert np.abs(out.astype(float) - expect).max() <= 1
+    # the decoded PNG re-encodes at its own size, to the same grid
+    assert run("encode", "image", "--tokenizer", tmp_path / "tok", tmp_path / "w.png", tmp_path / "w2.json",
+               "--max-tokens", 32) == 0
+    assert json.loads((tmp_path / "w2.json").read_text())["grid"] == [4, 8]
+
+    # without --max-tokens a resize tokenizer squares the image; a native one keeps the aspect in its budget
+    assert run("encode", "image", "--tokenizer", tmp_path / "tok", tmp_path / "wide.png", tmp_path / "sq.json") == 0
+    assert json.loads((tmp_path / "sq.json").read_text())["grid"] == [4, 4]
+    native = ImageTokenizer(tiny_cfg(model={"image_mode": "native"}))
+    native.load_state_dict(tok.state_dict())
+    native.save(tmp_path / "ntok")
+    assert run("encode", "image", "--tokenizer", tmp_path / "ntok", tmp_path / "wide.png", tmp_path / "n.json") == 0
+    assert json.loads((tmp_path / "n.json").read_text())["grid"] == list(native_grid(80, 40, 16))
+
+    # a hand-written grid of any shape decodes at its size; bad grids are one-line errors
+    (tmp_path / "tall.json").write_text(json.dumps({"ids": [[1, 2]] * 5}))
+    assert run("decode", "image", "--tokenizer", tmp_path / "tok", tmp_path / "tall.json", tmp_path / "t.png") == 0
+    assert np.asarray(Image.open(tmp_path / "t.png")).shape == (40, 16, 3)
+    bad = {"flat.json": {"grid": [2, 3], "ids": list(range(6))},  # fine: a flat list with its grid
+           "mismatch.json": {"grid": [3, 2], "ids": [[0, 1, 2]] * 2},
+           "badgrid.json": {"grid": [0, 2], "ids": [[0, 1]]},
+           "wide.json": {"ids": [[0] * 65]},
+           "range.json": {"grid": [1, 2], "ids": [[0, 64]]}}
+    for name, content in bad.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        capsys.readouterr()
+        rc = run("decode", "image", "--tokenizer", tmp_path / "tok", tmp_path / name, tmp_path / "o.png")
+        err = capsys.readouterr().err
+        if name == "flat.json":
+            assert rc == 0 and np.asarray(Image.open(tmp_path / "o.png")).shape == (16, 24, 3)
+        else:
+            assert rc == 2 and err.startswith("anymodal: error:") and err.count("\n") == 1, (name, err)
+    for extra in (["--max-tokens", "0"],):
+        assert run("encode", "image", "--tokenizer", tmp_path / "tok", tmp_path / "wide.png", tmp_path / "x.json",
+                   *extra) == 2
+    assert run("encode", "text", "--tokenizer", tmp_path / "tok", tmp_path / "wide.png", tmp_path / "x.json",
+               "--max-tokens", "8") == 2
+    assert "--max-tokens is for images" in capsys.readouterr().err
+
+
+def _mixed_shard(path: Path, sizes, n_each: int, seed: int = 0) -> str:
+    """A raw shard of one-image documents at the given (w, h) sizes: white scenes with a coloured
+    rectangle, so a tiny tokenizer has something to learn at every aspect."""
+    import io
+    import tarfile
+
+    from anymodal.data.media import encode_png
+
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n_each * len(sizes)):
+            w, h = sizes[i % len(sizes)]
+            a = np.full((h, w, 3), 255, np.uint8)
+            x, y = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+            a[y:y + h // 3, x:x + w // 3] = rng.integers(0, 200, 3)
+            for name, data in ((f"d{i:04d}.json", json.dumps({"segments": [{"image": "0.png"}, {"text": "x"}],
+                                                               "kind": "i2t"}).encode()),
+                               (f"d{i:04d}.0.png", encode_png(a))):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+MIXED = [(64, 48), (48, 64), (64, 64)]  # 4:3, 3:4, 1:1 -> native grids 3x4, 4x3, 4x4 within 16 codes
+
+
+def test_memory_batches_are_one_size_each_deterministic_and_cover_every_size():
+    from anymodal.train.image_tokenizer import MemoryBatches
+
+    # one size: exactly the permutation cut into batches, as before buckets existed
+    single = torch.arange(10 * 2 * 2 * 3, dtype=torch.float32).reshape(10, 2, 2, 3)
+    mb = MemoryBatches(single, 4, seed=3, rank=1)
+    assert mb.per_epoch == 2
+    for step in range(5):
+        epoch, i = divmod(step, 2)
+        perm = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1_000_003 + 7919 + epoch))
+        assert torch.equal(mb.get(step), single[perm[i * 4:(i + 1) * 4]])
+    # three sizes (one smaller than a batch): every batch is one size, all sizes come up, and the
+    # batch of a step depends on (seed, rank, step) only
+    buckets = [torch.full((9, 3, 4, 3), 0), torch.full((7, 4, 3, 3), 1), torch.full((2, 4, 4, 3), 2)]
+    mb = MemoryBatches(buckets, 4, seed=0, rank=0)
+    assert mb.per_epoch == 9 // 4 + 7 // 4 + 1
+    seen = {}
+    for step in range(3 * mb.per_epoch):
+        b = mb.get(step)
+        assert b.unique().numel() == 1
+        seen[int(b[0, 0, 0, 0])] = tuple(b.shape)
+        assert torch.equal(b, MemoryBatches(buckets, 4, seed=0, rank=0).get(step))
+    assert seen == {0: (4, 3, 4, 3), 1: (4, 4, 3, 3), 2: (2, 4, 4, 3)}
+    other = MemoryBatches(buckets, 4, seed=0, rank=1)
+    assert any(not torch.equal(other.get(s), mb.get(s)) for s in range(mb.per_epoch))  # ranks differ
+
+
+def test_native_training_on_mixed_aspects_and_resume(tmp_path):
+    from PIL import Image as PILImage
+
+    from anymodal.train.image_tokenizer import StreamBatches, _load_images
+
+    train_shard = _mixed_shard(tmp_path / "train.tar", MIXED, 16)
+    val_shard = _mixed_shard(tmp_path / "val.tar", MIXED, 3, seed=1)
+    data = {"train_shards": [train_shard], "val_shards": [val_shard]}
+    cfg = tiny_cfg(model={"image_mode": "native"}, data=data,
+                   train={"steps": 8, "ckpt_every": 4, "batch_size": 8, "val_images": 9, "val_every": 4})
+    images = _load_images([train_shard], cfg, 0, None)
+    assert sorted(tuple(b.shape) for b in images) == [(16, 24, 32, 3), (16, 32, 24, 3), (16, 32, 32, 3)]
+    resized = _load_images([train_shard], tiny_cfg(data=data), 0, None)  # resize mode: one square tensor
+    assert isinstance(resized, torch.Tensor) and resized.shape == (48, 32, 32, 3)
+
+    run = tmp_path / "run"
+    res = train(cfg, run, progress=False)
+    assert res["steps"] == 8 and np.isfinite(res["final"]["psnr"]) and res["final"]["n_images"] == 9
+    grid = np.asarray(PILImage.open(run / "val" / "step_00000008.png"))
+    assert grid.shape == (64, 8 * 32, 3)  # tiles of every size on cells of the largest
+    tok = ImageTokenizer.load(run)
+    assert tok.encode(torch.rand(1, 3, 24, 32)).shape == (1, 3, 4)
+    assert_resume_repeats_losses(cfg, run, last=8, resumed=[5, 6, 7, 8])
+
+    # streamed: batches of one size each, every size in turn
+    stream_cfg = tiny_cfg(model={"image_mode": "native"}, data={**data, "in_memory": False, "shuffle_buffer": 8},
+                          train={"batch_size": 4})
+    sb = StreamBatches([train_shard], stream_cfg, 0, 1, None)
+    shapes = {tuple(sb.get(step).shape) for step in range(12)}
+    assert shapes == {(4, 24, 32, 3), (4, 32, 24, 3), (4, 32, 32, 3)}

@@ -37,7 +37,8 @@ def test_every_segment_kind_round_trips(stream):
     ids, mod = stream.encode(doc)
     s = stream.space
     assert ids[0] == s.bos and ids[-1] == s.eos and ids.dtype == np.int64 and mod.dtype == np.uint8
-    assert (mod == Modality.IMAGE).sum() == 16 and (mod == Modality.AUDIO).sum() == 21 and (mod == Modality.LOC).sum() == 4
+    # 16 codes, two size tokens and four row ends
+    assert (mod == Modality.IMAGE).sum() == 16 + 2 + 4 and (mod == Modality.AUDIO).sum() == 21 and (mod == Modality.LOC).sum() == 4
     # frame-major audio: consecutive audio tokens cycle through levels 0, 1, 2
     aud = ids[mod == Modality.AUDIO]
     assert ((aud - s.audio_offset) // 16).tolist() == [0, 1, 2] * 7
@@ -83,7 +84,9 @@ def test_decode_random_ids_never_raises(stream):
 
 def test_encode_rejects_bad_segments(stream):
     with pytest.raises(UserError, match="grid"):
-        stream.encode([Image(np.zeros((3, 4), dtype=np.int64))])
+        stream.encode([Image(np.zeros((3, 4, 1), dtype=np.int64))])
+    with pytest.raises(UserError, match="sides"):
+        stream.encode([Image(np.zeros((1, stream.space.image_max_side + 1), dtype=np.int64))])
     with pytest.raises(UserError, match="out of range"):
         stream.encode([Image(np.full((4, 4), 32))])
     with pytest.raises(UserError, match="expected"):
@@ -126,3 +129,66 @@ def test_iou_values_and_boxes_without_area():
     assert iou((0, 0, 0, 2), (0, 0, 2, 2)) == 0.0  # a line
     assert iou((0, 0, float("nan"), 1), (0, 0, 1, 1)) == 0.0
     assert isinstance(iou((0, 0, 1, 1), (0, 0, 1, 1)), float)
+
+
+# ---- any-aspect images (version 2) -------------------------------------------------------------
+def test_image_segments_carry_their_grid(stream):
+    s = stream.space
+    rng = np.random.default_rng(3)
+    for h, w in ((4, 4), (2, 6), (5, 1), (1, 7)):
+        codes = rng.integers(0, 32, size=(h, w))
+        ids, mod = stream.encode([Text("x"), Image(codes)], bos=False, eos=False)
+        start = list(ids).index(s.boi)
+        span = ids[start:].tolist()
+        assert len(span) == s.image_span(h, w)
+        assert span[:3] == [s.boi, s.size_id(h), s.size_id(w)] and span[-1] == s.eoi
+        rows = np.asarray(span[3:-1]).reshape(h, w + 1)
+        assert (rows[:, -1] == s.eor).all() and np.array_equal(rows[:, :-1] - s.image_offset, codes)
+        assert (mod[start + 1 : start + len(span) - 1] == Modality.IMAGE).all()  # <boi>, <eoi> are text
+        out = stream.decode(ids)
+        assert out.problems == [] and out.segments[1] == Image(codes)
+
+
+def test_ragged_and_truncated_images_are_recovered_and_reported(stream):
+    s = stream.space
+    c = [s.image_id(k) for k in range(32)]
+    head = [s.boi, s.size_id(3), s.size_id(2)]
+    # a short row is padded with the code above it, a long one cut
+    out = stream.decode(head + [c[1], c[2], s.eor, c[3], s.eor, c[5], c[6], c[7], s.eor, s.eoi])
+    assert out.segments[0].codes.tolist() == [[1, 2], [3, 2], [5, 6]]
+    assert "2 rows of the wrong length" in out.problems[0]
+    # truncated mid-row (a length cut): the missing rows repeat the last one
+    out = stream.decode(head + [c[1], c[2], s.eor, c[4]])
+    assert out.segments[0].codes.tolist() == [[1, 2], [4, 2], [4, 2]]
+    assert any("truncated after 1 of 3 rows" in p for p in out.problems)
+    assert any("not closed" in p for p in out.problems)
+    # no size tokens: the grid is read from the rows
+    out = stream.decode([s.boi, c[1], c[2], c[3], s.eor, c[4], c[5], c[6], s.eor, s.eoi])
+    assert out.segments[0].codes.tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert "grid 2x3 taken from its rows" in out.problems[0]
+    # too many rows are cut to the stated grid; an image with no codes is dropped
+    out = stream.decode([s.boi, s.size_id(1), s.size_id(1), c[1], s.eor, c[2], s.eor, s.eoi,
+                         *stream.text.encode("hi")])
+    assert out.segments[0].codes.tolist() == [[1]] and "1 extra rows cut" in out.problems[0]
+    assert out.segments[1] == Text("hi")  # the text after the image is read on
+    out = stream.decode([s.boi, s.size_id(2), s.size_id(2), s.eoi])
+    assert out.segments == [] and "no codes" in out.problems[0]
+    # row ends and sizes outside an image are stray
+    out = stream.decode([s.eor, s.size_id(3)])
+    assert len(out.problems) == 2 and "stray" in out.problems[0]
+
+
+def test_version_1_spaces_keep_the_square_format(text_tokenizer):
+    from anymodal.tokenizers.stream import Stream
+    from anymodal.tokenizers.token_space import TokenSpace
+
+    space = TokenSpace.build(text_tokenizer, image_codebook_size=32, image_grid=(4, 4), audio_n_q=3,
+                             audio_codebook_size=16, audio_frame_rate=50.0, audio_sample_rate=16000, version=1)
+    assert not space.any_aspect and space.image_span() == 18
+    stream = Stream(space, text_tokenizer)
+    codes = np.arange(16).reshape(4, 4)
+    ids, _ = stream.encode([Image(codes)], bos=False, eos=False)
+    assert ids.tolist() == [space.boi, *(codes.reshape(-1) + space.image_offset).tolist(), space.eoi]
+    assert stream.decode(ids).segments == [Image(codes)]
+    with pytest.raises(UserError, match="the grid is"):
+        stream.encode([Image(np.zeros((2, 8), dtype=np.int64))])

@@ -15,9 +15,10 @@ def test_ranges_are_contiguous_and_padded(token_space, text_tokenizer):
     s = token_space
     assert s.image_offset == text_tokenizer.vocab_size
     assert s.audio_offset == s.image_offset + 32
-    assert s.used_size == s.audio_offset + 3 * 16
+    assert s.eor == s.audio_offset + 3 * 16 and s.image_size_offset == s.eor + 1
+    assert s.used_size == s.image_size_offset + s.image_max_side
     assert s.vocab_size % 64 == 0 and s.vocab_size >= s.used_size > s.vocab_size - 64
-    assert s.audio_id(2, 15) == s.used_size - 1
+    assert s.audio_id(2, 15) == s.eor - 1 and s.size_id(s.image_max_side) == s.used_size - 1
     assert s.audio_range(1) == (s.audio_offset + 16, s.audio_offset + 32)
 
 
@@ -35,7 +36,8 @@ def test_masks_partition_the_used_vocab(token_space):
     masks = torch.stack([s.mask(m) for m in Modality])
     assert masks.sum(0)[: s.used_size].eq(1).all()  # every real id in exactly one modality
     assert not masks[:, s.used_size :].any()  # padding is in none
-    assert masks[Modality.IMAGE].sum() == 32 and masks[Modality.LOC].sum() == 64
+    # image codes, <eor> and the size tokens
+    assert masks[Modality.IMAGE].sum() == 32 + 1 + s.image_max_side and masks[Modality.LOC].sum() == 64
     assert masks[Modality.AUDIO].sum() == 48
 
 
@@ -58,3 +60,26 @@ def test_load_errors(tmp_path):
     (tmp_path / "token_space.json").write_text("{not json")
     with pytest.raises(UserError, match="not a valid token space"):
         TokenSpace.load(tmp_path)
+
+
+def test_versions(tmp_path, token_space, text_tokenizer):
+    # a version-1 file (no row or size tokens) loads as the square layout
+    d = token_space.to_dict()
+    for k in ("eor", "image_size_offset", "image_max_side"):
+        d.pop(k)
+    d["version"] = 1
+    (tmp_path / "token_space.json").write_text(json.dumps(d))
+    old = TokenSpace.load(tmp_path)
+    assert not old.any_aspect and old.image_span() == 16 + 2
+    assert old.used_size == old.audio_offset + 3 * 16
+    with pytest.raises(UserError, match="version"):
+        old.check_same(token_space)
+    d["version"] = 3
+    (tmp_path / "token_space.json").write_text(json.dumps(d))
+    with pytest.raises(UserError, match="version 3 is newer"):
+        TokenSpace.load(tmp_path)
+    with pytest.raises(UserError, match="side of 0 codes"):
+        token_space.size_id(0)
+    with pytest.raises(UserError, match="image_max_side"):
+        TokenSpace.build(text_tokenizer, image_codebook_size=32, image_grid=(4, 80))
+    assert token_space.image_span(2, 3) == 4 + 2 * 4
