@@ -192,6 +192,22 @@ def fit_image(img, size: int | None, mode: str = "resize", factor: int = 8,
     return np.asarray(canvas, dtype=np.uint8).copy(), fit
 
 
+def map_by_shape(arrays: list, fn, batch: int | None = None) -> list:
+    """`fn` on the arrays of one shape together (at most `batch` at a time; a batch is one tensor),
+    its per-array results put back in input order: images of mixed sizes through a tokenizer."""
+    out: list = [None] * len(arrays)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(tuple(np.shape(a)), []).append(i)
+    for members in groups.values():
+        step = batch or len(members)
+        for s in range(0, len(members), step):
+            part = members[s : s + step]
+            for i, r in zip(part, fn([arrays[i] for i in part])):
+                out[i] = r
+    return out
+
+
 def load_image(src: bytes | str | os.PathLike, size: int | None = 64, mode: str = "resize") -> np.ndarray:
     """Any image (bytes or path, any mode, any size) -> RGB `np.uint8 [size, size, 3]`."""
     return fit_image(open_image(src), size, mode)[0]

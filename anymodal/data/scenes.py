@@ -222,9 +222,26 @@ def join_phrases(parts: list[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def caption(scene: Scene, lead_in: str = "") -> str:
-    """`a small red circle at the top left, a large ... and a ...` (objects in scene order)."""
-    return lead_in + join_phrases([describe(o, scene.width, scene.height) for o in scene.objects])
+CAPTION_ORDERS = ("scene", "reading")
+
+
+def reading_order(scene: Scene) -> list[SceneObject]:
+    """The objects as a reader (and a raster-order image decoder) meets them: by the row of the
+    3 x 3 position grid their centre falls in, then left to right (then by centre, within a cell)."""
+
+    def key(o: SceneObject) -> tuple:
+        pos = POSITIONS.index(position_word(o.box, scene.width, scene.height))
+        cx, cy = (o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2
+        return (pos // 3, pos % 3, cy, cx)
+
+    return sorted(scene.objects, key=key)
+
+
+def caption(scene: Scene, lead_in: str = "", order: str = "scene") -> str:
+    """`a small red circle at the top left, a large ... and a ...`: the objects in scene order (a
+    random permutation), or in reading order (`reading_order`)."""
+    objects = reading_order(scene) if order == "reading" else scene.objects
+    return lead_in + join_phrases([describe(o, scene.width, scene.height) for o in objects])
 
 
 def prompt_lead_ins(aspect: str) -> tuple[str, ...]:

@@ -89,6 +89,9 @@ class WorldConfig:
     # Spoken captions describe at most this many objects: a 3-object caption takes ~8 s (1,600
     # audio tokens at 200/s), more than a training row and far more than its image.
     speech_max_objects: int = 2
+    # Objects in captions: "scene" (a random order) or "reading" (top row first, left to right, the
+    # order a raster-order image draws them in).
+    caption_order: str = "scene"
     pitch_min: int = 35
     pitch_max: int = 65
     instruction_fraction: float = 0.4  # asr/tts texts that are short instructions, not captions
@@ -125,6 +128,9 @@ class WorldConfig:
             raise ConfigError("config key 'canvases' needs non-negative proportions with a positive sum")
         if not 1 <= self.max_objects <= 3:
             raise ConfigError("config key 'max_objects' must be 1, 2 or 3")
+        if self.caption_order not in S.CAPTION_ORDERS:
+            raise ConfigError(f"config key 'caption_order' is {self.caption_order!r}; it must be one of "
+                              f"{', '.join(S.CAPTION_ORDERS)}")
         if self.speech_max_objects < 1:
             raise ConfigError("config key 'speech_max_objects' must be at least 1")
         if not 0.0 <= self.val_unseen_fraction <= 1.0 or not 0.0 <= self.instruction_fraction <= 1.0:
@@ -248,12 +254,12 @@ class _Planner:
 
     def caption(self, rng, scene: S.Scene) -> str:
         """A caption that describes an image (the answer of i2t): no word about its aspect."""
-        return S.caption(scene, S.LEAD_INS[int(rng.integers(len(S.LEAD_INS)))])
+        return S.caption(scene, S.LEAD_INS[int(rng.integers(len(S.LEAD_INS)))], self.cfg.caption_order)
 
     def prompt_caption(self, rng, scene: S.Scene) -> str:
         """A caption that asks for an image (t2i, a2i, story): says "wide" or "tall" unless square."""
         leads = S.prompt_lead_ins(scene.aspect)
-        return S.caption(scene, leads[int(rng.integers(len(leads)))])
+        return S.caption(scene, leads[int(rng.integers(len(leads)))], self.cfg.caption_order)
 
     @staticmethod
     def scene_meta(scene: S.Scene) -> dict:

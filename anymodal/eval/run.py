@@ -245,7 +245,7 @@ class Evaluator:
                 img = [s for s in dec.segments if isinstance(s, Image)] if dec is not None else []
                 grids.append(img[0].codes if img else None)
             # each image decoded at its own grid, and checked at its own size
-            pics = iter(_per_shape([g for g in grids if g is not None], lambda gs: decode_images(gs, self.tok.image)))
+            pics = iter(decode_images([g for g in grids if g is not None], self.tok.image))
             for d, g in zip(chunk, grids):
                 pic = next(pics) if g is not None else None
                 found = analyse_image(pic) if pic is not None else []
@@ -418,18 +418,6 @@ def doc_aspect(doc) -> str:
     """The aspect of a document's scene: its `meta.canvas` [width, height], square without one."""
     canvas = doc.meta.get("canvas")
     return aspect_word(int(canvas[0]), int(canvas[1])) if canvas else "square"
-
-
-def _per_shape(arrays: list[np.ndarray], fn) -> list:
-    """`fn` on the arrays of each shape together (a batch is one tensor), results in input order."""
-    out: list = [None] * len(arrays)
-    groups: dict[tuple, list[int]] = {}
-    for i, a in enumerate(arrays):
-        groups.setdefault(tuple(np.shape(a)), []).append(i)
-    for members in groups.values():
-        for i, r in zip(members, fn([arrays[i] for i in members])):
-            out[i] = r
-    return out
 
 
 def _brief(obj: dict) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.media import save_png, save_wav
+from ..data.media import map_by_shape, save_png, save_wav
 from ..fileio import write_atomic
 from ..tokenizers.stream import Audio, Box, Image, Text
 from .engine import Result
@@ -179,16 +179,12 @@ def decode_images(codes: list[np.ndarray], image_tok) -> list[np.ndarray]:
     """Code grids [h, w] of any shapes -> uint8 [h * f, w * f, 3] pixels (f the tokenizer's
     downsampling), in order; the grids of one shape are decoded as one batch."""
     dev = next(image_tok.parameters()).device if codes else None
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, c in enumerate(codes):
-        by_shape.setdefault(tuple(np.shape(c)), []).append(i)
-    out: list[np.ndarray | None] = [None] * len(codes)
-    for idx in by_shape.values():
-        batch = torch.from_numpy(np.stack([np.asarray(codes[i], dtype=np.int64) for i in idx])).to(dev)
-        x = image_tok.decode(batch)  # [b, 3, H, W] in [0, 1]
-        for i, px in zip(idx, (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()):
-            out[i] = px
-    return out
+
+    def decode(part: list[np.ndarray]) -> np.ndarray:
+        x = image_tok.decode(torch.from_numpy(np.stack([np.asarray(c, dtype=np.int64) for c in part])).to(dev))
+        return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # [b, H, W, 3]
+
+    return map_by_shape(codes, decode)
 
 
 @torch.inference_mode()

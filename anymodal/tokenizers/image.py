@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from vector_quantize_pytorch import FSQ, LFQ, VectorQuantize
 
 from ..config import check_choice, load_config, resolve_config_path, save_config
-from ..data.media import Fit, fit_image, open_image, save_png
+from ..data.media import Fit, fit_image, map_by_shape, open_image, save_png
 from ..data.reader import BadRecord
 from ..errors import ConfigError, UserError
 from ..fileio import atomic_path
@@ -507,19 +507,14 @@ class ImageTokenizer(nn.Module):
 
         Images of one size go through the encoder together (at most `batch` at a time): a batch is
         one tensor, and a native-aspect corpus holds a handful of grid shapes."""
-        out: list[np.ndarray | None] = [None] * len(images)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, arr in enumerate(images):
-            groups.setdefault(tuple(np.shape(arr)), []).append(i)
         dev = self._device()
-        for members in groups.values():
-            for s in range(0, len(members), batch):
-                part = members[s:s + batch]
-                x = torch.from_numpy(np.stack([np.asarray(images[i], dtype=np.uint8) for i in part]))  # [B, H, W, 3]
-                x = x.to(dev).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W] in [0, 1]
-                for i, codes in zip(part, self.encode(x).cpu().numpy().astype(np.int64)):
-                    out[i] = codes
-        return out  # type: ignore[return-value]
+
+        def encode(part: list[np.ndarray]) -> list[np.ndarray]:
+            x = torch.from_numpy(np.stack([np.asarray(a, dtype=np.uint8) for a in part]))  # [B, H, W, 3]
+            x = x.to(dev).permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W] in [0, 1]
+            return list(self.encode(x).cpu().numpy().astype(np.int64))  # [B, h, w]
+
+        return map_by_shape(images, encode, batch)
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device

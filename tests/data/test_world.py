@@ -241,3 +241,25 @@ def test_unknown_voice_is_a_user_error_and_leaves_no_partial_shard(tmp_path):
         W.generate_world(tmp_path, "train", docs=40, seed=0, overrides=["voices=[no-such-voice]"],
                          progress=False)
     assert not list(tmp_path.glob("*.tar*"))
+
+
+def test_captions_in_reading_order(tmp_path):
+    """caption_order=reading lists a scene's objects top row first, left to right (as a raster-order
+    image draws them); the default keeps the scene's own random order, and both captions parse back
+    to the same objects."""
+    orders = {"reading": [], "scene": []}
+    for order in orders:
+        W.generate_world(tmp_path / order, "train", docs=60, seed=3, progress=False, audio=False,
+                         overrides=[f"caption_order={order}", "kinds.t2i=1", "kinds.i2t=1", "kinds.ground=0",
+                                    "kinds.refer=0", "kinds.story=0", "kinds.prose=0"])
+        for doc in iter_documents(str(tmp_path / order / "train-*.tar"), audio=False, image_size=None):
+            text = next(s["text"] for s in (doc.segments if doc.kind == "t2i" else doc.segments[::-1]) if "text" in s)
+            parsed = parse_caption(text)
+            assert caption_correct(text, doc.meta["objects"]), text
+            cells = [W.S.POSITIONS.index(o["position"]) for o in parsed]
+            orders[order].append(cells)
+    multi = [c for c in orders["reading"] if len(c) > 1]
+    assert len(multi) > 20 and all(c == sorted(c) for c in multi)
+    assert any(c != sorted(c) for c in orders["scene"] if len(c) > 1)  # scene order is not reading order
+    with pytest.raises(UserError, match="caption_order"):
+        W.load_world_config(None, ["caption_order=random"])
