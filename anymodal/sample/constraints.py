@@ -271,9 +271,8 @@ class Constrainer:
             allowed[:, sp.box] &= remaining >= 6
             allowed[:, sp.boa] &= remaining >= self.n_q + 2
         if self.any_aspect and (modes is None or IMAGE in modes):
-            at_size = (state.mode == IMAGE) & (state.pos < 2)
-            if bool(at_size.any()):  # (one sync; twice an image)
-                self._limit_sizes(allowed, state, remaining)
+            # no sync to find the rows at a size position: only they have size ids allowed at all
+            self._limit_sizes(allowed, state, remaining)
         in_box = (state.mode == BOX) & (state.pos < 4) if modes is None or BOX in modes else None
         if in_box is not None and bool(in_box.any()):  # (one sync; boxes are rare)
             # x1, y1 leave room for a larger second corner; x2 > x1 and y2 > y1.
@@ -337,8 +336,7 @@ class Constrainer:
             sized = cls == self.C_SIZE
             if active is not None:
                 sized &= active
-            if bool(sized.any()):
-                self._remember(state.grid, pos, sized, tok - self.size_lo + 1)
+            self._remember(state.grid, pos, sized, tok - self.size_lo + 1)  # rows without a size keep theirs
         # Box corners x1, y1 are remembered for the ordering constraint.
         lo_corner = (mode == BOX) & (cls == self.C_LOC) & (pos < 2) if modes is None or BOX in modes else None
         if lo_corner is not None and active is not None:
