@@ -7,11 +7,16 @@ the tokenizers beside them; prints JSON.
 - `encode`: the tokenizers alone, one thread: text documents/s, images/s (batches of 64), seconds
   of speech encoded per second (clips one by one, and bucketed by length in batches of 8).
 
+- `vs_baseline` (with `--baseline REV`): the demo mix prepared by the code of git revision REV and
+  by the working tree, alternately in fresh processes on the same world and tokenizers, `--reps`
+  times each; medians and their ratio.
+
 The tokenizers have the demo recipes' shapes (text BPE 1200 pieces, the image and audio codecs of
 configs/tokenizer/*_demo.yaml, or the default configs when a recipe is missing) with untrained
 weights: encoding costs the same as with trained ones. Pass `--tokenizers DIR` to use a real set.
 
-    flock /tmp/anymodal-cpu.lock .venv/bin/python benchmarks/prepare_throughput.py [--docs 300]
+    flock /tmp/anymodal-cpu.lock .venv/bin/python benchmarks/prepare_throughput.py [--docs 300] \
+        [--baseline REV --baseline-docs 2000 --reps 3]
 """
 
 from __future__ import annotations
@@ -97,18 +102,86 @@ def encode_rates(toks: Path, world: Path) -> dict:
     return out
 
 
+_PREPARE_ONE = """
+import json, sys, time
+from anymodal.data.prepare import prepare
+t0 = time.perf_counter()
+stats = prepare(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+print(json.dumps({"docs": stats["docs"], "tokens": stats["tokens"], "seconds": time.perf_counter() - t0}))
+"""
+
+
+def prepare_in_process_of(code_root: Path, toks: Path, shards: str, out: Path) -> dict:
+    """`prepare` run by the anymodal package under `code_root`, in a fresh interpreter (the working
+    directory comes first on sys.path, ahead of the installed package)."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(out, ignore_errors=True)
+    r = subprocess.run([sys.executable, "-c", _PREPARE_ONE, str(toks), shards, str(out)], cwd=code_root,
+                       env={**os.environ, "PYTHONPATH": str(code_root)}, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"prepare under {code_root} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def versus_baseline(rev: str, tmp: Path, docs: int, reps: int, toks_arg: str | None) -> dict:
+    """The demo mix through revision `rev`'s prepare and the working tree's, alternately."""
+    import statistics
+    import subprocess
+    import sys
+
+    from anymodal.data.world import generate_world
+
+    here = Path(__file__).resolve().parents[1]
+    base = tmp / "baseline_code"
+    base.mkdir()
+    archive = subprocess.run(["git", "-C", str(here), "archive", rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+    world = tmp / "mix_world"
+    generate_world(world, "train", docs=docs, seed=2, shard_size=max(1, docs // 8), progress=False)
+    toks = Path(toks_arg) if toks_arg else tmp / "mix_toks"
+    if not toks_arg:
+        # made by the older code, so that both can read them (newer code reads older configs)
+        make = ("import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); "
+                "from prepare_throughput import demo_shaped_tokenizers; "
+                "demo_shaped_tokenizers(Path(sys.argv[1]), Path(sys.argv[2]))")
+        subprocess.run([sys.executable, "-c", make, str(toks), str(world)], cwd=base, check=True,
+                       env={**os.environ, "PYTHONPATH": str(base)}, capture_output=True)
+    shards = str(world / "train-*.tar")
+    rates: dict[str, list[float]] = {"baseline": [], "current": []}
+    for _ in range(reps):
+        for name, root in (("baseline", base), ("current", here)):
+            r = prepare_in_process_of(root, toks, shards, tmp / f"mix_{name}")
+            rates[name].append(r["docs"] / r["seconds"])
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"rev": rev, "docs": docs, "reps": reps,
+            "baseline_docs_per_s": [round(v, 1) for v in rates["baseline"]],
+            "current_docs_per_s": [round(v, 1) for v in rates["current"]],
+            "speedup_median": round(med["current"] / med["baseline"], 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=300)
     ap.add_argument("--kind-docs", type=int, default=60, help="documents of each kind for by_kind (0: skip)")
     ap.add_argument("--shard-size", type=int, default=50)
     ap.add_argument("--tokenizers", default=None)
+    ap.add_argument("--baseline", default=None, help="git revision to compare the demo mix's docs/s against")
+    ap.add_argument("--baseline-docs", type=int, default=2000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only-baseline", action="store_true", help="skip everything but the comparison")
     args = ap.parse_args()
     from anymodal.data.prepare import prepare
     from anymodal.data.world import generate_world
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.baseline and args.only_baseline:
+            print(json.dumps({"vs_baseline": versus_baseline(args.baseline, tmp, args.baseline_docs, args.reps,
+                                                             args.tokenizers)}, indent=1))
+            return
         generate_world(tmp / "world", "train", docs=args.docs, seed=0, shard_size=args.shard_size, progress=False)
         toks = Path(args.tokenizers) if args.tokenizers else demo_shaped_tokenizers(tmp / "toks", tmp / "world")
         results = {}
@@ -130,7 +203,9 @@ def main() -> None:
         print(json.dumps({"docs": stats["docs"], "tokens": stats["tokens"],
                           "tokens_by_modality": stats["tokens_by_modality"], "shards": stats["shards"],
                           "docs_by_kind": stats["docs_by_kind"], **results, "by_kind_docs_per_s": by_kind,
-                          "encode": encode_rates(toks, tmp / "world")}, indent=1))
+                          "encode": encode_rates(toks, tmp / "world"),
+                          **({"vs_baseline": versus_baseline(args.baseline, tmp, args.baseline_docs, args.reps,
+                                                             args.tokenizers)} if args.baseline else {})}, indent=1))
 
 
 if __name__ == "__main__":

@@ -117,11 +117,29 @@ def boxes_apart(a, b, gap: int = MIN_GAP) -> bool:
     return b[0] - a[2] >= gap or a[0] - b[2] >= gap or b[1] - a[3] >= gap or a[1] - b[3] >= gap
 
 
-def place_box(rng: np.random.Generator, side: int, canvas: int | tuple[int, int], others, tries: int = 60):
-    """A random square box of `side` inside the canvas, apart from `others`; None if none found."""
+def pick_side(rng: np.random.Generator, size_word: str, short: int, step: int = 1) -> int:
+    """A random box side for a size word; with `step` > 1 a multiple of `step` (the one nearest
+    the range's middle when none falls inside it)."""
+    lo, hi = side_range(size_word, short)
+    if step <= 1:
+        return int(rng.integers(lo, hi + 1))
+    sides = [s for s in range(lo, hi + 1) if s % step == 0]
+    if not sides:
+        sides = [max(step, int(round((lo + hi) / 2 / step)) * step)]
+    return sides[int(rng.integers(len(sides)))]
+
+
+def place_box(rng: np.random.Generator, side: int, canvas: int | tuple[int, int], others, tries: int = 60,
+              snap: int = 1):
+    """A random square box of `side` inside the canvas, apart from `others`, its corner on a
+    multiple of `snap` pixels; None if none found."""
     width, height = canvas_size(canvas)
     for _ in range(tries):
-        x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+        if snap <= 1:
+            x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+        else:
+            x = snap * int(rng.integers(0, (width - side) // snap + 1))
+            y = snap * int(rng.integers(0, (height - side) // snap + 1))
         box = (x, y, x + side, y + side)
         if all(boxes_apart(box, o) for o in others):
             return box
@@ -130,12 +148,15 @@ def place_box(rng: np.random.Generator, side: int, canvas: int | tuple[int, int]
 
 def sample_scene(rng: np.random.Generator, canvas: int | tuple[int, int] = 64, n_objects: int | None = None,
                  allowed: set[tuple[str, str]] | None = None,
-                 must_include: tuple[str, str] | None = None, max_objects: int = 3) -> Scene:
+                 must_include: tuple[str, str] | None = None, max_objects: int = 3, snap: int = 1,
+                 side_step: int = 1) -> Scene:
     """Sample 1-3 non-overlapping objects with distinct (colour, shape) pairs on a canvas of
     `canvas` pixels a side, or `(width, height)`.
 
     `allowed` restricts the (colour, shape) pairs (train excludes the unseen ones);
-    `must_include` forces one object of that pair (val's unseen-combination documents).
+    `must_include` forces one object of that pair (val's unseen-combination documents);
+    `snap` > 1 puts box corners on multiples of `snap` pixels, `side_step` > 1 box sides on
+    multiples of `side_step`.
     """
     width, height = canvas_size(canvas)
     allowed_list = sorted(allowed if allowed is not None else {(c, s) for c in COLOURS for s in SHAPES})
@@ -154,8 +175,8 @@ def sample_scene(rng: np.random.Generator, canvas: int | tuple[int, int] = 64, n
         sz = SIZES[int(rng.integers(2))]
         box = None
         for word in (sz, "small"):  # a large object that does not fit is tried small
-            lo, hi = side_range(word, min(width, height))
-            box = place_box(rng, int(rng.integers(lo, hi + 1)), (width, height), [o.box for o in objects])
+            side = pick_side(rng, word, min(width, height), side_step)
+            box = place_box(rng, side, (width, height), [o.box for o in objects], snap=snap)
             if box is not None:
                 sz = word
                 break
@@ -259,14 +280,16 @@ def referring_expression(o: SceneObject) -> str:
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
-def move_object(rng: np.random.Generator, scene: Scene, index: int, direction: str) -> Scene | None:
-    """The scene with object `index` moved clearly in `direction`; None if it cannot move there."""
+def move_object(rng: np.random.Generator, scene: Scene, index: int, direction: str,
+                snap: int = 1) -> Scene | None:
+    """The scene with object `index` moved clearly in `direction` (by a multiple of `snap`
+    pixels); None if it cannot move there."""
     o = scene.objects[index]
     dx, dy = MOVES[direction]
     side = o.box[2] - o.box[0]
     others = [p.box for j, p in enumerate(scene.objects) if j != index]
     lo = max(4, min(scene.canvas) // 8)  # a visible step
-    steps = list(range(lo, scene.width if dx else scene.height))
+    steps = [s for s in range(lo, scene.width if dx else scene.height) if s % max(1, snap) == 0]
     for _ in range(20):
         step = steps[int(rng.integers(len(steps)))]
         x, y = o.box[0] + dx * step, o.box[1] + dy * step

@@ -92,6 +92,11 @@ class WorldConfig:
     # Objects in captions: "scene" (a random order) or "reading" (top row first, left to right, the
     # order a raster-order image draws them in).
     caption_order: str = "scene"
+    # Box corners on multiples of `snap` pixels and sides on multiples of `side_step` (1: any).
+    # With `snap` the image tokenizer's code size, an object of one shape and size is the same
+    # codes wherever it sits (docs/world.md).
+    snap: int = 1
+    side_step: int = 1
     pitch_min: int = 35
     pitch_max: int = 65
     instruction_fraction: float = 0.4  # asr/tts texts that are short instructions, not captions
@@ -131,6 +136,10 @@ class WorldConfig:
         if self.caption_order not in S.CAPTION_ORDERS:
             raise ConfigError(f"config key 'caption_order' is {self.caption_order!r}; it must be one of "
                               f"{', '.join(S.CAPTION_ORDERS)}")
+        for key in ("snap", "side_step"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' is {getattr(self, key)}; it must be a whole number "
+                                  "of pixels, at least 1")
         if self.speech_max_objects < 1:
             raise ConfigError("config key 'speech_max_objects' must be at least 1")
         if not 0.0 <= self.val_unseen_fraction <= 1.0 or not 0.0 <= self.instruction_fraction <= 1.0:
@@ -239,8 +248,10 @@ class _Planner:
         if unseen:
             forced = self.unseen_list[int(rng.integers(len(self.unseen_list)))]
             allowed = self.all_pairs if self.split == "val" else self.seen_pairs
-            return S.sample_scene(rng, sz, n_objects, allowed, must_include=forced, max_objects=mo)
-        return S.sample_scene(rng, sz, n_objects, self.seen_pairs, max_objects=mo)
+            return S.sample_scene(rng, sz, n_objects, allowed, must_include=forced, max_objects=mo,
+                                  snap=self.cfg.snap, side_step=self.cfg.side_step)
+        return S.sample_scene(rng, sz, n_objects, self.seen_pairs, max_objects=mo, snap=self.cfg.snap,
+                              side_step=self.cfg.side_step)
 
     def image_scene(self, rng, unseen: bool, **kw) -> S.Scene:
         """A scene to be shown as an image: its canvas drawn first."""
@@ -381,8 +392,8 @@ class _Planner:
             choices = sorted(allowed - sc.combos())
             combo = choices[int(rng.integers(len(choices)))]
             word = S.SIZES[int(rng.integers(2))]
-            lo, hi = S.side_range(word, min(sc.canvas))
-            box = S.place_box(rng, int(rng.integers(lo, hi + 1)), sc.canvas, [o.box for o in sc.objects])
+            side = S.pick_side(rng, word, min(sc.canvas), self.cfg.side_step)
+            box = S.place_box(rng, side, sc.canvas, [o.box for o in sc.objects], snap=self.cfg.snap)
             if box is not None:
                 o = S.SceneObject(combo[1], combo[0], word, box)
                 where = S.where_phrase(box, sc.width, sc.height)
@@ -395,7 +406,7 @@ class _Planner:
         for _ in range(12):
             i = int(rng.integers(len(sc.objects)))
             d = ("left", "right", "up", "down")[int(rng.integers(4))]
-            moved = S.move_object(rng, sc, i, d)
+            moved = S.move_object(rng, sc, i, d, snap=self.cfg.snap)
             if moved is not None:
                 where = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}[d]
                 return moved, f"then {S.referring_expression(sc.objects[i])} moves {where}"

@@ -281,43 +281,53 @@ class AudioTokenizer(nn.Module):
             yield a, b, max(0, a - ctx), min(n_frames, b + ctx)
 
     @torch.no_grad()
-    def _encode_frames(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, N * hop] -> ids [B, N, n_q], quantizer in eval mode (no EMA update, no dropout)."""
+    def _encode_frames(self, x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """x [B, N * hop] -> ids [B, N, levels or n_q], quantizer in eval mode (no EMA update, no
+        dropout). Residual levels are sequential, so the first `levels` come out the same without
+        computing the finer ones."""
         z = self.encoder(x.unsqueeze(1)).transpose(1, 2)  # [B, N, D]
-        was = self.quantizer.training
-        books = [layer._codebook for layer in self.quantizer.layers]
+        rvq = self.quantizer
+        all_layers = rvq.layers
+        was = rvq.training
+        books = [layer._codebook for layer in all_layers]
         initted = [b.initted.clone() for b in books]
-        self.quantizer.eval()
+        if was:
+            rvq.eval()
         try:
             # a level that never saw training data must not be k-means-initialised here (that would
             # make encoding depend on the input): it keeps its (zero) codebook
             for b in books:
                 b.initted.fill_(True)
-            _, codes, _ = self.quantizer(z)
+            if levels is not None and levels < len(all_layers):
+                rvq.layers = nn.ModuleList(all_layers[:levels])
+            _, codes, _ = rvq(z)
         finally:
-            self.quantizer.train(was)
+            rvq.layers = all_layers
+            if was:
+                rvq.train()
             for b, flag in zip(books, initted):
                 b.initted.copy_(flag)
         return codes
 
     @torch.no_grad()
-    def encode(self, wave: torch.Tensor) -> torch.Tensor:
-        """wave float [B, T] at sample_rate -> LongTensor [B, ceil(T / hop), n_q]."""
+    def encode(self, wave: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """wave float [B, T] at sample_rate -> LongTensor [B, ceil(T / hop), levels or n_q]."""
         if wave.dim() != 2:
             raise ValueError(f"encode expects a wave [B, T], got shape {tuple(wave.shape)}")
+        levels = self.n_q if levels is None else levels
         x = self._pad(wave.float().to(self.device))  # [B, N * hop]
         n = x.shape[-1] // self.hop
         if n == 0:
-            return torch.zeros(wave.shape[0], 0, self.n_q, dtype=torch.long, device=wave.device)
+            return torch.zeros(wave.shape[0], 0, levels, dtype=torch.long, device=wave.device)
         out = []
         for a, b, ca, cb in self._chunks(n):
-            codes = self._encode_frames(x[:, ca * self.hop : cb * self.hop])  # [B, cb - ca, n_q]
+            codes = self._encode_frames(x[:, ca * self.hop : cb * self.hop], levels)  # [B, cb - ca, levels]
             out.append(codes[:, a - ca : b - ca])
         return torch.cat(out, dim=1).long()
 
     def encode_stream(self, wave: torch.Tensor) -> torch.Tensor:
         """wave [B, T] -> the codes the token stream carries: [B, frames, stream_levels]."""
-        return self.encode(wave)[..., : self.stream_levels]
+        return self.encode(wave, self.stream_levels)
 
     def codes_to_latent(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, N, k <= n_q] -> quantized latent [B, N, D]: sum of the first k levels' code vectors."""

@@ -71,11 +71,17 @@ class ImageModelConfig:
     # aspect, on the grid of at most `max_tokens` codes nearest it: data/media.native_grid).
     image_mode: str = "resize"
     max_tokens: int = 0  # native mode's budget of codes per image; 0: (resolution / downsample)^2
+    # 'conv': a convolutional encoder whose codes also see their neighbours (and GroupNorm statistics
+    # of the whole image). 'local': each code from its own downsample x downsample pixel cell alone
+    # (a pixel-unshuffle and a per-cell MLP): the same cell content is always the same code, so a
+    # white cell is one code, not hundreds, and the LM predicts content, not context noise.
+    encoder: str = "conv"
 
     def __post_init__(self) -> None:
         check_choice("model.downsample", self.downsample, (4, 8, 16))
         check_choice("model.patch_size", self.patch_size, (1, 2, 4, 8))
         check_choice("model.image_mode", self.image_mode, ("resize", "letterbox", "native"))
+        check_choice("model.encoder", self.encoder, ("conv", "local"))
         if self.max_tokens < 0:
             raise ConfigError(f"model.max_tokens must be >= 0, got {self.max_tokens}")
         levels = self.downsample // self.patch_size
@@ -287,6 +293,24 @@ class Encoder(nn.Module):
         return self.net(x)  # [B, 3, H, W] -> [B, Cz, h, w]
 
 
+class LocalEncoder(nn.Module):
+    """Codes that depend on their own cell only: [B, 3, H, W] -> [B, Cz, H / d, W / d] by a
+    pixel-unshuffle into d x d cells and an MLP per cell (1x1 convolutions, no norm across
+    positions). Two cells with the same pixels get the same latent wherever they are."""
+
+    def __init__(self, cfg: ImageModelConfig):
+        super().__init__()
+        d, c = cfg.downsample, cfg.channels[-1]
+        layers: list[nn.Module] = [nn.PixelUnshuffle(d), nn.Conv2d(3 * d * d, c, 1)]
+        for _ in range(max(1, cfg.enc_res_blocks + cfg.mid_blocks)):
+            layers += [nn.SiLU(), nn.Conv2d(c, c, 1)]
+        layers += [nn.SiLU(), nn.Conv2d(c, cfg.z_channels, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ImageModelConfig):
         super().__init__()
@@ -397,7 +421,7 @@ class ImageTokenizer(nn.Module):
     def __init__(self, cfg: ImageTokenizerConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg.model)
+        self.encoder = LocalEncoder(cfg.model) if cfg.model.encoder == "local" else Encoder(cfg.model)
         self.decoder = Decoder(cfg.model)
         self.quantizer = build_quantizer(cfg.quantizer, cfg.model.z_channels)
         self.train_progress = 0.0  # share of training done, set by the trainer (entropy schedule)

@@ -79,9 +79,9 @@ def encoded_waves(monkeypatch) -> list[np.ndarray]:
     seen: list[np.ndarray] = []
     original = AudioTokenizer.encode
 
-    def spy(self, wave_):
+    def spy(self, wave_, levels=None):
         seen.append(wave_[0].detach().cpu().numpy().copy())
-        return original(self, wave_)
+        return original(self, wave_, levels)
 
     monkeypatch.setattr(AudioTokenizer, "encode", spy)
     return seen

@@ -140,8 +140,10 @@ SQUARE_DIGEST = "c33758e04e62cb0dd1d9be1ac77950a1f8b4612f0b5fd616df59ef69fd42ad9
 
 
 def test_square_only_configs_keep_their_documents():
-    base = W.load_world_config(None, ["image_size=48"])
-    one = W.load_world_config(None, ["image_size=48", "canvases={48x48: 1, 64x48: 0, 48x64: 0}"])
+    # objects anywhere (the demo default puts them on an 8 px grid), as before snapping existed
+    base = W.load_world_config(None, ["image_size=48", "snap=1", "side_step=1"])
+    one = W.load_world_config(None, ["image_size=48", "snap=1", "side_step=1",
+                                     "canvases={48x48: 1, 64x48: 0, 48x64: 0}"])
     none = W.WorldConfig(**{**{k: getattr(base, k) for k in base.__dataclass_fields__}, "canvases": {}})
     assert _digest(one) == _digest(none) == SQUARE_DIGEST
     assert _digest(base) != SQUARE_DIGEST  # the demo's default now mixes in wide and tall scenes

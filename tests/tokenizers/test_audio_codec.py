@@ -118,6 +118,11 @@ def test_stream_levels_put_the_coarsest_levels_in_the_token_space(tmp_path, text
     full, coarse = m.encode(x), m.encode_stream(x)
     assert full.shape[-1] == 3 and coarse.shape[-1] == m.stream_levels == 1
     assert torch.equal(coarse, full[..., :1])
+    # the finer levels are not computed for the stream, and the quantizer keeps all of them
+    assert torch.equal(m.encode(x, levels=2), full[..., :2]) and len(m.quantizer.layers) == 3
+    m.train()
+    assert torch.equal(m.encode_stream(x), coarse) and m.quantizer.training and len(m.quantizer.layers) == 3
+    m.eval()
     space = build_space(text_tokenizer, audio=m)
     assert space.audio_n_q == 1 and space.used_size == space.audio_offset + m.codebook_size
     ids, _ = Stream(space, text_tokenizer).encode([Audio(coarse[0].numpy())])

@@ -648,3 +648,34 @@ def test_native_training_on_mixed_aspects_and_resume(tmp_path):
     sb = StreamBatches([train_shard], stream_cfg, 0, 1, None)
     shapes = {tuple(sb.get(step).shape) for step in range(12)}
     assert shapes == {(4, 24, 32, 3), (4, 32, 24, 3), (4, 32, 32, 3)}
+
+
+def test_local_encoder_codes_depend_on_their_own_cell_only(world, tmp_path):
+    """`model.encoder: local`: changing the pixels of other cells leaves a cell's code alone, the
+    same cell content gives the same code anywhere in the image (the conv encoder does neither),
+    and it trains: PSNR rises above the untrained tokenizer's."""
+    from anymodal.train.image_tokenizer import _load_images
+
+    cfg = tiny_cfg(model={"encoder": "local"}, quantizer={"kind": "fsq", "fsq_levels": [4, 4, 4]})
+    tok = ImageTokenizer(cfg).eval()
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32)
+    ids = tok.encode(x)  # [3, 4, 4]
+    y = x.clone()
+    y[:, :, 8:, :] = torch.rand(3, 3, 24, 32)  # every cell outside the top row changes
+    y[:, :, :8, 16:24] = x[:, :, :8, :8]  # the top-left cell's content, copied two cells right
+    ids_y = tok.encode(y)
+    assert torch.equal(ids_y[:, 0, :2], ids[:, 0, :2]) and torch.equal(ids_y[:, 0, 3], ids[:, 0, 3])
+    assert torch.equal(ids_y[:, 0, 2], ids[:, 0, 0])
+    conv = ImageTokenizer(tiny_cfg(quantizer={"kind": "fsq", "fsq_levels": [4, 4, 4]})).eval()
+    assert not torch.equal(conv.encode(y)[:, 0, :2], conv.encode(x)[:, 0, :2])  # its codes see the neighbours
+
+    cfg = tiny_cfg(model={"encoder": "local"}, quantizer={"kind": "fsq", "fsq_levels": [4, 4, 4]},
+                   data={**world}, train={"steps": 120, "val_images": 48})
+    torch.manual_seed(0)
+    untrained, _ = evaluate(ImageTokenizer(cfg), _load_images(world["val_shards"], cfg, 48, None))
+    res = train(cfg, tmp_path / "local", progress=False)
+    assert res["final"]["psnr"] > untrained["psnr"] + 4, (untrained, res["final"])
+    assert ImageTokenizer.load(tmp_path / "local").cfg.model.encoder == "local"
+    with pytest.raises(ConfigError, match="encoder"):
+        tiny_cfg(model={"encoder": "global"})
