@@ -290,6 +290,8 @@ def move_object(rng: np.random.Generator, scene: Scene, index: int, direction: s
     others = [p.box for j, p in enumerate(scene.objects) if j != index]
     lo = max(4, min(scene.canvas) // 8)  # a visible step
     steps = [s for s in range(lo, scene.width if dx else scene.height) if s % max(1, snap) == 0]
+    if not steps:  # a grid coarser than the canvas allows no visible move
+        return None
     for _ in range(20):
         step = steps[int(rng.integers(len(steps)))]
         x, y = o.box[0] + dx * step, o.box[1] + dy * step

@@ -70,6 +70,7 @@ def test_story_moves_stay_on_the_grid():
                 assert after.objects[0].box[0] % 8 == 0 and after.objects[0].box[1] % 8 == 0
                 assert after.objects[0].box != scene.objects[0].box
     assert moved > 50
+    assert S.move_object(rng, S.sample_scene(rng, 48), 0, "left", snap=64) is None  # no step fits
 
 
 @pytest.mark.parametrize("key", ["snap", "side_step"])
