@@ -110,27 +110,33 @@ stats = prepare(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
 print(json.dumps({"docs": stats["docs"], "tokens": stats["tokens"], "seconds": time.perf_counter() - t0}))
 """
 
+_MAKE_TOKENIZERS = """
+import sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from prepare_throughput import demo_shaped_tokenizers
+demo_shaped_tokenizers(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
 
-def prepare_in_process_of(code_root: Path, toks: Path, shards: str, out: Path) -> dict:
-    """`prepare` run by the anymodal package under `code_root`, in a fresh interpreter (the working
-    directory comes first on sys.path, ahead of the installed package)."""
-    import shutil
+
+def run_under(code_root: Path, code: str, *args: str) -> str:
+    """Python `code` run by the anymodal package under `code_root` in a fresh interpreter (its
+    folder first on sys.path, ahead of the installed package); returns stdout."""
     import subprocess
     import sys
 
-    shutil.rmtree(out, ignore_errors=True)
-    r = subprocess.run([sys.executable, "-c", _PREPARE_ONE, str(toks), shards, str(out)], cwd=code_root,
-                       env={**os.environ, "PYTHONPATH": str(code_root)}, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=code_root, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(code_root)})
     if r.returncode:
-        raise SystemExit(f"prepare under {code_root} failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"run under {code_root} failed:\n{r.stderr[-2000:]}")
+    return r.stdout
 
 
 def versus_baseline(rev: str, tmp: Path, docs: int, reps: int, toks_arg: str | None) -> dict:
     """The demo mix through revision `rev`'s prepare and the working tree's, alternately."""
+    import shutil
     import statistics
     import subprocess
-    import sys
 
     from anymodal.data.world import generate_world
 
@@ -142,18 +148,15 @@ def versus_baseline(rev: str, tmp: Path, docs: int, reps: int, toks_arg: str | N
     world = tmp / "mix_world"
     generate_world(world, "train", docs=docs, seed=2, shard_size=max(1, docs // 8), progress=False)
     toks = Path(toks_arg) if toks_arg else tmp / "mix_toks"
-    if not toks_arg:
-        # made by the older code, so that both can read them (newer code reads older configs)
-        make = ("import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); "
-                "from prepare_throughput import demo_shaped_tokenizers; "
-                "demo_shaped_tokenizers(Path(sys.argv[1]), Path(sys.argv[2]))")
-        subprocess.run([sys.executable, "-c", make, str(toks), str(world)], cwd=base, check=True,
-                       env={**os.environ, "PYTHONPATH": str(base)}, capture_output=True)
+    if not toks_arg:  # made by the older code, so that both can read them (newer code reads older configs)
+        run_under(base, _MAKE_TOKENIZERS, str(toks), str(world))
     shards = str(world / "train-*.tar")
     rates: dict[str, list[float]] = {"baseline": [], "current": []}
     for _ in range(reps):
         for name, root in (("baseline", base), ("current", here)):
-            r = prepare_in_process_of(root, toks, shards, tmp / f"mix_{name}")
+            out = tmp / f"mix_{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            r = json.loads(run_under(root, _PREPARE_ONE, str(toks), shards, str(out)).strip().splitlines()[-1])
             rates[name].append(r["docs"] / r["seconds"])
     med = {k: statistics.median(v) for k, v in rates.items()}
     return {"rev": rev, "docs": docs, "reps": reps,
@@ -176,11 +179,14 @@ def main() -> None:
     from anymodal.data.prepare import prepare
     from anymodal.data.world import generate_world
 
+    if args.only_baseline and not args.baseline:
+        ap.error("--only-baseline needs --baseline REV")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.baseline and args.only_baseline:
-            print(json.dumps({"vs_baseline": versus_baseline(args.baseline, tmp, args.baseline_docs, args.reps,
-                                                             args.tokenizers)}, indent=1))
+        vs = {"vs_baseline": versus_baseline(args.baseline, tmp, args.baseline_docs, args.reps, args.tokenizers)} \
+            if args.baseline else {}
+        if args.only_baseline:
+            print(json.dumps(vs, indent=1))
             return
         generate_world(tmp / "world", "train", docs=args.docs, seed=0, shard_size=args.shard_size, progress=False)
         toks = Path(args.tokenizers) if args.tokenizers else demo_shaped_tokenizers(tmp / "toks", tmp / "world")
@@ -203,9 +209,7 @@ def main() -> None:
         print(json.dumps({"docs": stats["docs"], "tokens": stats["tokens"],
                           "tokens_by_modality": stats["tokens_by_modality"], "shards": stats["shards"],
                           "docs_by_kind": stats["docs_by_kind"], **results, "by_kind_docs_per_s": by_kind,
-                          "encode": encode_rates(toks, tmp / "world"),
-                          **({"vs_baseline": versus_baseline(args.baseline, tmp, args.baseline_docs, args.reps,
-                                                             args.tokenizers)} if args.baseline else {})}, indent=1))
+                          "encode": encode_rates(toks, tmp / "world"), **vs}, indent=1))
 
 
 if __name__ == "__main__":

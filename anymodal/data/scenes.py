@@ -121,12 +121,12 @@ def pick_side(rng: np.random.Generator, size_word: str, short: int, step: int = 
     """A random box side for a size word; with `step` > 1 a multiple of `step` (the one nearest
     the range's middle when none falls inside it)."""
     lo, hi = side_range(size_word, short)
-    if step <= 1:
-        return int(rng.integers(lo, hi + 1))
-    sides = [s for s in range(lo, hi + 1) if s % step == 0]
-    if not sides:
-        sides = [max(step, int(round((lo + hi) / 2 / step)) * step)]
-    return sides[int(rng.integers(len(sides)))]
+    step = max(1, step)
+    first = -(-lo // step) * step  # the smallest multiple of step >= lo
+    if first > hi:
+        return max(step, int(round((lo + hi) / 2 / step)) * step)
+    # with step 1 this is exactly rng.integers(lo, hi + 1): unsnapped worlds keep their documents
+    return first + step * int(rng.integers(0, (hi - first) // step + 1))
 
 
 def place_box(rng: np.random.Generator, side: int, canvas: int | tuple[int, int], others, tries: int = 60,
@@ -135,11 +135,8 @@ def place_box(rng: np.random.Generator, side: int, canvas: int | tuple[int, int]
     multiple of `snap` pixels; None if none found."""
     width, height = canvas_size(canvas)
     for _ in range(tries):
-        if snap <= 1:
-            x, y = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
-        else:
-            x = snap * int(rng.integers(0, (width - side) // snap + 1))
-            y = snap * int(rng.integers(0, (height - side) // snap + 1))
+        x = snap * int(rng.integers(0, (width - side) // snap + 1))  # snap 1: any pixel, as always
+        y = snap * int(rng.integers(0, (height - side) // snap + 1))
         box = (x, y, x + side, y + side)
         if all(boxes_apart(box, o) for o in others):
             return box

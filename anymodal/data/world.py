@@ -245,13 +245,12 @@ class _Planner:
     def scene(self, rng, unseen: bool, n_objects=None, max_objects=None, canvas=None) -> S.Scene:
         sz = canvas if canvas is not None else (self.cfg.image_size, self.cfg.image_size)
         mo = min(self.cfg.max_objects, max_objects or self.cfg.max_objects)
+        grid = {"snap": self.cfg.snap, "side_step": self.cfg.side_step}
         if unseen:
             forced = self.unseen_list[int(rng.integers(len(self.unseen_list)))]
             allowed = self.all_pairs if self.split == "val" else self.seen_pairs
-            return S.sample_scene(rng, sz, n_objects, allowed, must_include=forced, max_objects=mo,
-                                  snap=self.cfg.snap, side_step=self.cfg.side_step)
-        return S.sample_scene(rng, sz, n_objects, self.seen_pairs, max_objects=mo, snap=self.cfg.snap,
-                              side_step=self.cfg.side_step)
+            return S.sample_scene(rng, sz, n_objects, allowed, must_include=forced, max_objects=mo, **grid)
+        return S.sample_scene(rng, sz, n_objects, self.seen_pairs, max_objects=mo, **grid)
 
     def image_scene(self, rng, unseen: bool, **kw) -> S.Scene:
         """A scene to be shown as an image: its canvas drawn first."""

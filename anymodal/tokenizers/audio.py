@@ -281,8 +281,8 @@ class AudioTokenizer(nn.Module):
             yield a, b, max(0, a - ctx), min(n_frames, b + ctx)
 
     @torch.no_grad()
-    def _encode_frames(self, x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
-        """x [B, N * hop] -> ids [B, N, levels or n_q], quantizer in eval mode (no EMA update, no
+    def _encode_frames(self, x: torch.Tensor, levels: int) -> torch.Tensor:
+        """x [B, N * hop] -> ids [B, N, levels], quantizer in eval mode (no EMA update, no
         dropout). Residual levels are sequential, so the first `levels` come out the same without
         computing the finer ones."""
         z = self.encoder(x.unsqueeze(1)).transpose(1, 2)  # [B, N, D]
@@ -298,7 +298,7 @@ class AudioTokenizer(nn.Module):
             # make encoding depend on the input): it keeps its (zero) codebook
             for b in books:
                 b.initted.fill_(True)
-            if levels is not None and levels < len(all_layers):
+            if levels < len(all_layers):
                 rvq.layers = nn.ModuleList(all_layers[:levels])
             _, codes, _ = rvq(z)
         finally:
@@ -315,6 +315,8 @@ class AudioTokenizer(nn.Module):
         if wave.dim() != 2:
             raise ValueError(f"encode expects a wave [B, T], got shape {tuple(wave.shape)}")
         levels = self.n_q if levels is None else levels
+        if not 1 <= levels <= self.n_q:
+            raise ValueError(f"levels must be 1..{self.n_q}, got {levels}")
         x = self._pad(wave.float().to(self.device))  # [B, N * hop]
         n = x.shape[-1] // self.hop
         if n == 0:

@@ -302,6 +302,7 @@ class LocalEncoder(nn.Module):
         super().__init__()
         d, c = cfg.downsample, cfg.channels[-1]
         layers: list[nn.Module] = [nn.PixelUnshuffle(d), nn.Conv2d(3 * d * d, c, 1)]
+        # as deep as the conv encoder's blocks: one hidden layer per res block and mid block
         for _ in range(max(1, cfg.enc_res_blocks + cfg.mid_blocks)):
             layers += [nn.SiLU(), nn.Conv2d(c, c, 1)]
         layers += [nn.SiLU(), nn.Conv2d(c, cfg.z_channels, 1)]

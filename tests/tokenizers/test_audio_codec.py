@@ -123,6 +123,8 @@ def test_stream_levels_put_the_coarsest_levels_in_the_token_space(tmp_path, text
     m.train()
     assert torch.equal(m.encode_stream(x), coarse) and m.quantizer.training and len(m.quantizer.layers) == 3
     m.eval()
+    with pytest.raises(ValueError, match="levels"):
+        m.encode(x, levels=4)
     space = build_space(text_tokenizer, audio=m)
     assert space.audio_n_q == 1 and space.used_size == space.audio_offset + m.codebook_size
     ids, _ = Stream(space, text_tokenizer).encode([Audio(coarse[0].numpy())])
