@@ -60,6 +60,8 @@ def build_hf(cfg: ModelConfig, ours: Transformer, attn: str):
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # HF's generate may return before its last kernels ran
     return time.perf_counter() - t0
 
 
@@ -105,21 +107,28 @@ def main() -> None:
                          "processes, spinning threads make multi-threaded figures meaningless")
     ap.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the image-latency run")
     ap.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (both models); on CUDA --threads is ignored")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and KV cache of both models")
     ap.add_argument("overrides", nargs="*", help="model config key=value overrides")
     args = ap.parse_args()
 
     thread_counts = [(os.cpu_count() or 1) if t.strip() == "all" else int(t) for t in args.threads.split(",")]
+    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if device.type == "cuda":
+        thread_counts = thread_counts[:1]  # the host threads barely matter there
     torch.manual_seed(0)
     space = demo_space()
     cfg = load_config(ModelConfig, f"model/{args.preset}.yaml", [f"vocab_size={space.vocab_size}", *args.overrides])
     ours = Transformer(cfg).eval()
-    hf = build_hf(cfg, ours, args.hf_attn)
-    engine = Engine(ours, space)
-    model_step_engine = Engine(ours, space, native=False)  # the same engine decoding with model.decode
+    hf = build_hf(cfg, ours, args.hf_attn).to(device, dtype)
+    ours = ours.to(device, dtype)
+    engine = Engine(ours, space, device=device)  # the native kernel applies to CPU fp32 models only
+    model_step_engine = Engine(ours, space, device=device, native=False)  # the same engine decoding with model.decode
     g = torch.Generator().manual_seed(1)
     # Prompts of ordinary text ids (above the specials and loc pieces).
     prompt = torch.randint(space.loc_offset + space.loc_bins, space.text_size, (args.batch, args.prompt_len), generator=g)
     prompt[:, 0] = space.bos
+    hf_prompt = prompt.to(device)
     N = args.new
     greedy = ModalitySampling.uniform(0.0)
     topk = ModalitySampling.uniform(1.0, top_k=50)
@@ -132,7 +141,7 @@ def main() -> None:
     def hf_run(rows: int, sample: bool):
         kw = dict(do_sample=True, top_k=50, temperature=1.0) if sample else dict(do_sample=False)
         with torch.inference_mode():
-            out = hf.generate(input_ids=prompt[:rows], attention_mask=torch.ones_like(prompt[:rows]),
+            out = hf.generate(input_ids=hf_prompt[:rows], attention_mask=torch.ones_like(hf_prompt[:rows]),
                               max_new_tokens=N, min_new_tokens=N, **kw)
         return (out.shape[1] - args.prompt_len) * rows
 
@@ -159,7 +168,8 @@ def main() -> None:
         "new_tokens": N,
         "reps": args.reps,
         "hf_attn": args.hf_attn,
-        "dtype": "fp32",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
         "native_kernel": engine.native is not None,
         "by_threads": {},
     }

@@ -33,6 +33,8 @@ drawn, so a square-only world writes the documents it always wrote.
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import logging
 import re
@@ -40,7 +42,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from pydoc_data.topics import topics
 
 import numpy as np
 from tqdm import tqdm
@@ -176,31 +177,20 @@ def load_world_config(path: str | None = None, overrides=()) -> WorldConfig:
 
 # ------------------------------------------------------------------------------------- prose
 
-_PARAGRAPHS: list[str] | None = None
+PROSE_ASSET = Path(__file__).parent / "assets" / "prose.txt.gz"
 
 
+@functools.cache
 def prose_paragraphs() -> list[str]:
-    """Paragraphs of real English from Python's bundled documentation (`pydoc_data.topics`).
+    """Paragraphs of real English, one per line of `assets/prose.txt.gz`.
 
-    Code samples, tables and reST markup lines are dropped; what stays is running prose.
+    They were taken from Python 3.11.7's bundled documentation (`pydoc_data.topics`, PSF licence):
+    running prose only (no code samples, tables, reST markup or `<tag>`-like words), 80 to 1500
+    characters, ending a sentence. A file of their own keeps the world's documents the same under
+    every Python version.
     """
-    global _PARAGRAPHS
-    if _PARAGRAPHS is None:
-        out = []
-        for name in sorted(topics):
-            for block in re.split(r"\n\s*\n", topics[name]):
-                lines = block.split("\n")
-                if any(ln.startswith((" ", "\t", ">>>", "*", "+", "|")) or set(ln) <= set("=-*~^ ")
-                       for ln in lines):
-                    continue
-                text = re.sub(r"\s+", " ", " ".join(lines)).strip()
-                letters = sum(ch.isalpha() or ch.isspace() for ch in text)
-                # no "<ref>"-like tags: they would read as the stream's special pieces
-                if 80 <= len(text) <= 1500 and letters >= 0.85 * len(text) and text[-1] in ".!?" \
-                        and not re.search(r"</?[a-z_0-9]+>", text):
-                    out.append(text)
-        _PARAGRAPHS = out
-    return _PARAGRAPHS
+    with gzip.open(PROSE_ASSET, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
 
 
 # ------------------------------------------------------------------------------------ documents

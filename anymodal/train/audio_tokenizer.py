@@ -359,7 +359,7 @@ class Trainer:
         self.step = int(s["step"])
         self.elapsed_before = float(s.get("elapsed_s", 0.0))
         set_rng_state(s["rng"])
-        self.sampler.gen.set_state(s["sampler_rng"])
+        self.sampler.gen.set_state(s["sampler_rng"].cpu())  # loaded onto the training device
         self.history = {k: [tuple(p) for p in v] for k, v in s.get("history", {}).items()} or self.history
 
 

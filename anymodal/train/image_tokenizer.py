@@ -68,6 +68,10 @@ def _setup_distributed(device_kind: str) -> tuple[int, int, torch.device]:
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if device_kind == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but CUDA is not available")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if use_cuda and local_world > torch.cuda.device_count():
+        raise UserError(f"{local_world} processes per node but {torch.cuda.device_count()} GPU(s): launch at most "
+                        "one process per GPU, or train on the CPU with train.device=cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0

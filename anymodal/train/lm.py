@@ -6,8 +6,9 @@ One code path from a laptop to many GPU nodes:
     deepspeed --no_local_rank [--hostfile H] [--num_gpus N] \
         --module anymodal.cli train --config train/1b_gpu [--resume]       # N processes per node
 
-Without CUDA the DeepSpeed CPU accelerator is chosen (`DS_ACCELERATOR=cpu`, set before
-deepspeed is imported) with the gloo backend, fp32; with CUDA, nccl and bf16. A plain process
+`device` picks the accelerator (auto: CUDA when a GPU is visible and DS_ACCELERATOR is not cpu).
+On the CPU, DeepSpeed's CPU accelerator (`DS_ACCELERATOR=cpu`, set before deepspeed is imported)
+with the gloo backend, fp32; on CUDA, nccl and bf16. A plain process
 gets the torch.distributed environment of a world of one (a free local port), so DeepSpeed does
 not go looking for MPI.
 
@@ -89,6 +90,7 @@ from .schedule import SCHEDULES, decay_progress, lr_factor
 from .task_eval import TaskEval, check_tasks, print_tasks
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 # train key `monitor` -> DeepSpeed config section; the package each monitor section needs
 MONITORS = {"tensorboard": "tensorboard", "csv": "csv_monitor", "wandb": "wandb"}
 MONITOR_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet": "comet_ml"}
@@ -142,8 +144,11 @@ class TrainConfig:
     z_loss_weight: float | None = None  # None = the model config's z_loss_weight
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3
     deepspeed: str = ""  # DeepSpeed JSON template; "" = configs/deepspeed/zero{zero_stage}.json
+    # auto: CUDA when a GPU is visible, unless DS_ACCELERATOR=cpu is set | cpu | cuda
+    device: str = "auto"
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    activation_checkpointing: bool = False  # recompute blocks in backward (less memory, ~30% more compute)
+    # recompute blocks in backward (less memory, ~30% more compute); None = the model preset's setting
+    activation_checkpointing: bool | None = None
     compile: bool = False  # torch.compile the model (GPU; needs a C++ compiler on CPU)
     checkpoint_every: int = 200  # steps between checkpoints (a final one is always written)
     keep_last: int = 3  # checkpoints kept
@@ -170,6 +175,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("device", self.device, DEVICES)
         check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("init_vocab", self.init_vocab, INIT_VOCAB)
@@ -223,7 +229,8 @@ def build_model_config(cfg: TrainConfig, vocab_size: int):
     preset = load_config(ModelConfig, cfg.model_preset or None, data=overrides)
     data = {**to_dict(preset), "vocab_size": vocab_size,
             "max_seq_len": max(preset.max_seq_len, cfg.seq_len),
-            "activation_checkpointing": bool(cfg.activation_checkpointing or preset.activation_checkpointing)}
+            "activation_checkpointing": preset.activation_checkpointing if cfg.activation_checkpointing is None
+            else cfg.activation_checkpointing}
     return load_config(ModelConfig, data=data)
 
 
@@ -237,15 +244,32 @@ def _free_port() -> int:
 SINGLE_PROCESS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def use_cuda(device: str = "auto") -> bool:
+    """Whether training runs on CUDA: `device` as configured, checked against the machine and against
+    DS_ACCELERATOR (DeepSpeed picks its accelerator from it once, at its first import)."""
+    accel = os.environ.get("DS_ACCELERATOR", "")
+    if device == "auto":
+        return torch.cuda.is_available() and accel != "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device=cuda but no CUDA device is visible")
+        if accel not in ("", "cuda"):
+            raise UserError(f"device=cuda but DS_ACCELERATOR={accel}: unset it or set it to cuda")
+        return True
+    if accel not in ("", "cpu"):
+        raise UserError(f"device=cpu but DS_ACCELERATOR={accel}: unset it or set it to cpu")
+    return False
+
+
 @contextmanager
-def distributed() -> Iterator[Any]:
-    """Pick the accelerator, give a lone process a world of one, init torch.distributed via DeepSpeed;
-    yields the deepspeed module.
+def distributed(device: str = "auto") -> Iterator[Any]:
+    """Pick the accelerator (`use_cuda`), give a lone process a world of one, init torch.distributed
+    via DeepSpeed; yields the deepspeed module.
 
     The environment variables set here are removed on exit, so subprocesses started later do not
     inherit this process's rendezvous port.
     """
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda(device)
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
     added: list[str] = []
@@ -445,7 +469,7 @@ class StepStats:
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     """Train (or with `resume`, continue) the run `cfg.run_dir`; see the module docstring."""
     started = time.perf_counter()  # the max_minutes budget counts set-up too
-    with distributed() as deepspeed:
+    with distributed(cfg.device) as deepspeed:
         return LMTrainer(cfg, deepspeed, resume, started).run()
 
 
@@ -458,7 +482,7 @@ class LMTrainer:
         self.cfg = cfg
         self.started = time.perf_counter() if started is None else started
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        cuda = torch.cuda.is_available()
+        cuda = use_cuda(cfg.device)
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         if not cuda:
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // _local_world()))

@@ -263,3 +263,11 @@ def test_captions_in_reading_order(tmp_path):
     assert any(c != sorted(c) for c in orders["scene"] if len(c) > 1)  # scene order is not reading order
     with pytest.raises(UserError, match="caption_order"):
         W.load_world_config(None, ["caption_order=random"])
+
+
+def test_prose_paragraphs_are_running_prose_shipped_with_the_package():
+    paras = W.prose_paragraphs()
+    assert len(paras) == 478  # as taken, repeats included: the documents index into this list
+    for p in paras:
+        assert 80 <= len(p) <= 1500 and p[-1] in ".!?" and "\n" not in p
+        assert not re.search(r"</?[a-z_0-9]+>", p)  # nothing that reads as a special piece

@@ -108,7 +108,7 @@ def test_export_loads_in_transformers_with_the_same_logits(trained, tiny_tokset)
                  "audio/model.safetensors"):
         assert (folder / name).is_file(), name
     # mixed text + image + loc + audio ids: the same logits as ours
-    b = load_bundle(trained["bundle"])
+    b = load_bundle(trained["bundle"], device="cpu")
     ids, _ = b.stream.encode([Text("a red circle"), Image(np.arange(space.image_tokens).reshape(space.image_grid) % 7),
                               Text("<ref>the red circle</ref>"), Box(0.1, 0.2, 0.6, 0.7), Image(np.arange(6).reshape(2, 3)),
                               Audio(np.ones((3, space.audio_n_q), dtype=np.int64))])
@@ -120,7 +120,7 @@ def test_export_loads_in_transformers_with_the_same_logits(trained, tiny_tokset)
 
 
 def test_greedy_generate_gives_the_ids_of_anymodal_sample(trained, tmp_path):
-    b = load_bundle(trained["bundle"])
+    b = load_bundle(trained["bundle"], device="cpu")
     model, _, _ = _hf_model(trained["folder"])
     picture = tmp_path / "scene.png"
     arr = np.full((16, 16, 3), 255, np.uint8)
@@ -199,7 +199,7 @@ def _first_batch_loss(bundle_dir, overrides) -> float:
     loader = PackedLoader(Mixture(parse_sources(cfg.data), cfg.kind_weights), cfg.seq_len, cfg.micro_batch, 0, 1,
                           cfg.grad_accum, cfg.seed, cfg.cond_dropout, lookahead=cfg.lookahead)
     batch = next(loader)
-    model = load_bundle(bundle_dir).model
+    model = load_bundle(bundle_dir, device="cpu").model
     with torch.no_grad():
         logits = model(batch["ids"], positions=batch["positions"], doc_ids=batch["doc_ids"])
         return float(lm_loss(logits, batch["labels"], batch["modality"]).ce)
@@ -241,7 +241,7 @@ def test_init_from_checks_the_token_space_or_maps_rows(trained, tiny_tokset, tmp
     fresh = Transformer(cfg)
     before = fresh.tok_emb.weight.detach().clone()
     summary = init_from_hf(fresh, read_hf_folder(other), space, "map", tok.text)
-    src = load_bundle(trained["bundle"]).model
+    src = load_bundle(trained["bundle"], device="cpu").model
     n_text, gone_id = space.text_size, tok.text.sp.piece_to_id(gone)
     assert f"text {n_text - 1}/{n_text}" in summary and f"image 0/{space.image_codebook_size}" in summary
     kept = [i for i in range(n_text) if i != gone_id]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,25 +123,34 @@ def test_attention_matches_pytorch_path(pytorch_paths, b, t, h, hkv, hd, qk_norm
         assert not torch.allclose(y2[0, :first_doc_end], y.detach()[0, :first_doc_end])
 
 
-def test_attention_results_do_not_depend_on_thread_count(pytorch_paths):
+_THREAD_CHECK = """
+import torch
+from anymodal.kernels import attention as native_attn
+from anymodal.model import transformer as tr
+assert native_attn.load() is not None, native_attn.unavailable_reason()
+torch.manual_seed(1)
+b, t, h, hkv, hd = 3, 150, 4, 2, 32
+qkv = torch.randn(b, t, h + 2 * hkv, hd, requires_grad=True)
+w, bias = torch.randn(h + hkv, hd, requires_grad=True), torch.randn(h + hkv, hd, requires_grad=True)
+rot = tr.rope_tables(torch.arange(t).expand(b, t), hd, 10000.0)
+dy = torch.randn(b, t, h * hd)
+out = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    y = native_attn.native_attention(qkv, w, bias, rot, None, h, tr.QK_NORM_EPS)
+    out.append([y.detach(), *torch.autograd.grad(y, (qkv, w, bias), dy)])
+assert all(torch.equal(a, c) for a, c in zip(*out)), "results differ between 1 and 2 threads"
+"""
+
+
+def test_attention_results_do_not_depend_on_thread_count():
     _need(native_attn)
-    torch.manual_seed(1)
-    b, t, h, hkv, hd = 3, 150, 4, 2, 32
-    qkv = torch.randn(b, t, h + 2 * hkv, hd, requires_grad=True)
-    w, bias = torch.randn(h + hkv, hd, requires_grad=True), torch.randn(h + hkv, hd, requires_grad=True)
-    rot = tr.rope_tables(torch.arange(t).expand(b, t), hd, 10000.0)
-    dy = torch.randn(b, t, h * hd)
-    n = torch.get_num_threads()
-    out = []
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            y = native_attn.native_attention(qkv, w, bias, rot, None, h, tr.QK_NORM_EPS)
-            out.append([y.detach(), *torch.autograd.grad(y, (qkv, w, bias), dy)])
-    finally:
-        torch.set_num_threads(n)
-    for a, c in zip(*out):
-        assert torch.equal(a, c)
+    # Each (batch, head) slice is one thread's work in a fixed order, so the thread count cannot
+    # change a result. MKL's own sgemm can (seen on the lent H200 machine's CPU, where the check passes
+    # with MKL_CBWR=COMPATIBLE); MKL reads that setting once, at start-up: a fresh process.
+    env = {**os.environ, "MKL_CBWR": "COMPATIBLE"}
+    r = subprocess.run([sys.executable, "-c", _THREAD_CHECK], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_swiglu_matches_autograd(pytorch_paths):

@@ -247,7 +247,7 @@ def test_two_process_gloo_training(world, tmp_path):
 
     data = json.loads(json.dumps(TINY))
     data["data"] = dict(world)
-    data["train"].update({"steps": 12, "val_images": 16, "ckpt_every": 6, "threads": 1})
+    data["train"].update({"steps": 12, "val_images": 16, "ckpt_every": 6, "threads": 1, "device": "cpu"})
     cfg_path.write_text(yaml.safe_dump(data))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -15,7 +15,6 @@ import json
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -31,7 +30,8 @@ def _port() -> int:
 
 
 def _launch(args, env) -> str:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port",
+    # the launcher's module rather than its script: a --target install has no bin/deepspeed
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port",
            str(_port()), "--no_local_rank", "--module", "anymodal.cli", "train", "--config", "train/demo", *args]
     r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:]

@@ -12,7 +12,7 @@ import torch
 import anymodal.train.lm as lm
 from anymodal.errors import ConfigError, UserError
 from anymodal.modality import MODALITY_NAMES
-from anymodal.train.lm import DivergedError, LMTrainer, distributed, load_train_config, train
+from anymodal.train.lm import DivergedError, LMTrainer, build_model_config, distributed, load_train_config, train
 from anymodal.train.metrics import read_metrics
 
 
@@ -150,3 +150,11 @@ def test_max_minutes_cuts_the_run_and_still_anneals(tiny_args):
     # the budget is in the checkpoint: resuming does not train past it
     again = train(load_train_config("train/demo", [*tiny_args, "steps=100000", "max_minutes=0.15"]), resume=True)
     assert again.step == total
+
+
+@pytest.mark.parametrize("override, want", [([], True), (["activation_checkpointing=false"], False),
+                                            (["model_preset=model/demo", "activation_checkpointing=true"], True),
+                                            (["model_preset=model/demo"], False)])
+def test_activation_checkpointing_follows_the_preset_unless_the_run_sets_it(override, want):
+    cfg = load_train_config("train/1b_gpu", ["activation_checkpointing=null", *override])
+    assert build_model_config(cfg, 4608).activation_checkpointing is want
