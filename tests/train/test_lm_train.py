@@ -12,7 +12,14 @@ import torch
 import anymodal.train.lm as lm
 from anymodal.errors import ConfigError, UserError
 from anymodal.modality import MODALITY_NAMES
-from anymodal.train.lm import DivergedError, LMTrainer, build_model_config, distributed, load_train_config, train
+from anymodal.train.lm import (
+    DivergedError,
+    LMTrainer,
+    build_model_config,
+    distributed,
+    load_train_config,
+    train,
+)
 from anymodal.train.metrics import read_metrics
 
 
