@@ -31,6 +31,7 @@ from .eval.metrics import format_aspect_table
 from .fileio import write_atomic
 from .sample.bundle import load_bundle, set_threads
 from .sample.ground import ground_image
+from .sample.sampling import DEFAULT_CFG
 from .sample.session import SampleOptions, run_sample
 from .tokenizers import assemble_tokenizer_set
 
@@ -197,17 +198,16 @@ class Demo:
         span = dict(seed=0, stop_after_span=True)
         greedy_text = SampleOptions(seed=0, temperature="0", max_new_tokens=48)
         image_budget = bundle.tok.space.image_max_span(bundle.tok.image.max_tokens)  # the largest grid it may pick
-        jobs = [(f"t2i_{i}", p + "<boi>", (), (), SampleOptions(cfg=3.0, max_new_tokens=image_budget, **span))
-                for i, p in enumerate(c.prompts)]
+        draw = SampleOptions(cfg=DEFAULT_CFG["image"], max_new_tokens=image_budget, **span)
+        jobs = [(f"t2i_{i}", p + "<boi>", (), (), draw) for i, p in enumerate(c.prompts)]
         picture, clip = _showcase_inputs(world, show)
         # media go before the prompt text, so each prompt is the media followed by its task cue
         if picture is not None:
             jobs.append(("describe", cue("i2t"), (str(picture),), (), greedy_text))
         if clip is not None:
             jobs.append(("hear", cue("asr"), (), (str(clip),), greedy_text))
-            jobs.append(("a2i", cue("a2i") + "<boi>", (), (str(clip),),
-                         SampleOptions(cfg=3.0, max_new_tokens=image_budget, **span)))
-        jobs += [(f"tts_{i}", p + "<boa>", (), (), SampleOptions(cfg=3.0, max_new_tokens=1200, **span))
+            jobs.append(("a2i", cue("a2i") + "<boi>", (), (str(clip),), draw))
+        jobs += [(f"tts_{i}", p + "<boa>", (), (), SampleOptions(cfg=DEFAULT_CFG["audio"], max_new_tokens=1200, **span))
                  for i, p in enumerate(c.speech_prompts)]
         with open(os.devnull, "w") as quiet:
             for name, prompt, images, audios, opts in tqdm_iter(jobs, "showcase"):

@@ -53,7 +53,7 @@ def run_recipe(args, name: str, overrides: list[str]) -> dict:
     _run([*anymodal, "export", "--run", str(run), "--out", str(bundle)], log)
     metrics_path = out / "metrics.json"
     eval_s = _run([*anymodal, "eval", "--model", str(bundle), "--data", args.val, "--out", str(metrics_path),
-                   "--limit", str(args.eval_limit), "--cfg", str(args.cfg),
+                   "--limit", str(args.eval_limit), *(["--cfg", args.cfg] if args.cfg else []),
                    "--examples", str(out / "examples.jsonl"),
                    *(["--tasks", args.tasks] if args.tasks else [])], log)
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget per recipe (0 = steps only)")
     ap.add_argument("--steps", type=int, default=0, help="training steps (a cap when --minutes is set)")
     ap.add_argument("--eval-limit", type=int, default=100, help="eval documents per task")
-    ap.add_argument("--cfg", type=float, default=3.0, help="guidance scale at eval")
+    ap.add_argument("--cfg", default=None, help="guidance at eval, as `anymodal eval --cfg` (default: its own)")
     ap.add_argument("--tasks", default="", help="eval tasks (comma-separated; default: all)")
     ap.add_argument("--task-eval-every", type=int, default=0, help="in-training task metrics every N steps")
     ap.add_argument("--recipe", action="append", default=[],

@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="documents per kind (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale for generated images/audio")
+    parser.add_argument("--cfg", default=None,
+                        help="guidance scale of generated images and audio: one number or image=S,audio=S "
+                             "(default image=1.5,audio=3; 1 = off)")
     parser.add_argument("--max-text-tokens", type=int, default=160, help="cap on generated captions/transcripts")
     parser.add_argument("--tasks", default=None,
                         help="comma-separated generation tasks to run (default: t2i,a2i,i2t,ground,refer,asr,tts)")
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.run import GEN_KINDS, EvalOptions, eval_sampling, evaluate  # loads torch: only now
+    from ..sample.sampling import DEFAULT_CFG
     from ..sample.session import per_modality  # loads torch too
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else GEN_KINDS
@@ -48,8 +51,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"eval decodes {m} greedily; --temperature/--top-k apply to image and audio only")
         cur = getattr(sampling, m)
         setattr(sampling, m, type(cur)(temps.get(m, cur.temperature), ks.get(m, cur.top_k), cur.top_p))
+    cfg = {**DEFAULT_CFG, **per_modality(args.cfg, "cfg", float, media)}
+    if set(cfg) - set(media) or min(cfg.values()) <= 0:
+        raise UserError(f"--cfg takes a positive scale for image and audio, got {args.cfg!r}")
     bundle = open_bundle(args)
-    opts = EvalOptions(limit=args.limit, batch_size=args.batch_size, seed=args.seed, cfg=args.cfg,
+    opts = EvalOptions(limit=args.limit, batch_size=args.batch_size, seed=args.seed, cfg=cfg,
                        max_text_tokens=args.max_text_tokens, tasks=tasks, sampling=sampling,
                        examples=args.examples)
     evaluate(bundle, args.data, out=args.out, opts=opts)

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio", action="append", default=[], help="audio placed before the prompt text")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first sample (sample i uses seed+i)")
-    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance on images/audio (1 = off)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="classifier-free guidance (1 = off; default 3 when the prompt ends in <boa>, else 1.5)")
     parser.add_argument("--temperature", default=None,
                         help="0 = greedy; one number or per modality, e.g. text=0.7,image=1.0,audio=1.0,loc=0")
     parser.add_argument("--top-k", default=None, help="0 = off; one number or per modality (text=0,image=100)")

@@ -32,7 +32,7 @@ import json
 import math
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,7 @@ from ..model.loss import lm_loss
 from ..sample.engine import Engine, Request
 from ..sample.prompt import audio_codes, image_codes
 from ..sample.render import decode_audio, decode_images
-from ..sample.sampling import ModalitySampling, SamplingParams
+from ..sample.sampling import DEFAULT_CFG, ModalitySampling, SamplingParams
 from ..tokenizers.stream import Audio, Box, Image, Text
 from ..tokenizers.stream import iou as box_iou
 from .metrics import Metrics, by_aspect, format_table, image_check
@@ -65,7 +65,7 @@ class EvalOptions:
     limit: int | None = None  # documents per kind (None = all)
     batch_size: int = 8
     seed: int = 0
-    cfg: float = 3.0
+    cfg: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_CFG))  # guidance per modality
     max_text_tokens: int = 160  # 3-object captions are ~90 tokens with a tiny BPE vocab
     bits_docs: int | None = None  # documents for bits per token (None = every document read)
     progress: bool = True
@@ -237,7 +237,7 @@ class Evaluator:
             prompts = [self.prompt(d) for d in chunk]
             seeds = [self.o.seed + hash_key(d.key) for d in chunk]
             budgets = [self.image_budget(d) for d in chunk]
-            results = self.generate(prompts, [b[0] for b in budgets], seeds, force=sp.boi, cfg=self.o.cfg,
+            results = self.generate(prompts, [b[0] for b in budgets], seeds, force=sp.boi, cfg=self.o.cfg["image"],
                                     min_new=[b[1] for b in budgets])
             grids = []
             for res in results:
@@ -307,7 +307,7 @@ class Evaluator:
                 frames = math.ceil(len(ref[0]) / self.tok.audio.sample_rate * sp.audio_frame_rate) if ref else 50
                 news.append(sp.audio_n_q * (frames * 3 // 2 + int(sp.audio_frame_rate) // 2) + 2)
             seeds = [self.o.seed + hash_key(d.key) for d in chunk]
-            results = self.generate(prompts, news, seeds, force=sp.boa, cfg=self.o.cfg, min_new=sp.audio_n_q + 2)
+            results = self.generate(prompts, news, seeds, force=sp.boa, cfg=self.o.cfg["audio"], min_new=sp.audio_n_q + 2)
             # The model's own ASR on its speech: waveform -> codec -> `<s><boa>…<eoa>transcribe:` -> text.
             asr_prompts = []
             for res in results:

@@ -40,13 +40,6 @@ class ModelConfig:
     # 'auto': a registered fast path may take the attention (on CPU, anymodal.kernels' matmul
     # attention, faster than SDPA's CPU flash kernel); 'sdpa': always F.scaled_dot_product_attention.
     attention: str = "auto"
-    # Content embeddings for a block of code ids (an image tokenizer's codes): the rows of the ids
-    # [code_offset, code_offset + code_count) (tied: their output rows too) add an MLP over fixed
-    # per-code features of width code_features (what each code looks like) to their table rows, so
-    # a code seldom or never seen in training still has a meaningful row. 0 = plain table rows.
-    code_features: int = 0
-    code_offset: int = 0
-    code_count: int = 0
 
     def __post_init__(self) -> None:
         check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
@@ -77,10 +70,6 @@ class ModelConfig:
             raise ConfigError("config keys 'init_std', 'rope_theta' and 'norm_eps' must be positive")
         if self.z_loss_weight < 0:
             raise ConfigError(f"config key 'z_loss_weight' must be >= 0, got {self.z_loss_weight}")
-        if self.code_features < 0 or (self.code_features and (
-                self.code_count <= 0 or self.code_offset < 0 or self.code_offset + self.code_count > self.vocab_size)):
-            raise ConfigError(f"code_features ({self.code_features}) needs code ids inside the vocabulary: "
-                              f"code_offset {self.code_offset} + code_count {self.code_count} > vocab_size {self.vocab_size}")
 
     @property
     def q_dim(self) -> int:

@@ -23,7 +23,6 @@ positions at each document start, so a packed row computes exactly what its docu
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -231,35 +230,11 @@ class Block(nn.Module):
         return h + self.drop(self.mlp(self.mlp_norm(h)))
 
 
-class CodeContent(nn.Module):
-    """Embedding rows of a block of code ids from what each code is: fixed per-code features (e.g.
-    the pixels its image tokenizer decodes it to) through a two-layer MLP, plus the code's own
-    table row, which starts at zero. Codes that look alike start alike, and a code the training data
-    never showed still has a row built from its content (its own part stays at zero as an input;
-    as an output, tied, it only learns how rare the code is)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.offset, self.count = cfg.code_offset, cfg.code_count
-        self.register_buffer("features", torch.zeros(cfg.code_count, cfg.code_features))  # set by the trainer
-        self.up = nn.Linear(cfg.code_features, cfg.dim)
-        self.down = nn.Linear(cfg.dim, cfg.dim, bias=False)
-
-    def rows(self) -> torch.Tensor:
-        return self.down(F.gelu(self.up(self.features)))  # [count, D]
-
-    def table(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight [V, D] with the content rows added to the code rows."""
-        a, b = self.offset, self.offset + self.count
-        return torch.cat([weight[:a], weight[a:b] + self.rows().to(weight.dtype), weight[b:]])  # [V, D]
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.code_content = CodeContent(cfg) if cfg.code_features else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -281,8 +256,6 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             else:
                 nn.init.ones_(p)
-        if self.code_content is not None:  # a code's own part of its row starts at zero
-            self.tok_emb.weight[self.cfg.code_offset:self.cfg.code_offset + self.cfg.code_count].zero_()
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint or bundle stores: the state dict, without the head when it is
@@ -298,27 +271,6 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             missing = [k for k in missing if k != "head.weight"]
         return missing, unexpected
-
-    def embedding_table(self) -> torch.Tensor:
-        """The input embedding [V, D] (tied: the output rows too), content rows added where
-        `code_content` is on."""
-        w = self.tok_emb.weight
-        return w if self.code_content is None else self.code_content.table(w)
-
-    @torch.no_grad()
-    def fold_code_content(self) -> Transformer:
-        """The same function as a plain model (content rows written into the table; tied, that is
-        the head too): what bundles and the Hugging Face export store."""
-        if self.code_content is None:
-            return self
-        cfg = dataclasses.replace(self.cfg, code_features=0, code_offset=0, code_count=0)
-        plain = Transformer(cfg).to(self.tok_emb.weight.device, self.tok_emb.weight.dtype)
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("code_content.")}
-        state["tok_emb.weight"] = self.embedding_table()
-        if cfg.tie_embeddings:
-            state.pop("head.weight", None)
-        plain.load_weights(state)
-        return plain.train(self.training)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -359,8 +311,7 @@ class Transformer(nn.Module):
                 positions = torch.arange(t, device=ids.device).expand(b, t)
             if cache is not None:
                 positions = positions + cache.next_pos[:, None]
-        table = self.embedding_table()  # [V, D]
-        x = F.embedding(ids, table)  # [B, T, D]
+        x = self.tok_emb(ids)  # [B, T, D]
         mask = self._mask(b, t, past, doc_ids, attention_mask, cache, ids.device)
         rot = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [B, T, 1, hd/2]
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -376,8 +327,6 @@ class Transformer(nn.Module):
             cache.advance(valid, positions[:, -1])
         if last_only:
             x = x[:, -1:]
-        if self.code_content is not None and self.cfg.tie_embeddings:
-            return F.linear(self.norm(x), table)  # [B, T, V]: the output rows are the same rows
         return self.head(self.norm(x))  # [B, T, V]
 
     def _mask(self, b, t, past, doc_ids, attention_mask, cache, device) -> AttnMask:

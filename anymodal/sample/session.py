@@ -28,13 +28,15 @@ from .constraints import AUDIO, IMAGE, TEXT
 from .engine import Engine, Request
 from .prompt import encode_prompt
 from .render import RenderedSample, write_outputs
-from .sampling import MODALITIES, ModalitySampling, SamplingParams
+from .sampling import DEFAULT_CFG, MODALITIES, ModalitySampling, SamplingParams
 
 
 @dataclass
 class SampleOptions:
     seed: int = 0
-    cfg: float = 3.0  # guidance scale on image / audio spans (1 = off)
+    # guidance scale (1 = off); None: DEFAULT_CFG's audio scale when the prompt opens an audio span,
+    # else its image scale
+    cfg: float | None = None
     temperature: str | None = None  # "0.8" or "text=0.8,image=1.0"
     top_k: str | None = None
     top_p: str | None = None
@@ -238,7 +240,7 @@ def run_sample(bundle, prompt: str, out: str | Path, images=(), audios=(), opts:
         raise UserError(f"--num-samples must be >= 1, got {opts.num_samples}")
     if opts.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {opts.max_new_tokens}")
-    if opts.cfg <= 0:
+    if opts.cfg is not None and opts.cfg <= 0:
         raise UserError(f"--cfg must be > 0, got {opts.cfg}")
     sampling = sampling_from_flags(opts.temperature, opts.top_k, opts.top_p)
     grid = requested_grid(bundle, opts.image_size, opts.aspect)
@@ -267,7 +269,8 @@ def run_sample(bundle, prompt: str, out: str | Path, images=(), audios=(), opts:
         for note in grid_notes(bundle, grid, opts.image_size):
             print(note, file=sys.stderr)
     tail = open_span_tail(sp, prompt_ids, engine)
-    requests = [Request(prompt_ids, max_new, sampling, seed=opts.seed + i, cfg_scale=opts.cfg,
+    cfg = opts.cfg if opts.cfg is not None else DEFAULT_CFG["audio" if prompt_ids[-1:] == [sp.boa] else "image"]
+    requests = [Request(prompt_ids, max_new, sampling, seed=opts.seed + i, cfg_scale=cfg,
                         stop_after_span=opts.stop_after_span) for i in range(opts.num_samples)]
     live = _Live(bundle, console, max_audio_frames * max(1, sp.audio_n_q) if max_audio_frames else 0, tail)
     try:
@@ -275,7 +278,7 @@ def run_sample(bundle, prompt: str, out: str | Path, images=(), audios=(), opts:
     finally:
         live.close()
 
-    meta = {"cfg": opts.cfg, "max_new_tokens": max_new,
+    meta = {"cfg": cfg, "max_new_tokens": max_new,
             "sampling": {m: vars(getattr(sampling, m)) for m in MODALITIES}}
     if grid is not None:
         meta["image_grid"] = list(grid)

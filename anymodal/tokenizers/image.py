@@ -519,19 +519,6 @@ class ImageTokenizer(nn.Module):
         out = self.decoder(self.codes_to_latent(ids.to(self._device()).long()))  # [B, 3, H, W]
         return ((out + 1) / 2).clamp(0, 1)
 
-    @torch.no_grad()
-    def code_pixels(self, context: int = 3, batch: int = 128) -> torch.Tensor:
-        """What each code looks like: float [codebook_size, 3 * f * f] in [0, 1], the centre cell of a
-        context x context grid of that one code, decoded (f = downsample)."""
-        f, c = self.downsample, context // 2
-        out = []
-        for start in range(0, self.codebook_size, batch):
-            ids = torch.arange(start, min(start + batch, self.codebook_size))
-            grid = ids[:, None, None].expand(-1, context, context)  # [n, context, context]
-            cell = self.decode(grid)[:, :, c * f:(c + 1) * f, c * f:(c + 1) * f]  # [n, 3, f, f]
-            out.append(cell.reshape(len(ids), -1).cpu())
-        return torch.cat(out)
-
     def fit(self, img, image_mode: str | None = None, max_tokens: int | None = None) -> tuple[np.ndarray, Fit]:
         """An RGB PIL image -> (uint8 [H, W, 3] as this tokenizer takes it, its `Fit`): the square
         `resolution` (resize / letterbox) or, native, the grid nearest its aspect within `max_tokens`

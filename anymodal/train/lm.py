@@ -90,7 +90,6 @@ from .schedule import SCHEDULES, decay_progress, lr_factor
 from .task_eval import TaskEval, check_tasks, print_tasks
 
 PRECISIONS = ("auto", "fp32", "bf16")
-CODE_EMBEDDINGS = ("table", "content")
 DEVICES = ("auto", "cpu", "cuda")
 # train key `monitor` -> DeepSpeed config section; the package each monitor section needs
 MONITORS = {"tensorboard": "tensorboard", "csv": "csv_monitor", "wandb": "wandb"}
@@ -124,11 +123,6 @@ class TrainConfig:
     # format): its config.json fixes the model's shape, its weights the first step (anymodal.hf.load)
     init_from: str = ""
     init_vocab: str = "strict"  # strict: same token space or refuse; map: match rows by token
-    # image code embeddings: table (one free row per code) | content (what each code decodes to,
-    # through a small MLP, plus a row of its own: `ModelConfig.code_features`; bundles store the
-    # folded table)
-    image_code_embedding: str = "table"
-    code_content_lr_scale: float = 0.1  # the content MLP's learning rate, as a share of lr
     seq_len: int = 512  # tokens per packed row (the model sees rows of seq_len, predicts seq_len labels)
     micro_batch: int = 8  # rows per process per forward
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -182,7 +176,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
-        check_choice("image_code_embedding", self.image_code_embedding, CODE_EMBEDDINGS)
         check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("init_vocab", self.init_vocab, INIT_VOCAB)
@@ -228,9 +221,8 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     return load_config(TrainConfig, path, list(overrides))
 
 
-def build_model_config(cfg: TrainConfig, vocab_size: int, code_block: tuple[int, int, int] | None = None):
-    """The preset, the run's `model:` overrides, and what the data fixes (vocab, room for seq_len,
-    and with content code embeddings `code_block` = (first id, count, feature width))."""
+def build_model_config(cfg: TrainConfig, vocab_size: int):
+    """The preset, the run's `model:` overrides, and what the data fixes (vocab, room for seq_len)."""
     overrides = {k: v for k, v in to_dict(cfg.model).items() if v is not None}
     if cfg.init_from:  # the folder's shape wins over the preset's
         overrides.update(model_shape(read_config(cfg.init_from)))
@@ -239,24 +231,7 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, code_block: tuple[int,
             "max_seq_len": max(preset.max_seq_len, cfg.seq_len),
             "activation_checkpointing": preset.activation_checkpointing if cfg.activation_checkpointing is None
             else cfg.activation_checkpointing}
-    if code_block is not None:
-        data.update(zip(("code_offset", "code_count", "code_features"), code_block))
     return load_config(ModelConfig, data=data)
-
-
-def image_code_features(tok_dir: Path, space: TokenSpace) -> torch.Tensor:
-    """[image codebook size, F]: the pixels each image code decodes to, each pixel channel
-    standardized over the codes (the codes differ in a few pixels on a mostly shared background)."""
-    from ..tokenizers.image import ImageTokenizer
-
-    if not space.image_codebook_size or not (tok_dir / "image").is_dir():
-        raise UserError(f"image_code_embedding=content needs image codes and the image tokenizer ({tok_dir}/image)")
-    tok = ImageTokenizer.load(tok_dir / "image").eval()
-    if tok.codebook_size != space.image_codebook_size:
-        raise UserError(f"{tok_dir}/image has {tok.codebook_size} codes, the data's token space "
-                        f"{space.image_codebook_size}")
-    pixels = tok.code_pixels()  # [K, 3·f·f] in [0, 1]
-    return (pixels - pixels.mean(0)) / (pixels.std(0) + 1e-3)
 
 
 # ---- process setup ---------------------------------------------------------------------------------
@@ -371,13 +346,9 @@ def make_optimizer(model, cfg: TrainConfig):
     """AdamW, weight decay on matrices only; at ZeRO stage 0 a variant that clips, reports the
     gradient norm and skips non-finite steps (DeepSpeed's ZeRO optimizers do that themselves)."""
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    content = [p for n, p in named if n.startswith("code_content.")]
-    decay = [p for n, p in named if p.dim() >= 2 and not n.startswith("code_content.")]
-    no_decay = [p for n, p in named if p.dim() < 2 and not n.startswith("code_content.")]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if content:  # one MLP writes every code's row: a step moves all of them, so it takes smaller steps
-        groups.append({"params": content, "weight_decay": 0.0, "lr_scale": cfg.code_content_lr_scale})
     # fused: one kernel over all tensors (on CPU too: the per-tensor loop took ~22 ms of a ~2 s demo step)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
     if cfg.zero_stage == 0:
@@ -528,12 +499,7 @@ class LMTrainer:
             raise UserError("no training data: set data=DIR (a folder written by `anymodal prepare`) or a list of sources")
         self.data = Mixture(sources, cfg.kind_weights)  # one folder is a mixture of one: exactly the plain loader's rows
         space = self.data.space
-        code_features = None
-        if cfg.image_code_embedding == "content":
-            tok_dir = tokenizer_dir(Path(cfg.run_dir), cfg.tokenizers or None, data=cfg.data)
-            code_features = image_code_features(tok_dir, space)
-        self.model_cfg = build_model_config(cfg, space.vocab_size, None if code_features is None else (
-            space.image_offset, space.image_codebook_size, code_features.shape[1]))
+        self.model_cfg = build_model_config(cfg, space.vocab_size)
         self.run_dir = Path(cfg.run_dir)
         ckpt = latest_checkpoint(self.run_dir / CKPT_DIR)
         if ckpt is not None and not resume:
@@ -549,8 +515,6 @@ class LMTrainer:
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
         model = Transformer(self.model_cfg)
-        if code_features is not None:
-            model.code_content.features.copy_(code_features)
         if cfg.init_from and ckpt is None:  # a resumed run continues from its checkpoint instead
             text = None
             if cfg.init_vocab == "map":
@@ -651,7 +615,7 @@ class LMTrainer:
         skipped_before = engine.skipped_steps
         lr = self.lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
         sums = torch.zeros(len(LOSS_SUMS), dtype=torch.float64, device=device)
         for micro in batch:
             ids = micro["ids"].to(device, non_blocking=True)  # [B, T]

@@ -135,11 +135,11 @@ def test_eval_command_on_a_tiny_world(bundle, world, tmp_path, capsys):
         assert acc == pytest.approx(sum(sub) / len(sub))
     # a subset of the tasks, with greedy images: the others are null, not zero
     assert main(["eval", "--model", str(bdir), "--data", world, "--out", str(out), "--limit", "2",
-                 "--tasks", "t2i,ground", "--temperature", "0"]) == 0
+                 "--tasks", "t2i,ground", "--temperature", "0", "--cfg", "image=1"]) == 0
     r = json.loads(out.read_text())
     assert r["n"]["t2i"] >= 1 and r["n"]["ground"] >= 1 and r["grounding_miou"] is not None
     assert r["n"]["i2t"] == 0 and r["caption_accuracy"] is None and r["asr_wer"] is None
-    for bad in (["--tasks", "t2i,draw"], ["--temperature", "text=0.5"]):
+    for bad in (["--tasks", "t2i,draw"], ["--temperature", "text=0.5"], ["--cfg", "text=2"], ["--cfg", "0"]):
         assert main(["eval", "--model", str(bdir), "--data", world, "--out", str(out), *bad]) == 2
 
 
@@ -218,3 +218,4 @@ def test_answers_that_cannot_fit_score_as_failures_and_are_counted(bundle, world
     r = ev.metrics.result()
     assert docs and r["a2i_accuracy"] == 0.0 and r["n"]["a2i"] == len(docs)
     assert ev.over_context == len(docs)
+

@@ -266,3 +266,12 @@ def test_ground_a_non_square_image_natively(native_bundle_dir, picture):
     assert np.allclose(res["box"], want, atol=0.051) and res["score"] == round(g.score, 4)
     x1, y1, x2, y2 = res["box"]
     assert 0 <= x1 < x2 <= 60 and 0 <= y1 < y2 <= 40
+
+
+@pytest.mark.parametrize("prompt, flags, want", [("a red circle<boi>", [], 1.5), ("say: hello<boa>", [], 3.0),
+                                                 ("a red circle<boi>", ["--cfg", "2"], 2.0)])
+def test_guidance_defaults_to_the_scale_of_the_span_the_prompt_opens(bundle_dir, tmp_path, prompt, flags, want):
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(bundle_dir), "--prompt", prompt, "--out", str(out),
+                 "--max-new-tokens", "8", *flags]) == 0
+    assert json.loads((out / "tokens.json").read_text())["cfg"] == want

@@ -79,21 +79,3 @@ def _init_state(model):
 
     torch.manual_seed(0)
     return Transformer(model.cfg).state_dict()
-
-
-def test_content_code_embeddings_train_and_export_as_a_plain_table(tiny_args, tiny_tokset, tmp_path):
-    _, tok = tiny_tokset
-    res = train(load_train_config("train/demo", [*tiny_args, "steps=4", "model.tie_embeddings=true",
-                                                 "image_code_embedding=content"]))
-    live = res.model.eval()
-    sp = tok.space
-    feats = live.code_content.features
-    assert feats.shape == (sp.image_codebook_size, 3 * tok.image.downsample ** 2)
-    pixels = tok.image.code_pixels()  # what each code decodes to, standardized per pixel channel
-    torch.testing.assert_close(feats, (pixels - pixels.mean(0)) / (pixels.std(0) + 1e-3))
-    bundle = export(res.run_dir, tmp_path / "bundle")
-    b = load_bundle(bundle, device="cpu")
-    assert b.model.code_content is None and b.model.cfg.code_features == 0
-    x = _batch(tok)
-    with torch.no_grad():
-        torch.testing.assert_close(b.model(x), live(x), rtol=0, atol=1e-5)
