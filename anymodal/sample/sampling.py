@@ -37,9 +37,9 @@ class SamplingParams:
             raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
 
 
-# Classifier-free guidance scale per generated modality (1 = off). Images of the demo model draw
-# right twice as often at 1.5 as at 3 (t2i 0.46 against 0.23 at temperature 0.5 / 1), while speech
-# reads better at 3 (TTS WER 0.71 against 0.81): docs/results.md, "Sampling settings".
+# Classifier-free guidance scale per generated modality (1 = off): strong guidance pushes a small
+# model's images off (they drew right about half as often at 3 as at 1.5) while its speech reads
+# better at 3 (docs/results.md, "Sampling settings").
 DEFAULT_CFG = {"image": 1.5, "audio": 3.0}
 
 
