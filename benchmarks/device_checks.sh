@@ -34,8 +34,9 @@ step doc_mask 60 $PY benchmarks/doc_mask_cost.py --preset 1b --batch 4 --seq 409
 # 2. decode speed, ours vs HF Chameleon's generate, bf16 on the GPU (about a minute each).
 step decode_demo 70 $PY benchmarks/decode_speed.py --device cuda --dtype bf16 --reps 2 --new 64 --preset demo
 step decode_1b 80 $PY benchmarks/decode_speed.py --device cuda --dtype bf16 --reps 2 --new 64 --preset 1b
-# 3. the tests and a shortened demo side by side (the demo is mostly CPU work here; on the 2026-12-04
-# machine these settings needed a little over 4 minutes).
+# 3. the tests and a shortened demo side by side (the demo is mostly CPU work here). On the 2026-12-04
+# machine a larger version (4,000 documents, 30 s per tokenizer) stopped at 240 s in prepare; these
+# smaller settings have not run there yet.
 step tests 280 $PY -m pytest tests -p no:cacheprovider -n 8 -rf &
 step demo 280 $PY -m anymodal.cli demo --out "$OUT/demo_run" world.train_docs=3000 world.val_docs=270 \
   'world.extra_sources=[]' 'image_tokenizer_overrides=[train.max_minutes=0.4]' \

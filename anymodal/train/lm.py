@@ -482,7 +482,7 @@ class LMTrainer:
         self.cfg = cfg
         self.started = time.perf_counter() if started is None else started
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        cuda = use_cuda(cfg.device)
+        cuda = dist.get_backend() == "nccl"  # what `distributed()` chose for cfg.device
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         if not cuda:
             torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // _local_world()))
