@@ -38,6 +38,20 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.time() - t0
 
 
+def split_overrides(recipe: str) -> list[str]:
+    """'a=1,data=[{path: x, weight: 0.7}, {path: y, weight: 0.3}]' -> the two overrides: commas
+    inside brackets or braces belong to the value."""
+    parts, depth, cur = [], 0, ""
+    for ch in recipe:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [p for p in [*parts, cur.strip()] if p]
+
+
 def run_recipe(args, name: str, overrides: list[str]) -> dict:
     out = Path(args.out) / name
     run, bundle, log = out / "run", out / "bundle", out / "log.txt"
@@ -95,13 +109,14 @@ def main() -> None:
     ap.add_argument("--tasks", default="", help="eval tasks (comma-separated; default: all)")
     ap.add_argument("--task-eval-every", type=int, default=0, help="in-training task metrics every N steps")
     ap.add_argument("--recipe", action="append", default=[],
-                    help="comma-separated train overrides of one recipe (repeat to compare recipes)")
+                    help="comma-separated train overrides of one recipe (repeat to compare recipes); "
+                         "commas inside [...] or {...} belong to the value")
     ap.add_argument("--out", default="runs/learning")
     ap.add_argument("common", nargs="*", help="train overrides shared by every recipe")
     args = ap.parse_args()
     if not args.minutes and not args.steps:
         sys.exit("give --minutes or --steps")
-    recipes = [[o for o in r.split(",") if o] for r in args.recipe] or [[]]
+    recipes = [split_overrides(r) for r in args.recipe] or [[]]
     results = []
     for i, overrides in enumerate(recipes):
         results.append(run_recipe(args, f"recipe_{i}", overrides))

@@ -52,6 +52,8 @@ def _has_structure(model) -> bool:
     """The Transformer layout the kernel computes (a wrapper or another model does not have it)."""
     if not all(hasattr(model, n) for n in ("tok_emb", "layers", "norm", "head", "cfg")):
         return False
+    if getattr(model, "code_factors", None) is not None:  # rows computed per pass: fold it first
+        return False
     if len(model.layers) == 0:
         return False
     blk = model.layers[0]

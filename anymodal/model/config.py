@@ -7,7 +7,8 @@ numbers and reloading it builds exactly the same model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from ..config import check_choice
 from ..errors import ConfigError
@@ -40,6 +41,13 @@ class ModelConfig:
     # 'auto': a registered fast path may take the attention (on CPU, anymodal.kernels' matmul
     # attention, faster than SDPA's CPU flash kernel); 'sdpa': always F.scaled_dot_product_attention.
     attention: str = "auto"
+    # Factored embeddings for a block of code ids (an image tokenizer's product codes): the row of
+    # code id `code_offset + c` (tied: its output row too) is the sum of one row per factor, chosen by
+    # c's digits in the mixed radix `code_factors` (least significant first). A code never seen in
+    # training whose factors were seen (a colour and a shape part met apart) still has a trained
+    # row. Empty = plain table rows.
+    code_factors: list[int] = field(default_factory=list)
+    code_offset: int = 0
 
     def __post_init__(self) -> None:
         check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
@@ -70,6 +78,11 @@ class ModelConfig:
             raise ConfigError("config keys 'init_std', 'rope_theta' and 'norm_eps' must be positive")
         if self.z_loss_weight < 0:
             raise ConfigError(f"config key 'z_loss_weight' must be >= 0, got {self.z_loss_weight}")
+        if self.code_factors:
+            count = math.prod(self.code_factors)
+            if min(self.code_factors) < 1 or self.code_offset < 0 or self.code_offset + count > self.vocab_size:
+                raise ConfigError(f"code_factors {self.code_factors} need their {count} code ids inside the "
+                                  f"vocabulary: code_offset {self.code_offset} + {count} > vocab_size {self.vocab_size}")
 
     @property
     def q_dim(self) -> int:

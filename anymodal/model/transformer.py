@@ -23,6 +23,7 @@ positions at each document start, so a packed row computes exactly what its docu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -230,11 +231,39 @@ class Block(nn.Module):
         return h + self.drop(self.mlp(self.mlp_norm(h)))
 
 
+class CodeFactors(nn.Module):
+    """Embedding rows of a block of code ids built from their factors: code c's row is the sum of
+    one row per factor, picked by c's digits in the mixed radix `cfg.code_factors` (least
+    significant first). An image tokenizer whose codes are (colour, shape part) pairs gives a
+    colour table and a shape-part table: a code no training image contained, whose colour and
+    shape part were both seen on other codes, has a trained row; tied, its output logit is the sum
+    of its factors' logits, so no row of its own is pushed down for never being the answer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.offset, self.count = cfg.code_offset, math.prod(cfg.code_factors)
+        self.tables = nn.ParameterList(nn.Parameter(torch.zeros(n, cfg.dim)) for n in cfg.code_factors)
+        codes, digits, stride = torch.arange(self.count), [], 1
+        for n in cfg.code_factors:
+            digits.append(codes // stride % n)
+            stride *= n
+        self.register_buffer("digits", torch.stack(digits), persistent=False)  # [factors, count]
+
+    def rows(self) -> torch.Tensor:
+        return sum(t[d] for t, d in zip(self.tables, self.digits))  # [count, D]
+
+    def table(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [V, D] with the code block's rows replaced by their factors' sums."""
+        a, b = self.offset, self.offset + self.count
+        return torch.cat([weight[:a], self.rows().to(weight.dtype), weight[b:]])  # [V, D]
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.code_factors = CodeFactors(cfg) if cfg.code_factors else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -256,6 +285,11 @@ class Transformer(nn.Module):
                 nn.init.zeros_(p)
             else:
                 nn.init.ones_(p)
+        if self.code_factors is not None:  # a code's row is a sum of factor rows: the sum has std init_std
+            for t in self.code_factors.tables:
+                nn.init.normal_(t, 0.0, std / math.sqrt(len(self.code_factors.tables)))
+            f = self.code_factors  # the table's own rows of the block are never read
+            self.tok_emb.weight[f.offset:f.offset + f.count].zero_()
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint or bundle stores: the state dict, without the head when it is
@@ -271,6 +305,27 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings:
             missing = [k for k in missing if k != "head.weight"]
         return missing, unexpected
+
+    def embedding_table(self) -> torch.Tensor:
+        """The input embedding [V, D] (tied: the output rows too), the code block's rows built from
+        their factors where `code_factors` is on."""
+        w = self.tok_emb.weight
+        return w if self.code_factors is None else self.code_factors.table(w)
+
+    @torch.no_grad()
+    def fold_code_factors(self) -> Transformer:
+        """The same function as a plain model (factor sums written into the table; tied, that is the
+        head too): what bundles and the Hugging Face export store."""
+        if self.code_factors is None:
+            return self
+        cfg = dataclasses.replace(self.cfg, code_factors=[], code_offset=0)
+        plain = Transformer(cfg).to(self.tok_emb.weight.device, self.tok_emb.weight.dtype)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("code_factors.")}
+        state["tok_emb.weight"] = self.embedding_table()
+        if cfg.tie_embeddings:
+            state.pop("head.weight", None)
+        plain.load_weights(state)
+        return plain.train(self.training)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -311,7 +366,8 @@ class Transformer(nn.Module):
                 positions = torch.arange(t, device=ids.device).expand(b, t)
             if cache is not None:
                 positions = positions + cache.next_pos[:, None]
-        x = self.tok_emb(ids)  # [B, T, D]
+        table = self.embedding_table() if self.code_factors is not None else None  # [V, D]
+        x = self.tok_emb(ids) if table is None else F.embedding(ids, table)  # [B, T, D]
         mask = self._mask(b, t, past, doc_ids, attention_mask, cache, ids.device)
         rot = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [B, T, 1, hd/2]
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -327,6 +383,8 @@ class Transformer(nn.Module):
             cache.advance(valid, positions[:, -1])
         if last_only:
             x = x[:, -1:]
+        if table is not None and self.cfg.tie_embeddings:
+            return F.linear(self.norm(x), table)  # [B, T, V]: the output rows are the same rows
         return self.head(self.norm(x))  # [B, T, V]
 
     def _mask(self, b, t, past, doc_ids, attention_mask, cache, device) -> AttnMask:

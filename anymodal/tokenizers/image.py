@@ -23,6 +23,7 @@ the image was encoded at, and decoding writes that grid's size in pixels.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -139,9 +140,19 @@ class ImageQuantizerConfig:
     # term). The batch term alone can also be raised by latents parked between levels, which
     # spreads no real codes; this one pushes each latent onto one level.
     fsq_sample_entropy_weight: float = 0.0
+    # fsq with model.encoder=local: codes as (colour, structure) pairs. A second FSQ of these levels
+    # quantizes each cell's colour, from a branch that sees the cell's pixels one by one and keeps
+    # their maximum (which colours are there, not where); fsq_levels then quantize the cell's
+    # structure, trained invariant to recolouring (loss.recolour_invariance). Code id = colour id +
+    # (number of colour codes) x structure id, so the LM can learn colours and shape parts apart
+    # (train image_code_embedding=factored). Empty: one FSQ over the whole latent.
+    colour_levels: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_choice("quantizer.kind", self.kind, ("vq", "fsq", "lfq"))
+        if self.colour_levels and (self.kind != "fsq" or min(self.colour_levels) < 3):
+            raise ConfigError(f"quantizer.colour_levels {self.colour_levels} needs quantizer.kind=fsq "
+                              "and at least 3 levels each")
         if self.fsq_entropy_weight < 0 or self.fsq_sample_entropy_weight < 0 or self.fsq_entropy_temp <= 0:
             raise ConfigError("quantizer.fsq_entropy_weight and fsq_sample_entropy_weight must be >= 0, "
                               "fsq_entropy_temp > 0")
@@ -168,6 +179,10 @@ class ImageLossConfig:
     disc_layers: int = 3
     disc_lr: float = 2e-4
     adaptive_gan_weight: bool = True  # VQGAN's balance of the GAN gradient against the reconstruction
+    # with quantizer.colour_levels: weight of the squared distance (in FSQ level units) between a
+    # cell's structure latents and those of the same image recoloured by a random ink mix, so the
+    # structure code carries where the ink is and the colour code carries which ink it is
+    recolour_invariance: float = 1.0
 
     def __post_init__(self) -> None:
         if self.corner_window < 3 or self.corner_window % 2 == 0:
@@ -225,6 +240,10 @@ class ImageTokenizerConfig:
     loss: ImageLossConfig = field(default_factory=ImageLossConfig)
     train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
+
+    def __post_init__(self) -> None:
+        if self.quantizer.colour_levels and self.model.encoder != "local":
+            raise ConfigError("quantizer.colour_levels needs model.encoder=local (codes of one cell each)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +331,61 @@ class LocalEncoder(nn.Module):
         return self.net(x)
 
 
+class ColourEncoder(nn.Module):
+    """A cell's colour content: [B, 3, H, W] -> [B, C, H / d, W / d] by an MLP per pixel and the
+    maximum over each d x d cell. A set function of the cell's pixels: it sees which colours the
+    cell holds, not where, so it cannot carry the cell's structure."""
+
+    def __init__(self, cfg: ImageModelConfig, out_channels: int):
+        super().__init__()
+        c = cfg.channels[0]
+        self.pixel = nn.Sequential(nn.Conv2d(3, c, 1), nn.SiLU(), nn.Conv2d(c, c, 1))
+        self.pool = nn.MaxPool2d(cfg.downsample)
+        self.out = nn.Sequential(nn.SiLU(), nn.Conv2d(c, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.pool(self.pixel(x)))  # [B, C, h, w]
+
+
+class ColourStructureEncoder(nn.Module):
+    """The latent of (colour, structure) codes: [B, 3, H, W] -> [B, Cz, h, w], the first Cz / 2
+    channels from `ColourEncoder`, the rest from a `LocalEncoder` of the whole cell."""
+
+    def __init__(self, cfg: ImageModelConfig):
+        super().__init__()
+        half = cfg.z_channels // 2
+        self.colour = ColourEncoder(cfg, half)
+        self.structure = LocalEncoder(dataclasses.replace(cfg, z_channels=cfg.z_channels - half))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.colour(x), self.structure(x)], dim=1)
+
+
+class ColourStructureFSQ(nn.Module):
+    """Two FSQs over the latent's two channel halves: (colour, structure) codes with
+    id = colour id + n_colour * structure id. The same calls as one FSQ (forward,
+    indices_to_codes) for the rest of the tokenizer."""
+
+    def __init__(self, colour_levels: list[int], structure_levels: list[int], dim: int):
+        super().__init__()
+        self.half = dim // 2
+        self.colour = FSQ(levels=list(colour_levels), dim=self.half, channel_first=True)
+        self.structure = FSQ(levels=list(structure_levels), dim=dim - self.half, channel_first=True)
+        self.n_colour = math.prod(colour_levels)
+
+    def parts(self, z: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
+        """(FSQ, its channels of z [B, Cz, h, w]) for colour, then structure."""
+        return [(self.colour, z[:, :self.half]), (self.structure, z[:, self.half:])]
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (qc, ic), (qs, i_s) = (fsq(part) for fsq, part in self.parts(z))
+        return torch.cat([qc, qs], dim=1), ic.long() + self.n_colour * i_s.long()  # [B, Cz, h, w], [B, h, w]
+
+    def indices_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.colour.indices_to_codes(ids % self.n_colour),
+                          self.structure.indices_to_codes(ids // self.n_colour)], dim=1)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: ImageModelConfig):
         super().__init__()
@@ -349,6 +423,16 @@ class Decoder(nn.Module):
         return y[:, :3] + self.refine(y)  # [B, 3, H, W]
 
 
+def fsq_positions(fsq: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """z [B, Cz, h, w] (an FSQ's input) -> [N, d] (N = B·h·w): each latent dimension bounded as
+    FSQ does before rounding, in level units ([0, L - 1]; FSQ rounds these to its levels)."""
+    levels = fsq._levels  # [d] int
+    u = fsq.project_in(rearrange(z, "b c h w -> (b h w) c").float())  # [N, d]
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    return torch.tanh(u + torch.atanh(offset / half_l)) * half_l - offset + levels // 2
+
+
 def fsq_code_entropies(fsq: nn.Module, z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropies of soft FSQ code assignments, each divided by log(codebook size): (batch, per-latent).
 
@@ -361,10 +445,7 @@ def fsq_code_entropies(fsq: nn.Module, z: torch.Tensor, temperature: float) -> t
     on a level); for a product distribution it is the sum of the per-dimension entropies. Both lie
     in [0, 1]."""
     levels = fsq._levels  # [d] int
-    u = fsq.project_in(rearrange(z, "b c h w -> (b h w) c").float())  # [N, d], N = B·h·w latents
-    half_l = (levels - 1) * (1 + 1e-3) / 2
-    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
-    pos = torch.tanh(u + torch.atanh(offset / half_l)) * half_l - offset + levels // 2  # [N, d] in [0, L-1]
+    pos = fsq_positions(fsq, z)  # [N, d]
     probs = []
     for d, n_levels in enumerate(levels.tolist()):
         grid = torch.arange(n_levels, device=z.device, dtype=pos.dtype)  # [L]
@@ -401,6 +482,8 @@ def build_quantizer(cfg: ImageQuantizerConfig, dim: int) -> nn.Module:
             commitment_weight=cfg.commitment_weight,
             accept_image_fmap=True,
         )
+    if cfg.kind == "fsq" and cfg.colour_levels:
+        return ColourStructureFSQ(cfg.colour_levels, cfg.fsq_levels, dim)
     if cfg.kind == "fsq":
         return FSQ(levels=list(cfg.fsq_levels), dim=dim, channel_first=True)
     return LFQ(
@@ -422,7 +505,10 @@ class ImageTokenizer(nn.Module):
     def __init__(self, cfg: ImageTokenizerConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = LocalEncoder(cfg.model) if cfg.model.encoder == "local" else Encoder(cfg.model)
+        if cfg.quantizer.colour_levels:
+            self.encoder = ColourStructureEncoder(cfg.model)
+        else:
+            self.encoder = LocalEncoder(cfg.model) if cfg.model.encoder == "local" else Encoder(cfg.model)
         self.decoder = Decoder(cfg.model)
         self.quantizer = build_quantizer(cfg.quantizer, cfg.model.z_channels)
         self.train_progress = 0.0  # share of training done, set by the trainer (entropy schedule)
@@ -457,7 +543,22 @@ class ImageTokenizer(nn.Module):
     @property
     def codebook_size(self) -> int:
         q = self.cfg.quantizer
-        return int(np.prod(q.fsq_levels)) if q.kind == "fsq" else q.codebook_size
+        return int(np.prod(q.fsq_levels + q.colour_levels)) if q.kind == "fsq" else q.codebook_size
+
+    @property
+    def code_factors(self) -> list[int]:
+        """The factors of a code id, least significant first: [colour codes, structure codes] for
+        (colour, structure) codes, else [codebook_size] (one factor: the code itself)."""
+        q = self.cfg.quantizer
+        if q.kind == "fsq" and q.colour_levels:
+            return [math.prod(q.colour_levels), math.prod(q.fsq_levels)]
+        return [self.codebook_size]
+
+    def structure_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, H, W] in [-1, 1] -> the structure FSQ's bounded latents [B·h·w, d] (level units),
+        before rounding: what loss.recolour_invariance compares. Needs quantizer.colour_levels."""
+        z = self.encoder.structure(x)  # [B, Cz - Cz / 2, h, w]
+        return fsq_positions(self.quantizer.structure, z)
 
     # -- the pieces
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -471,8 +572,11 @@ class ImageTokenizer(nn.Module):
             qc = self.cfg.quantizer
             w = self.fsq_entropy_weight_now()
             if (w > 0 or qc.fsq_sample_entropy_weight > 0) and self.training and torch.is_grad_enabled():
-                batch, per_latent = fsq_code_entropies(self.quantizer, z, qc.fsq_entropy_temp)
-                aux = w * (1.0 - batch) + qc.fsq_sample_entropy_weight * per_latent
+                # (colour, structure) codes: each part spreads over its own codes
+                parts = self.quantizer.parts(z) if qc.colour_levels else [(self.quantizer, z)]
+                for fsq, part in parts:
+                    batch, per_latent = fsq_code_entropies(fsq, part, qc.fsq_entropy_temp)
+                    aux = aux + (w * (1.0 - batch) + qc.fsq_sample_entropy_weight * per_latent) / len(parts)
         else:
             q, ids, aux = self.quantizer(z)
         return q, ids.long(), aux.sum()

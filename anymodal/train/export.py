@@ -54,13 +54,16 @@ def consolidate(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous() for k, v in state.items()}
 
 
-def tokenizer_dir(run: Path, given: str | Path | None = None) -> Path:
-    """`given`, or the tokenizer set the run's training data was prepared with (from its manifest)."""
+def tokenizer_dir(run: Path, given: str | Path | None = None, data=None) -> Path:
+    """`given`, or the tokenizer set the run's training data (`data`, default: the run's config)
+    was prepared with (from its manifest)."""
     if given:
         return Path(given)
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    if data is None:
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        data = cfg.get("data")
     try:  # one folder or a mixture (its sources share one token space: any manifest will do)
-        folders = [Path(s.path) for s in parse_sources(cfg.get("data"))]
+        folders = [Path(s.path) for s in parse_sources(data)]
     except ConfigError:
         folders = []
     for data in folders:
@@ -99,6 +102,8 @@ def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = Non
     if missing or unexpected:
         raise UserError(f"checkpoint {ckpt} does not fit {run}/model.yaml: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
+    model = model.fold_code_factors()  # a bundle is a plain model: one table row per id
+    cfg = model.cfg
 
     tmp = fresh_dir_beside(out, "tmp-export")
     save_config(cfg, tmp / "config.yaml")

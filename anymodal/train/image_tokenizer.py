@@ -479,6 +479,14 @@ class ImageTrainer:
             disc.requires_grad_(False)
         # the generator side calls the unwrapped discriminator (its weights are frozen here)
         loss, parts = loss_fn.generator_loss(x, rec, aux, step, self.last_layer if gan_on else None)
+        w = self.cfg.loss.recolour_invariance
+        if self.cfg.quantizer.colour_levels and w > 0:
+            # the same images in other inks: their structure latents must not move
+            other = to_model_space(mix_colours(raw, 1.0, t.seed + 1, step), self.device, t.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                drift = (self.tok.structure_positions(x) - self.tok.structure_positions(other)).pow(2).mean()
+            loss = loss + w * drift
+            parts["recolour_drift"], parts["loss"] = float(drift.detach()), float(loss.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = None

@@ -90,6 +90,7 @@ from .schedule import SCHEDULES, decay_progress, lr_factor
 from .task_eval import TaskEval, check_tasks, print_tasks
 
 PRECISIONS = ("auto", "fp32", "bf16")
+CODE_EMBEDDINGS = ("table", "factored")
 DEVICES = ("auto", "cpu", "cuda")
 # train key `monitor` -> DeepSpeed config section; the package each monitor section needs
 MONITORS = {"tensorboard": "tensorboard", "csv": "csv_monitor", "wandb": "wandb"}
@@ -123,6 +124,10 @@ class TrainConfig:
     # format): its config.json fixes the model's shape, its weights the first step (anymodal.hf.load)
     init_from: str = ""
     init_vocab: str = "strict"  # strict: same token space or refuse; map: match rows by token
+    # image code embeddings: table (one free row per code) | factored (a code's row is the sum of
+    # its factors' rows, the factors its image tokenizer's product code declares, e.g. colour and
+    # shape part: `ModelConfig.code_factors`; bundles store the folded table)
+    image_code_embedding: str = "table"
     seq_len: int = 512  # tokens per packed row (the model sees rows of seq_len, predicts seq_len labels)
     micro_batch: int = 8  # rows per process per forward
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -176,6 +181,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("device", self.device, DEVICES)
+        check_choice("image_code_embedding", self.image_code_embedding, CODE_EMBEDDINGS)
+        if self.image_code_embedding == "factored" and self.zero_stage == 3:
+            # ZeRO-3 gathers a parameter for its own module's forward; the factored table is built
+            # outside it
+            raise ConfigError("image_code_embedding=factored needs zero_stage 0, 1 or 2")
         check_choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("init_vocab", self.init_vocab, INIT_VOCAB)
@@ -221,8 +231,9 @@ def load_train_config(path: str | Path | None, overrides=()) -> TrainConfig:
     return load_config(TrainConfig, path, list(overrides))
 
 
-def build_model_config(cfg: TrainConfig, vocab_size: int):
-    """The preset, the run's `model:` overrides, and what the data fixes (vocab, room for seq_len)."""
+def build_model_config(cfg: TrainConfig, vocab_size: int, code_block: tuple[int, list[int]] | None = None):
+    """The preset, the run's `model:` overrides, and what the data fixes (vocab, room for seq_len,
+    and with factored code embeddings `code_block` = (first code id, factors))."""
     overrides = {k: v for k, v in to_dict(cfg.model).items() if v is not None}
     if cfg.init_from:  # the folder's shape wins over the preset's
         overrides.update(model_shape(read_config(cfg.init_from)))
@@ -231,7 +242,23 @@ def build_model_config(cfg: TrainConfig, vocab_size: int):
             "max_seq_len": max(preset.max_seq_len, cfg.seq_len),
             "activation_checkpointing": preset.activation_checkpointing if cfg.activation_checkpointing is None
             else cfg.activation_checkpointing}
+    if code_block is not None:
+        data["code_offset"], data["code_factors"] = code_block[0], list(code_block[1])
     return load_config(ModelConfig, data=data)
+
+
+def image_code_factors(tok_dir: Path, space: TokenSpace) -> list[int]:
+    """The factors of the image tokenizer's codes (least significant first), checked against the
+    data's token space."""
+    from ..tokenizers.image import ImageTokenizer
+
+    if not space.image_codebook_size or not (tok_dir / "image").is_dir():
+        raise UserError(f"image_code_embedding=factored needs image codes and the image tokenizer ({tok_dir}/image)")
+    tok = ImageTokenizer.load(tok_dir / "image")
+    if tok.codebook_size != space.image_codebook_size:
+        raise UserError(f"{tok_dir}/image has {tok.codebook_size} codes, the data's token space "
+                        f"{space.image_codebook_size}")
+    return tok.code_factors
 
 
 # ---- process setup ---------------------------------------------------------------------------------
@@ -499,7 +526,13 @@ class LMTrainer:
             raise UserError("no training data: set data=DIR (a folder written by `anymodal prepare`) or a list of sources")
         self.data = Mixture(sources, cfg.kind_weights)  # one folder is a mixture of one: exactly the plain loader's rows
         space = self.data.space
-        self.model_cfg = build_model_config(cfg, space.vocab_size)
+        code_block = None
+        if cfg.image_code_embedding == "factored":
+            if cfg.init_from:
+                raise UserError("image_code_embedding=factored cannot start from init_from (a plain table)")
+            tok_dir = tokenizer_dir(Path(cfg.run_dir), cfg.tokenizers or None, data=cfg.data)
+            code_block = (space.image_offset, image_code_factors(tok_dir, space))
+        self.model_cfg = build_model_config(cfg, space.vocab_size, code_block)
         self.run_dir = Path(cfg.run_dir)
         ckpt = latest_checkpoint(self.run_dir / CKPT_DIR)
         if ckpt is not None and not resume:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -79,3 +81,51 @@ def _init_state(model):
 
     torch.manual_seed(0)
     return Transformer(model.cfg).state_dict()
+
+
+def _colour_structure_tokenizers(tok_dir, tok, out):
+    """A copy of the tiny tokenizer set whose image tokenizer has (colour, structure) codes: 4 x 8,
+    as many codes as the tiny one, so the prepared tiny corpus still fits."""
+    import shutil
+
+    from anymodal.tokenizers.image import ImageTokenizer
+
+    shutil.copytree(tok_dir, out)
+    cfg = copy.deepcopy(tok.image.cfg)
+    cfg.model.encoder, cfg.quantizer.kind = "local", "fsq"
+    cfg.quantizer.colour_levels, cfg.quantizer.fsq_levels = [4], [8]
+    image = ImageTokenizer(cfg)
+    assert image.codebook_size == tok.space.image_codebook_size and image.code_factors == [4, 8]
+    shutil.rmtree(out / "image")
+    image.save(out / "image")
+    return out
+
+
+def test_factored_code_embeddings_train_and_export_as_a_plain_table(tiny_args, tiny_tokset, tmp_path):
+    tok_dir, tok = tiny_tokset
+    toks = _colour_structure_tokenizers(tok_dir, tok, tmp_path / "toks")
+    res = train(load_train_config("train/demo", [*tiny_args, "steps=4", "model.tie_embeddings=true",
+                                                 "image_code_embedding=factored", f"tokenizers={toks}"]))
+    live = res.model.eval()
+    sp = tok.space
+    assert live.cfg.code_offset == sp.image_offset and live.cfg.code_factors == [4, 8]
+    colours, structures = live.code_factors.tables
+    table = live.embedding_table().detach()
+    code = 13  # colour 1, structure 3
+    torch.testing.assert_close(table[sp.image_offset + code], (colours[1] + structures[3]).detach())
+    bundle = export(res.run_dir, tmp_path / "bundle", tokenizers=toks)
+    b = load_bundle(bundle, device="cpu")
+    assert b.model.code_factors is None and b.model.cfg.code_factors == []
+    x = _batch(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(b.model(x), live(x), rtol=0, atol=1e-5)
+
+
+def test_factored_code_embeddings_refuse_a_plain_table_start_and_zero3(tiny_args, tmp_path):
+    from anymodal.errors import ConfigError
+
+    with pytest.raises(UserError, match="factored"):
+        train(load_train_config("train/demo", [*tiny_args, "steps=1", "image_code_embedding=factored",
+                                               f"init_from={tmp_path}"]))
+    with pytest.raises(ConfigError, match="factored"):
+        load_train_config("train/demo", [*tiny_args, "image_code_embedding=factored", "zero_stage=3"])
