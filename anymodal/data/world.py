@@ -17,6 +17,7 @@ the rest is what a model should produce):
     asr     audio, text cue "transcribe:" | text transcript
     tts     text "say: ..." | audio
     a2i     audio (spoken caption), text cue "draw what you hear:" | image
+            (a2i_answer "transcript_image": | text transcript, image)
     story   text caption, image, text "then ...", image [, text "then ...", image]   (prompt: 1)
     prose   text                                                                       (prompt: 0)
 
@@ -58,6 +59,7 @@ log = logging.getLogger("anymodal.data.world")
 
 KINDS = ("t2i", "i2t", "ground", "refer", "asr", "tts", "a2i", "story", "prose")
 AUDIO_KINDS = ("asr", "tts", "a2i")
+A2I_ANSWERS = ("image", "transcript_image")
 SPLITS = ("train", "val")
 SPLIT_ID = {"train": 0, "val": 1}
 
@@ -90,6 +92,9 @@ class WorldConfig:
     # Spoken captions describe at most this many objects: a 3-object caption takes ~8 s (1,600
     # audio tokens at 200/s), more than a training row and far more than its image.
     speech_max_objects: int = 2
+    # a2i answers: "image" (the picture alone) or "transcript_image" (first what was said, then the
+    # picture: speech -> text -> image in one answer, a chain of modalities as SpeechGPT's)
+    a2i_answer: str = "image"
     # Objects in captions: "scene" (a random order) or "reading" (top row first, left to right, the
     # order a raster-order image draws them in).
     caption_order: str = "scene"
@@ -134,6 +139,7 @@ class WorldConfig:
             raise ConfigError("config key 'canvases' needs non-negative proportions with a positive sum")
         if not 1 <= self.max_objects <= 3:
             raise ConfigError("config key 'max_objects' must be 1, 2 or 3")
+        check_choice("a2i_answer", self.a2i_answer, A2I_ANSWERS)
         if self.caption_order not in S.CAPTION_ORDERS:
             raise ConfigError(f"config key 'caption_order' is {self.caption_order!r}; it must be one of "
                               f"{', '.join(S.CAPTION_ORDERS)}")
@@ -355,7 +361,8 @@ class _Planner:
         sc = self.image_scene(rng, unseen, max_objects=self.cfg.speech_max_objects)
         text = self.prompt_caption(rng, sc)  # spoken: "a wide picture of ..." asks for a wide image
         u = self.utterance(rng, text)
-        return [{"audio": u}, {"text": self.cue(rng, "a2i")}, {"image": sc}], \
+        said = [{"text": text}] if self.cfg.a2i_answer == "transcript_image" else []
+        return [{"audio": u}, {"text": self.cue(rng, "a2i")}, *said, {"image": sc}], \
             {**self.scene_meta(sc), "transcript": text, "voice": u.voice, "speed": u.speed,
              "prompt_segments": 2}
 

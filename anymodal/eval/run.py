@@ -6,7 +6,10 @@ the sampling engine, with the grammar forcing the span the task asks for:
 
     t2i / a2i   prompt, then forced `<boi>`: one image of the model's own grid (version-2 token
                 spaces: it picks the size tokens), decoded at that grid and checked by the image
-                check at its own size; whether its aspect is the one asked is reported beside
+                check at its own size; whether its aspect is the one asked is reported beside.
+                Where the answer begins with text (an a2i answer that first says what was heard:
+                world `a2i_answer: transcript_image`), the model first writes it (greedy, up to
+                `<boi>`), and the image follows what it wrote
     i2t         image + "describe:", then text until `</s>` (greedy): caption accuracy
     ground      image + "find <ref>…</ref>", then forced `<box>` (greedy locations): Acc@0.5, mean IoU
     refer       image + "what is at" + box, then text (greedy): refer accuracy
@@ -234,7 +237,7 @@ class Evaluator:
     def image_task(self, kind: str, docs: list) -> None:
         sp = self.sp
         for chunk in _batches(docs, self.o.batch_size):
-            prompts = [self.prompt(d) for d in chunk]
+            prompts, said = self.say_first(chunk, [self.prompt(d) for d in chunk])
             seeds = [self.o.seed + hash_key(d.key) for d in chunk]
             budgets = [self.image_budget(d) for d in chunk]
             results = self.generate(prompts, [b[0] for b in budgets], seeds, force=sp.boi, cfg=self.o.cfg["image"],
@@ -246,7 +249,7 @@ class Evaluator:
                 grids.append(img[0].codes if img else None)
             # each image decoded at its own grid, and checked at its own size
             pics = iter(decode_images([g for g in grids if g is not None], self.tok.image))
-            for d, g in zip(chunk, grids):
+            for i, (d, g) in enumerate(zip(chunk, grids)):
                 pic = next(pics) if g is not None else None
                 found = analyse_image(pic) if pic is not None else []
                 drawn = image_aspect(pic) if pic is not None else None
@@ -254,8 +257,26 @@ class Evaluator:
                 self.metrics.add_image(kind, check, bool(d.meta.get("unseen")))
                 self.example(kind, d, check["correct"], found=[_brief(o) for o in found], position=check["position"],
                              size=check["size"], aspect_match=check["aspect"], drawn_aspect=drawn,
-                             grid=list(g.shape) if g is not None else None)
+                             grid=list(g.shape) if g is not None else None,
+                             **({"said": said[i]} if said[i] is not None else {}))
             self._tick(len(chunk))
+
+    def say_first(self, docs: list, prompts: list[list[int]]) -> tuple[list[list[int]], list[str | None]]:
+        """Image prompts for documents whose answer begins with text before its image (an a2i
+        answer that first says what was heard): the model writes that text greedily, up to its
+        `<boi>`, and the image is drawn after it. Returns (prompts, what each said or None)."""
+        sp, said, out = self.sp, [None] * len(docs), list(prompts)
+        # a prompt with no room left goes straight to its image, which counts it as over the context
+        chain = [i for i, d in enumerate(docs)
+                 if _answer_starts_with_text(d) and self._fits(prompts[i], self.o.max_text_tokens) > 0]
+        results = self.generate([prompts[i] for i in chain], self.o.max_text_tokens, [self.o.seed] * len(chain),
+                                stop_ids=(sp.boi,)) if chain else []
+        for i, res in zip(chain, results):
+            tokens = list(res.tokens) if res is not None else []
+            while tokens and tokens[-1] in (sp.boi, sp.eos):  # the image is forced next
+                tokens.pop()
+            out[i], said[i] = prompts[i] + tokens, self.text_of(tokens)
+        return out, said
 
     def text_task(self, kind: str, docs: list) -> None:
         for chunk in _batches(docs, self.o.batch_size):
@@ -401,6 +422,13 @@ class Evaluator:
         result["by_objects"] = by_objects(self.examples)
         result["by_aspect"] = by_aspect(self.examples)
         return result
+
+
+def _answer_starts_with_text(doc) -> bool:
+    """Whether a document's answer (the segments after its prompt) has text before its first image."""
+    n = int(doc.meta.get("prompt_segments", len(doc.segments) - 1))
+    answer = doc.segments[n:]
+    return bool(answer) and "text" in answer[0] and any("image" in s for s in answer)
 
 
 def by_objects(examples: list[dict]) -> dict[str, dict[str, float]]:

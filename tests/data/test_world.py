@@ -64,7 +64,7 @@ def test_every_kind_with_its_layout(corpus):
     # cued kinds: the cue is the prompt's last text segment, the answer follows it
     layouts = {"t2i": ["text", "image"], "i2t": ["image", "text", "text"], "ground": ["image", "text", "box"],
                "refer": ["image", "text", "box", "text"], "asr": ["audio", "text", "text"],
-               "tts": ["text", "audio"], "a2i": ["audio", "text", "image"], "prose": ["text"]}
+               "tts": ["text", "audio"], "a2i": ["audio", "text", "text", "image"], "prose": ["text"]}
     cue_at = {"i2t": 1, "ground": 1, "refer": 1, "asr": 1, "a2i": 1, "tts": 0}
     seen = set()
     for doc in iter_documents(root / "a" / "train-*.tar", image_size=None):  # native size: pixel boxes hold
@@ -99,6 +99,8 @@ def test_every_kind_with_its_layout(corpus):
             assert caption_correct(texts[0 if doc.kind == "t2i" else -1], doc.meta["objects"])
         if doc.kind in ("asr", "tts"):
             assert texts[-1].endswith(doc.meta["transcript"])
+        if doc.kind == "a2i":  # the demo world's a2i answer says what was heard, then draws it
+            assert texts[-1] == doc.meta["transcript"] and doc.meta["prompt_segments"] == 2
         if doc.kind in ("asr", "tts", "a2i"):
             wav = doc.audio[0]
             assert wav.dtype == np.float32 and 0.4 * 16000 < len(wav) < 15 * 16000

@@ -141,8 +141,9 @@ SQUARE_DIGEST = "c33758e04e62cb0dd1d9be1ac77950a1f8b4612f0b5fd616df59ef69fd42ad9
 
 def test_square_only_configs_keep_their_documents():
     # objects anywhere (the demo default puts them on an 8 px grid), as before snapping existed
-    base = W.load_world_config(None, ["image_size=48", "snap=1", "side_step=1"])
-    one = W.load_world_config(None, ["image_size=48", "snap=1", "side_step=1",
+    # and a2i answers that are the picture alone, as before a2i_answer existed
+    base = W.load_world_config(None, ["image_size=48", "snap=1", "side_step=1", "a2i_answer=image"])
+    one = W.load_world_config(None, ["image_size=48", "snap=1", "side_step=1", "a2i_answer=image",
                                      "canvases={48x48: 1, 64x48: 0, 48x64: 0}"])
     none = W.WorldConfig(**{**{k: getattr(base, k) for k in base.__dataclass_fields__}, "canvases": {}})
     assert _digest(one) == _digest(none) == SQUARE_DIGEST
@@ -154,3 +155,19 @@ def test_square_only_configs_keep_their_documents():
 def test_bad_canvases_are_config_errors(canvases, match):
     with pytest.raises(ConfigError, match=match):
         W.WorldConfig(canvases=canvases)
+
+
+def test_a2i_answers_can_say_what_was_heard_before_the_picture():
+    cfg = W.load_world_config(None, ["kinds={t2i: 0, i2t: 0, ground: 0, refer: 0, asr: 0, tts: 0, a2i: 1, "
+                                     "story: 0, prose: 0}", "a2i_answer=transcript_image"])
+    plain = W.load_world_config(None, ["kinds={t2i: 0, i2t: 0, ground: 0, refer: 0, asr: 0, tts: 0, a2i: 1, "
+                                       "story: 0, prose: 0}", "a2i_answer=image"])
+    for i in range(20):
+        d = W.plan_document(cfg, "train", 2, i, audio=True)
+        assert [next(iter(s)) for s in d.segments] == ["audio", "text", "text", "image"]
+        assert d.meta["prompt_segments"] == 2 and d.segments[2]["text"] == d.meta["transcript"]
+        p = W.plan_document(plain, "train", 2, i, audio=True)  # the same document without the transcript
+        assert [next(iter(s)) for s in p.segments] == ["audio", "text", "image"]
+        assert p.meta == d.meta and p.segments[1] == d.segments[1]
+    with pytest.raises(ConfigError, match="a2i_answer"):
+        W.load_world_config(None, ["a2i_answer=speech"])

@@ -219,3 +219,24 @@ def test_answers_that_cannot_fit_score_as_failures_and_are_counted(bundle, world
     assert docs and r["a2i_accuracy"] == 0.0 and r["n"]["a2i"] == len(docs)
     assert ev.over_context == len(docs)
 
+
+
+def test_a2i_answers_that_say_what_was_heard_are_written_then_drawn(bundle, tmp_path):
+    """World `a2i_answer: transcript_image`: eval lets the model write the transcript first (up to
+    its `<boi>`) and draws the image after what it wrote. An oracle model writes the true
+    transcript, then an image follows it."""
+    from anymodal.data.speech import espeak_available
+
+    if not espeak_available():
+        pytest.skip("espeak-ng is not installed: no speech documents")
+    generate_world(tmp_path, "val", docs=6, seed=3, progress=False,
+                   overrides=["kinds={t2i: 0, i2t: 0, ground: 0, refer: 0, asr: 0, tts: 0, a2i: 1, story: 0, "
+                              "prose: 0}", "a2i_answer=transcript_image", "speech_max_objects=1"])
+    ev = Evaluator(bundle, EvalOptions(limit=3, batch_size=3, progress=False))
+    per_kind, _, _ = ev.read(str(tmp_path / "val-*.tar"))
+    docs = per_kind["a2i"]
+    assert len(docs) == 3 and all("text" in d.segments[2] for d in docs)
+    ev.engine = oracle_engine(ev, bundle, per_kind, ("a2i",))
+    ev.image_task("a2i", docs)
+    assert [e["said"] for e in ev.examples] == [d.meta["transcript"] for d in docs]
+    assert all(e["grid"] is not None for e in ev.examples) and ev.metrics.result()["n"]["a2i"] == 3
