@@ -209,8 +209,10 @@ class Demo:
             # the model answers as it was trained: what it heard, then the picture (world.a2i_answer
             # transcript_image); a world of pictures alone asks for the picture at once
             said = _world_config(world).get("a2i_answer") == "transcript_image"
-            hear_draw = SampleOptions(cfg=DEFAULT_CFG["image"], temperature="text=0", max_new_tokens=48 + image_budget, **span)
-            jobs.append(("a2i", cue("a2i") + ("" if said else "<boi>"), (), (str(clip),), hear_draw if said else draw))
+            hear_draw = SampleOptions(cfg=DEFAULT_CFG["image"], temperature="text=0",
+                                      max_new_tokens=48 + image_budget, **span)
+            jobs.append(("a2i", cue("a2i") + ("" if said else "<boi>"), (), (str(clip),),
+                         hear_draw if said else draw))
         jobs += [(f"tts_{i}", p + "<boa>", (), (), SampleOptions(cfg=DEFAULT_CFG["audio"], max_new_tokens=1200, **span))
                  for i, p in enumerate(c.speech_prompts)]
         with open(os.devnull, "w") as quiet:
