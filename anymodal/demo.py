@@ -206,13 +206,12 @@ class Demo:
             jobs.append(("describe", cue("i2t"), (str(picture),), (), greedy_text))
         if clip is not None:
             jobs.append(("hear", cue("asr"), (), (str(clip),), greedy_text))
-            # the model answers as it was trained: what it heard, then the picture (world.a2i_answer
-            # transcript_image); a world of pictures alone asks for the picture at once
-            said = _world_config(world).get("a2i_answer") == "transcript_image"
+            # the cue alone, as training ended a2i prompts: a model trained to say what it heard
+            # first (world.a2i_answer transcript_image) writes that, then draws; in a world of
+            # pictures alone `<boi>` always followed the cue
             hear_draw = SampleOptions(cfg=DEFAULT_CFG["image"], temperature="text=0",
                                       max_new_tokens=48 + image_budget, **span)
-            jobs.append(("a2i", cue("a2i") + ("" if said else "<boi>"), (), (str(clip),),
-                         hear_draw if said else draw))
+            jobs.append(("a2i", cue("a2i"), (), (str(clip),), hear_draw))
         jobs += [(f"tts_{i}", p + "<boa>", (), (), SampleOptions(cfg=DEFAULT_CFG["audio"], max_new_tokens=1200, **span))
                  for i, p in enumerate(c.speech_prompts)]
         with open(os.devnull, "w") as quiet:
@@ -236,14 +235,6 @@ def showcase_queries(cfg: DemoConfig, show: Path) -> list[str]:
     objects = show / "input_objects.json"
     scene = json.loads(objects.read_text()) if objects.is_file() else []
     return [f"the {o['colour']} {o['shape']}" for o in scene]
-
-
-def _world_config(world: Path) -> dict:
-    """The config the val split of `world` was written with (its `val.json`), {} without one."""
-    try:
-        return json.loads((world / "val.json").read_text()).get("config", {})
-    except (OSError, ValueError):
-        return {}
 
 
 def _showcase_inputs(world: Path, show: Path) -> tuple[Path | None, Path | None]:
