@@ -44,25 +44,27 @@ def _arg(call: list[str], key: str) -> str:
 
 def test_default_recipe_runs_every_stage_with_its_settings(tmp_path, monkeypatch):
     calls = _run(tmp_path, monkeypatch).calls
-    assert [c[0] for c in calls] == ["world", "world", "world", "tokenizer", "tokenizer", "tokenizer", "prepare",
-                                     "prepare", "prepare", "train", "export", "eval"]
-    train_world, val_world, one_object = calls[0], calls[1], calls[2]
+    assert [c[0] for c in calls] == ["world", "world", "world", "world", "tokenizer", "tokenizer", "tokenizer",
+                                     "prepare", "prepare", "prepare", "prepare", "train", "export", "eval"]
+    train_world, val_world, one_object, many_objects = calls[:4]
     assert train_world[train_world.index("--docs") + 1] == "30000"
     assert val_world[val_world.index("--docs") + 1] == "900"
     # val has every kind equally, so eval finds its 100 documents per kind; train keeps the config's mix
     assert _arg(val_world, "kinds.t2i") == "1" and _arg(val_world, "kinds.asr") == "1"
     assert not any(a.startswith("kinds.") for a in train_world)
-    # the one-object source: its own documents (no speech), prepared apart, 30% of the training tokens
+    # the extra sources: their own documents (no speech), prepared apart, 30% of the training tokens each
     assert "--no-audio" in one_object and _arg(one_object, "max_objects") == "1"
+    assert "--no-audio" in many_objects and _arg(many_objects, "min_objects") == "2"
     assert one_object[one_object.index("--out") + 1] == str(tmp_path / "world" / "one_object")
-    assert calls[8][calls[8].index("--out") + 1] == str(tmp_path / "tokens" / "one_object")
-    train = calls[9]
+    assert [c[c.index("--out") + 1] for c in calls[9:11]] == [str(tmp_path / "tokens" / n)
+                                                              for n in ("one_object", "many_objects")]
+    train = calls[11]
     sources = yaml.safe_load(_arg(train, "data"))
-    assert [(x["name"], x["weight"]) for x in sources] == [("world", 0.7), ("one_object", 0.3)]
+    assert [(x["name"], x["weight"]) for x in sources] == [("world", 0.4), ("one_object", 0.3), ("many_objects", 0.3)]
     assert sources[1]["path"] == str(tmp_path / "tokens" / "one_object")
     assert _arg(train, "model_preset") == "model/demo_1m" and _arg(train, "task_eval_every") == "200"
     assert _arg(train, "task_eval_data") == str(tmp_path / "world" / "val-*.tar")
-    ev = calls[11]
+    ev = calls[13]
     assert ev[ev.index("--limit") + 1] == "100"
     assert ev[ev.index("--examples") + 1] == str(tmp_path / "eval_examples.jsonl")
     assert (tmp_path / "report.html").is_file()

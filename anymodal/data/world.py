@@ -82,6 +82,10 @@ class WorldConfig:
     # scenes only spoken stay image_size square). Empty: every scene is image_size x image_size.
     canvases: dict[str, float] = field(default_factory=dict)
     max_objects: int = 3
+    # Scenes (a story's first frame too) hold min_objects..max_objects objects, uniformly (a source
+    # of many-object scenes sets it to 2); spoken scenes, capped by speech_max_objects, and
+    # one-object instructions keep theirs.
+    min_objects: int = 1
     kinds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KINDS))
     unseen: list[str] = field(default_factory=lambda: ["purple triangle", "orange square"])
     val_unseen_fraction: float = 0.3  # share of val scene documents built around an unseen pair
@@ -139,6 +143,9 @@ class WorldConfig:
             raise ConfigError("config key 'canvases' needs non-negative proportions with a positive sum")
         if not 1 <= self.max_objects <= 3:
             raise ConfigError("config key 'max_objects' must be 1, 2 or 3")
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ConfigError(f"config key 'min_objects' is {self.min_objects}; it must lie in 1..max_objects "
+                              f"({self.max_objects})")
         check_choice("a2i_answer", self.a2i_answer, A2I_ANSWERS)
         if self.caption_order not in S.CAPTION_ORDERS:
             raise ConfigError(f"config key 'caption_order' is {self.caption_order!r}; it must be one of "
@@ -242,6 +249,8 @@ class _Planner:
         sz = canvas if canvas is not None else (self.cfg.image_size, self.cfg.image_size)
         mo = min(self.cfg.max_objects, max_objects or self.cfg.max_objects)
         grid = {"snap": self.cfg.snap, "side_step": self.cfg.side_step}
+        if n_objects is None and self.cfg.min_objects > 1:  # (with 1, sample_scene draws the count: same documents)
+            n_objects = int(rng.integers(min(self.cfg.min_objects, mo), mo + 1))
         if unseen:
             forced = self.unseen_list[int(rng.integers(len(self.unseen_list)))]
             allowed = self.all_pairs if self.split == "val" else self.seen_pairs
@@ -368,7 +377,8 @@ class _Planner:
 
     def _story(self, rng, unseen):
         canvas = self.canvas(rng)
-        sc = self.scene(rng, unseen, n_objects=int(rng.integers(1, self.cfg.max_objects + 1)), canvas=canvas)
+        sc = self.scene(rng, unseen, n_objects=int(rng.integers(self.cfg.min_objects, self.cfg.max_objects + 1)),
+                        canvas=canvas)
         n_frames = int(rng.integers(2, self.cfg.story_max_images + 1))
         segs: list[dict] = [{"text": self.prompt_caption(rng, sc)}, {"image": sc}]
         meta = self.scene_meta(sc)  # every frame shares the first one's canvas

@@ -7,6 +7,7 @@ import json
 import re
 import tarfile
 import wave
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from anymodal.data.checker import analyse_image, caption_correct, parse_caption,
 from anymodal.data.cues import CUES
 from anymodal.data.reader import iter_documents, iter_samples
 from anymodal.data.speech import espeak_available
-from anymodal.errors import UserError
+from anymodal.errors import ConfigError, UserError
 
 HAVE_ESPEAK = espeak_available()
 UNSEEN = {("purple", "triangle"), ("orange", "square")}
@@ -184,6 +185,20 @@ def test_ground_and_refer_ask_about_several_objects(tmp_path):
         assert n == (2 if doc.kind == "ground" else 3) and ("box" in doc.segments[n]) == (doc.kind == "ground")
         n_multi += len(boxes) > 1
     assert n_multi > 40
+
+
+def test_min_objects_gives_scenes_of_at_least_that_many(tmp_path):
+    over = ["min_objects=2", "kinds.prose=0", "kinds.story=0.5"]
+    W.generate_world(tmp_path, "train", docs=150, seed=4, progress=False, audio=False, overrides=over)
+    docs = list(iter_documents(str(tmp_path / "train-*.tar"), audio=False, image_size=None,
+                               kinds=["t2i", "i2t", "ground", "refer", "story"]))
+    counts = Counter(len(d.meta.get("frames", [d.meta.get("objects")])[0]) for d in docs)
+    assert set(counts) == {2, 3} and min(counts.values()) > 30, counts  # 2 and 3, about evenly
+    assert any(d.kind == "story" for d in docs)
+    with pytest.raises(ConfigError, match="min_objects"):
+        W.WorldConfig(min_objects=3, max_objects=2)
+    with pytest.raises(ConfigError, match="min_objects"):
+        W.WorldConfig(min_objects=0)
 
 
 def test_without_espeak_no_audio_docs_and_one_notice(tmp_path, monkeypatch, capsys):
