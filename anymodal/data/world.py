@@ -83,8 +83,8 @@ class WorldConfig:
     canvases: dict[str, float] = field(default_factory=dict)
     max_objects: int = 3
     # Scenes (a story's first frame too) hold min_objects..max_objects objects, uniformly (a source
-    # of many-object scenes sets it to 2); spoken scenes, capped by speech_max_objects, and
-    # one-object instructions keep theirs.
+    # of many-object scenes sets it to 2); spoken scenes still hold at most speech_max_objects, and
+    # instructions one object.
     min_objects: int = 1
     kinds: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_KINDS))
     unseen: list[str] = field(default_factory=lambda: ["purple triangle", "orange square"])
