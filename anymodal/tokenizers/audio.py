@@ -104,10 +104,37 @@ class AudioTokenizerConfig:
         return self.sample_rate // self.hop
 
 
+class _ELUFunction(torch.autograd.Function):
+    """ELU (alpha 1) with its negative side as exp(x) - 1; the gradient from the output alone."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        # exp(x) - 1 >= x, so the max is x where x > 0 and exp(x) - 1 elsewhere (and x itself next to
+        # 0, where rounding puts exp(x) - 1 below x: closer to expm1 there); `torch.where` costs 4x more
+        y = torch.maximum(x.clamp(max=0).exp_().sub_(1), x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return g * (y.clamp(max=0) + 1)  # 1 where x > 0, exp(x) = y + 1 elsewhere
+
+
+class ELU(nn.Module):
+    """`nn.ELU()` on the CPU in a sixth of the time: PyTorch's CPU `expm1` is not vectorized (about
+    ten times slower than `exp`), and ELU was two thirds of the codec encoder's time (the
+    activations run at the full 4 kHz of the first stage). exp(x) - 1 differs from expm1(x) by at most
+    about 1e-7 (absolute) for x <= 0; the codes prepare writes agree with `nn.ELU`'s (tests)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ELUFunction.apply(x)
+
+
 def _act(name: str) -> nn.Module:
     if name == "lrelu":
         return nn.LeakyReLU(0.1)
-    return {"elu": nn.ELU, "gelu": nn.GELU, "silu": nn.SiLU}[name]()
+    return {"elu": ELU, "gelu": nn.GELU, "silu": nn.SiLU}[name]()
 
 
 # -----------------------------------------------------------------------------------------------

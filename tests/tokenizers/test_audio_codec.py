@@ -75,6 +75,40 @@ def test_decode_encode_equals_forward_path():
     torch.testing.assert_close(m.decode(ids), out.recon, rtol=1e-5, atol=1e-6)
 
 
+def _swap_activations(module: torch.nn.Module, old: type, new: type) -> int:
+    n = 0
+    for name, child in module.named_children():
+        if isinstance(child, old):
+            setattr(module, name, new())
+            n += 1
+        else:
+            n += _swap_activations(child, old, new)
+    return n
+
+
+def test_codec_elu_is_torch_elu_in_values_gradients_and_codes():
+    """The codec's ELU (exp(x) - 1 where PyTorch's CPU expm1 is slow) equals nn.ELU to float
+    rounding, forward and backward, and a codec encodes the same codes with either."""
+    from anymodal.tokenizers.audio import ELU
+
+    x = torch.cat([torch.linspace(-30, 5, 20001), torch.tensor([-80.0, -1e-8, -1e-30, 0.0, 1e-30, 1e-8, 80.0])])
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = ELU()(ours), torch.nn.functional.elu(ref)
+    (y * torch.linspace(-1, 1, len(x))).sum().backward()
+    (y_ref * torch.linspace(-1, 1, len(x))).sum().backward()
+    assert (y - y_ref).abs().max() <= 1e-7 and torch.equal(y[x > 0], x[x > 0]) and y.min() == -1.0
+    assert (ours.grad - ref.grad).abs().max() <= 1e-6
+
+    m = tiny_model()
+    m.train()
+    m(torch.from_numpy(np.stack(tones(4, 0.5, 8000))))  # k-means init: codebooks shaped by the data
+    m.eval()
+    clips = torch.from_numpy(np.stack(tones(3, 2.0, 8000, seed=1)))
+    ids = m.encode(clips)
+    assert _swap_activations(m, ELU, torch.nn.ELU) > 0
+    assert torch.equal(m.encode(clips), ids) and ids[..., 0].unique().numel() > 4
+
+
 @pytest.mark.parametrize("out_channels", [0, 8])  # 8: a full-rate output conv widens the context
 def test_chunked_equals_single_pass(out_channels):
     m = tiny_model(out_channels=out_channels)
