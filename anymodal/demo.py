@@ -86,15 +86,16 @@ class DemoConfig:
     gpu_train_overrides: list[str] = field(default_factory=list)  # added when CUDA is present
     eval_limit: int = 100  # documents per kind in eval
     budget_minutes: float = 30.0  # reported against; stages are sized to fit it
+    # in the demo world's phrase order, the place first (world `phrase_order: position_first`)
     prompts: list[str] = field(default_factory=lambda: [
-        "a large red circle in the center",
-        "a small blue square at the top left and a large green triangle at the bottom right",
-        "a large purple triangle at the top",  # unseen combination
-        "a small orange square at the right",  # unseen combination
-        "a wide picture of a large green circle at the left",  # a non-square canvas
+        "in the center a large red circle",
+        "at the top left a small blue square and at the bottom right a large green triangle",
+        "at the top a large purple triangle",  # unseen combination
+        "at the right a small orange square",  # unseen combination
+        "a wide picture: at the left a large green circle",  # a non-square canvas
     ])
     ground_queries: list[str] = field(default_factory=list)  # [] = every object of the showcase picture
-    speech_prompts: list[str] = field(default_factory=lambda: ["say: a small red circle at the top left"])
+    speech_prompts: list[str] = field(default_factory=lambda: ["say: at the top left a small red circle"])
 
 
 class Demo:

@@ -29,7 +29,7 @@ PROMPTS = [  # (name, prompt, images): the demo showcase's tasks
     ("t2i", "a large red circle in the center<boi>", ()),
     ("t2i_two", "a small blue square at the top left and a large green triangle at the bottom right<boi>", ()),
     ("describe", "describe:", (str(PICTURE),)),
-    ("ground", "find <ref>the orange triangle</ref>", (str(PICTURE),)),
+    ("ground", f"find <ref>the orange triangle</ref><image:{PICTURE}>", ()),  # the query first, as ground documents
     ("refer", "what is at<box><loc_3><loc_20><loc_12><loc_29></box>", (str(PICTURE),)),
     ("prose", "The", ()),
 ]

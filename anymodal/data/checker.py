@@ -27,6 +27,8 @@ from .scenes import (
     BACKGROUND,
     COLOURS,
     PALETTE,
+    POSITION_FIRST_ASPECT_LEAD_INS,
+    POSITION_FIRST_LEAD_INS,
     POSITIONS,
     SHAPES,
     aspect_word,
@@ -42,16 +44,32 @@ _COL = "|".join(COLOURS)
 _SHP = "|".join(SHAPES)
 _POS = "|".join(sorted(POSITIONS, key=len, reverse=True))  # longest first: "top left" before "top"
 _OBJECT_RE = re.compile(rf"^an? (small|large) ({_COL}) ({_SHP}) (?:in the (center)|at the ({_POS}))$")
+_PLACE_FIRST_RE = re.compile(rf"^(?:in the (center)|at the ({_POS})) an? (small|large) ({_COL}) ({_SHP})$")
 _REF_RE = re.compile(rf"\bthe ({_COL}) ({_SHP})\b")
+_ASPECT_LEADS = {a: ASPECT_LEAD_INS[a] + POSITION_FIRST_ASPECT_LEAD_INS[a] for a in ASPECT_LEAD_INS}
 _LEAD_INS = ("a picture of ", "there is ", "there are ", "an image of ", "a photo of ",
-             *(lead for leads in ASPECT_LEAD_INS.values() for lead in leads))
+             *(lead for lead in POSITION_FIRST_LEAD_INS if lead),
+             *(lead for leads in _ASPECT_LEADS.values() for lead in leads))
+
+
+def _object_phrase(text: str) -> dict | None:
+    """One object's phrase, its place last or first -> {size, colour, shape, position}."""
+    m = _OBJECT_RE.match(text)
+    if m is not None:
+        size, colour, shape, center, pos = m.groups()
+    elif (m := _PLACE_FIRST_RE.match(text)) is not None:
+        center, pos, size, colour, shape = m.groups()
+    else:
+        return None
+    return {"size": size, "colour": colour, "shape": shape, "position": center or pos}
 
 
 # ------------------------------------------------------------------------------------ captions
 
 
 def parse_caption(text: str) -> list[dict] | None:
-    """`"a small red circle at the top left and a large ..."` -> [{size, colour, shape, position}].
+    """`"a small red circle at the top left and a large ..."` -> [{size, colour, shape, position}];
+    phrases that name the place first ("at the top left a small red circle, ...") parse the same.
 
     Tolerates case, surrounding whitespace, a final period and the usual lead-ins; returns None
     when any part is not an object phrase of the world's grammar.
@@ -60,27 +78,21 @@ def parse_caption(text: str) -> list[dict] | None:
         return None
     t = " ".join(text.strip().lower().split()).rstrip(".")
     for lead in _LEAD_INS:
-        if t.startswith(lead) and _OBJECT_RE.match(t[len(lead):].split(", ")[0].split(" and ")[0]):
+        if t.startswith(lead) and _object_phrase(t[len(lead):].split(", ")[0].split(" and ")[0]):
             t = t[len(lead):]
             break
     if not t:
         return None
     parts = [p for chunk in t.split(", ") for p in chunk.split(" and ")]
-    objects = []
-    for p in parts:
-        m = _OBJECT_RE.match(p.strip())
-        if m is None:
-            return None
-        size, colour, shape, center, pos = m.groups()
-        objects.append({"size": size, "colour": colour, "shape": shape, "position": center or pos})
-    return objects
+    objects = [_object_phrase(p.strip()) for p in parts]
+    return None if None in objects else objects  # type: ignore[return-value]
 
 
 def caption_aspect(text: str) -> str:
     """The aspect a caption asks for: "wide" / "tall" when it opens with one of the world's aspect
     lead-ins ("a wide picture of ..."), else "square"."""
     t = " ".join(str(text).strip().lower().split())
-    for aspect, leads in ASPECT_LEAD_INS.items():
+    for aspect, leads in _ASPECT_LEADS.items():
         if t.startswith(leads):
             return aspect
     return "square"

@@ -8,7 +8,7 @@ few phrasings so the model learns the instruction rather than one string. The fi
 each task is the one `eval`, `ground`, the demo's showcase and the README use.
 
     i2t     <image> CUE caption                 e.g. "describe:"
-    ground  <image> CUE(<ref>the red circle</ref>) <box>…</box>     e.g. "find <ref>…</ref>"
+    ground  CUE(<ref>the red circle</ref>) <image> <box>…</box>     e.g. "find <ref>…</ref>"
     refer   <image> CUE <box>…</box> <ref>the red circle</ref>      e.g. "what is at"
     asr     <audio> CUE transcript              e.g. "transcribe:"
     a2i     <audio> CUE <image>                 e.g. "draw what you hear:"

@@ -38,6 +38,13 @@ ASPECT_LEAD_INS: dict[str, tuple[str, ...]] = {
     "wide": ("a wide picture of ", "a wide image of ", "wide: "),
     "tall": ("a tall picture of ", "a tall image of ", "tall: "),
 }
+# Phrases that name an object's place before the object ("at the top left a large red circle"):
+# read after "a picture of" they would not be English, so they have lead-ins of their own.
+POSITION_FIRST_LEAD_INS = ("", "in the picture: ", "picture: ")
+POSITION_FIRST_ASPECT_LEAD_INS: dict[str, tuple[str, ...]] = {
+    "wide": ("a wide picture: ", "a wide image: ", "wide: "),
+    "tall": ("a tall picture: ", "a tall image: ", "tall: "),
+}
 ASPECTS = ("square", "wide", "tall")
 MIN_GAP = 2  # free pixels between any two boxes
 
@@ -230,8 +237,19 @@ def where_phrase(box, width: int, height: int | None = None) -> str:
     return "in the center" if pos == "center" else f"at the {pos}"
 
 
-def describe(o: SceneObject, width: int, height: int | None = None) -> str:
-    return f"a {o.size} {o.colour} {o.shape} {where_phrase(o.box, width, height)}"
+# object_first: "a large red circle at the top left"; position_first: "at the top left a large red
+# circle", the place before the object. Position first, each object's words follow the place they
+# belong to, and a model that writes a caption picks a place, then reads the object there; with the
+# object first it must find where an object it has named is, which it learns far more slowly
+# (docs/results.md, "Captions that name the place first").
+PHRASE_ORDERS = ("object_first", "position_first")
+
+
+def describe(o: SceneObject, width: int, height: int | None = None, phrase_order: str = "object_first") -> str:
+    where = where_phrase(o.box, width, height)
+    if phrase_order == "position_first":
+        return f"{where} a {o.size} {o.colour} {o.shape}"
+    return f"a {o.size} {o.colour} {o.shape} {where}"
 
 
 def join_phrases(parts: list[str]) -> str:
@@ -255,17 +273,24 @@ def reading_order(scene: Scene) -> list[SceneObject]:
     return sorted(scene.objects, key=key)
 
 
-def caption(scene: Scene, lead_in: str = "", order: str = "scene") -> str:
+def caption(scene: Scene, lead_in: str = "", order: str = "scene", phrase_order: str = "object_first") -> str:
     """`a small red circle at the top left, a large ... and a ...`: the objects in scene order (a
-    random permutation), or in reading order (`reading_order`)."""
+    random permutation), or in reading order (`reading_order`); each phrase in `phrase_order`."""
     objects = reading_order(scene) if order == "reading" else scene.objects
-    return lead_in + join_phrases([describe(o, scene.width, scene.height) for o in objects])
+    return lead_in + join_phrases([describe(o, scene.width, scene.height, phrase_order) for o in objects])
 
 
-def prompt_lead_ins(aspect: str) -> tuple[str, ...]:
+def caption_lead_ins(phrase_order: str = "object_first") -> tuple[str, ...]:
+    """Lead-ins of a caption that describes an image (no word about its aspect)."""
+    return POSITION_FIRST_LEAD_INS if phrase_order == "position_first" else LEAD_INS
+
+
+def prompt_lead_ins(aspect: str, phrase_order: str = "object_first") -> tuple[str, ...]:
     """Lead-ins of a caption that asks for an image: a non-square one says its aspect, a square
     one needs no word (and keeps the plain lead-ins)."""
-    return LEAD_INS if aspect == "square" else ASPECT_LEAD_INS[aspect]
+    if aspect == "square":
+        return caption_lead_ins(phrase_order)
+    return (POSITION_FIRST_ASPECT_LEAD_INS if phrase_order == "position_first" else ASPECT_LEAD_INS)[aspect]
 
 
 def referring_expression(o: SceneObject) -> str:

@@ -12,7 +12,7 @@ the rest is what a model should produce):
 
     t2i     text caption | image
     i2t     image, text cue "describe:" | text caption
-    ground  image, text "find <ref>the blue square</ref>" | box [, "find <ref>…</ref>", box …]
+    ground  text "find <ref>the blue square</ref>", image | box [, "find <ref>…</ref>", box …]
     refer   image, text cue "what is at", box | text "<ref>the blue square</ref>" [, cue, box, text …]
     asr     audio, text cue "transcribe:" | text transcript
     tts     text "say: ..." | audio
@@ -102,6 +102,9 @@ class WorldConfig:
     # Objects in captions: "scene" (a random order) or "reading" (top row first, left to right, the
     # order a raster-order image draws them in).
     caption_order: str = "scene"
+    # Each object's phrase: "object_first" ("a large red circle at the top left") or
+    # "position_first" ("at the top left a large red circle"; scenes.PHRASE_ORDERS).
+    phrase_order: str = "object_first"
     # Box corners on multiples of `snap` pixels and sides on multiples of `side_step` (1: any).
     # With `snap` the image tokenizer's code size, an object of one shape and size is the same
     # codes wherever it sits (docs/world.md).
@@ -147,6 +150,7 @@ class WorldConfig:
             raise ConfigError(f"config key 'min_objects' is {self.min_objects}; it must lie in 1..max_objects "
                               f"({self.max_objects})")
         check_choice("a2i_answer", self.a2i_answer, A2I_ANSWERS)
+        check_choice("phrase_order", self.phrase_order, S.PHRASE_ORDERS)
         if self.caption_order not in S.CAPTION_ORDERS:
             raise ConfigError(f"config key 'caption_order' is {self.caption_order!r}; it must be one of "
                               f"{', '.join(S.CAPTION_ORDERS)}")
@@ -269,12 +273,13 @@ class _Planner:
 
     def caption(self, rng, scene: S.Scene) -> str:
         """A caption that describes an image (the answer of i2t): no word about its aspect."""
-        return S.caption(scene, S.LEAD_INS[int(rng.integers(len(S.LEAD_INS)))], self.cfg.caption_order)
+        leads = S.caption_lead_ins(self.cfg.phrase_order)
+        return S.caption(scene, leads[int(rng.integers(len(leads)))], self.cfg.caption_order, self.cfg.phrase_order)
 
     def prompt_caption(self, rng, scene: S.Scene) -> str:
         """A caption that asks for an image (t2i, a2i, story): says "wide" or "tall" unless square."""
-        leads = S.prompt_lead_ins(scene.aspect)
-        return S.caption(scene, leads[int(rng.integers(len(leads)))], self.cfg.caption_order)
+        leads = S.prompt_lead_ins(scene.aspect, self.cfg.phrase_order)
+        return S.caption(scene, leads[int(rng.integers(len(leads)))], self.cfg.caption_order, self.cfg.phrase_order)
 
     @staticmethod
     def scene_meta(scene: S.Scene) -> dict:
@@ -326,11 +331,15 @@ class _Planner:
     def _ground(self, rng, unseen):
         sc = self.image_scene(rng, unseen)
         queries = self._queries(rng, sc)
-        segs: list[dict] = [{"image": sc}]
-        for t in queries:
+        # The first query comes before the image, so that every image position can attend to the
+        # phrase it is asked about; with the image first, which object the phrase names was left to
+        # the box's first token, and the model rarely learned it (docs/results.md, "The query before
+        # the image"). Further queries about the same image follow its first answer.
+        segs: list[dict] = []
+        for i, t in enumerate(queries):
             o = sc.objects[t]
             segs += [{"text": self.cue(rng, "ground", ref=S.referring_expression(o))},
-                     {"box": list(o.box), "image_index": 0}]
+                     *([{"image": sc}] if i == 0 else []), {"box": list(o.box), "image_index": 0}]
         return segs, {**self.scene_meta(sc), "target": queries[0], "prompt_segments": 2}
 
     def _refer(self, rng, unseen):

@@ -11,7 +11,7 @@ the sampling engine, with the grammar forcing the span the task asks for:
                 world `a2i_answer: transcript_image`), the model first writes it (greedy, up to
                 `<boi>`), and the image follows what it wrote
     i2t         image + "describe:", then text until `</s>` (greedy): caption accuracy
-    ground      image + "find <ref>…</ref>", then forced `<box>` (greedy locations): Acc@0.5, mean IoU
+    ground      "find <ref>…</ref>" + image, then forced `<box>` (greedy locations): Acc@0.5, mean IoU
     refer       image + "what is at" + box, then text (greedy): refer accuracy
     asr         audio + "transcribe:", then text (greedy): corpus WER against the transcript
     tts         "say: …", then forced `<boa>`: the clip is decoded to a waveform, re-tokenized and

@@ -1,7 +1,7 @@
 """Grounding: the box of a phrase in an image, in pixels of the input image.
 
-The prompt is laid out like the world's `ground` documents,
-`<s> <image> find <ref>the red circle</ref>` (the grounding cue of docs/world.md; `<image>` is the
+The prompt is laid out like the world's `ground` documents, the query before the image,
+`<s> find <ref>the red circle</ref> <image>` (the grounding cue of docs/world.md; `<image>` is the
 stream's image span, `<boi> <size_h> <size_w> rows <eoi>` or, version 1, `<boi> c_1 … c_{h·w} <eoi>`),
 and generation is forced to start with
 `<box>`; the grammar then allows exactly four `<loc_*>` (x1 < x2, y1 < y2) and `</box>`. Locations
@@ -43,10 +43,10 @@ class Grounding:
 
 
 def ground_prompt(space, text_tok, codes: np.ndarray, query: str) -> list[int]:
-    """`<s> <image> find <ref>query</ref>` as ids (the `ground` document layout); codes [h, w]."""
+    """`<s> find <ref>query</ref> <image>` as ids (the `ground` document layout); codes [h, w]."""
     image = Stream(space, text_tok).segment_ids(Image(np.asarray(codes, dtype=np.int64)))
     # The query goes through the tokenizer inside its cue and <ref> markers, exactly as training text did.
-    return [space.bos, *image, *text_tok.encode(ground_query(query))]
+    return [space.bos, *text_tok.encode(ground_query(query)), *image]
 
 
 def greedy_loc() -> ModalitySampling:

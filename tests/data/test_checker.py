@@ -91,11 +91,13 @@ def test_shape_is_called_by_fill_ratio():
     assert [o["shape"] for o in analyse_image(ring)] == [None]
 
 
-def test_caption_parser_is_exact_on_world_captions():
+@pytest.mark.parametrize("order", S.PHRASE_ORDERS)
+def test_caption_parser_is_exact_on_world_captions(order):
     rng = np.random.default_rng(9)
+    leads = S.caption_lead_ins(order)
     for i in range(1000):
         scene = S.sample_scene(rng, 64)
-        cap = S.caption(scene, S.LEAD_INS[i % len(S.LEAD_INS)])
+        cap = S.caption(scene, leads[i % len(leads)], phrase_order=order)
         parsed = parse_caption(cap)
         want = [{k: o[k] for k in ("size", "colour", "shape", "position")} for o in scene.to_dicts()]
         assert parsed == want, cap
@@ -104,10 +106,26 @@ def test_caption_parser_is_exact_on_world_captions():
         {"size": "small", "colour": "red", "shape": "circle", "position": "top left"}]
 
 
+def test_the_two_phrase_orders_say_the_same():
+    scene = S.Scene(48, 48, (S.SceneObject("circle", "red", "small", (0, 0, 12, 12)),
+                             S.SceneObject("square", "blue", "large", (14, 14, 34, 34))))
+    assert S.caption(scene) == "a small red circle at the top left and a large blue square in the center"
+    place_first = S.caption(scene, phrase_order="position_first")
+    assert place_first == "at the top left a small red circle and in the center a large blue square"
+    assert parse_caption(place_first) == parse_caption(S.caption(scene))
+    assert parse_caption("picture: in the center a large blue square, at the top left a small red circle") == \
+        parse_caption(S.caption(scene))[::-1]
+    assert parse_caption("a large blue square at the top left a small red circle") is None  # neither order
+
+
 def test_captions_that_ask_for_an_aspect():
-    for aspect, leads in S.ASPECT_LEAD_INS.items():
-        for lead in leads:
+    for aspect in S.ASPECT_LEAD_INS:
+        for lead in S.ASPECT_LEAD_INS[aspect]:
             cap = lead + "a small red circle at the top left and a large blue square in the center"
+            assert caption_aspect(cap) == aspect
+            assert [o["colour"] for o in parse_caption(cap)] == ["red", "blue"]
+        for lead in S.POSITION_FIRST_ASPECT_LEAD_INS[aspect]:
+            cap = lead + "at the top left a small red circle and in the center a large blue square"
             assert caption_aspect(cap) == aspect
             assert [o["colour"] for o in parse_caption(cap)] == ["red", "blue"]
     assert caption_aspect("a picture of a small red circle at the top") == "square"

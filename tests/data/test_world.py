@@ -63,10 +63,10 @@ def test_every_kind_with_its_layout(corpus):
     kinds = set(W.KINDS) if HAVE_ESPEAK else set(W.KINDS) - set(W.AUDIO_KINDS)
     assert {k for k, n in train["counts"].items() if n} == kinds
     # cued kinds: the cue is the prompt's last text segment, the answer follows it
-    layouts = {"t2i": ["text", "image"], "i2t": ["image", "text", "text"], "ground": ["image", "text", "box"],
+    layouts = {"t2i": ["text", "image"], "i2t": ["image", "text", "text"], "ground": ["text", "image", "box"],
                "refer": ["image", "text", "box", "text"], "asr": ["audio", "text", "text"],
                "tts": ["text", "audio"], "a2i": ["audio", "text", "text", "image"], "prose": ["text"]}
-    cue_at = {"i2t": 1, "ground": 1, "refer": 1, "asr": 1, "a2i": 1, "tts": 0}
+    cue_at = {"i2t": 1, "ground": 0, "refer": 1, "asr": 1, "a2i": 1, "tts": 0}
     seen = set()
     for doc in iter_documents(root / "a" / "train-*.tar", image_size=None):  # native size: pixel boxes hold
         seen.add(doc.kind)
@@ -78,7 +78,9 @@ def test_every_kind_with_its_layout(corpus):
                 got = {(o["colour"], o["shape"], tuple(o["box"])) for o in analyse_image(img)}
                 assert got == {(o["colour"], o["shape"], tuple(o["box"])) for o in frame}
             assert all(s["text"].startswith("then ") for s in doc.segments[2::2])
-        elif doc.kind in ("ground", "refer"):  # a query/answer per object, up to the config's max_queries (3)
+        elif doc.kind == "ground":  # a query/answer per object, up to max_queries (3); the image after the first query
+            assert names == layouts["ground"] + ["text", "box"] * (min(3, len(doc.meta["objects"])) - 1)
+        elif doc.kind == "refer":
             assert names == layouts[doc.kind][:1] + layouts[doc.kind][1:] * min(3, len(doc.meta["objects"]))
         else:
             assert names == layouts[doc.kind], doc.kind
@@ -87,8 +89,10 @@ def test_every_kind_with_its_layout(corpus):
             text = doc.segments[cue_at[doc.kind]]["text"]
             phrasings = [p.split("{ref}")[0] for p in CUES[doc.kind]]
             assert any(text.startswith(p) for p in phrasings), (doc.kind, text)
-            if doc.kind != "tts":  # the prompt ends with its cue
+            if doc.kind not in ("tts", "ground"):  # the prompt ends with its cue
                 assert doc.meta["prompt_segments"] == cue_at[doc.kind] + 1 + (doc.kind == "refer")
+            if doc.kind == "ground":  # the query, then the image it asks about
+                assert doc.meta["prompt_segments"] == 2
         texts = [s["text"] for s in doc.segments if "text" in s]
         if doc.kind in ("ground", "refer"):
             target = doc.meta["objects"][doc.meta["target"]]
@@ -280,6 +284,27 @@ def test_captions_in_reading_order(tmp_path):
     assert any(c != sorted(c) for c in orders["scene"] if len(c) > 1)  # scene order is not reading order
     with pytest.raises(UserError, match="caption_order"):
         W.load_world_config(None, ["caption_order=random"])
+
+
+def test_phrase_order_moves_the_place_and_nothing_else(tmp_path):
+    """phrase_order=position_first names each object's place before it ("at the top left a small
+    red circle", the demo's); the documents are otherwise those of object_first, and both parse
+    back to their scene."""
+    texts = {}
+    for order in W.S.PHRASE_ORDERS:
+        W.generate_world(tmp_path / order, "train", docs=40, seed=5, progress=False, audio=False,
+                         overrides=[f"phrase_order={order}", "kinds.t2i=1", "kinds.i2t=1", "kinds.ground=0",
+                                    "kinds.refer=0", "kinds.story=0", "kinds.prose=0"])
+        texts[order] = []
+        for doc in iter_documents(str(tmp_path / order / "train-*.tar"), audio=False, image_size=None):
+            text = next(s["text"] for s in (doc.segments if doc.kind == "t2i" else doc.segments[::-1]) if "text" in s)
+            assert caption_correct(text, doc.meta["objects"]), text
+            texts[order].append((doc.kind, text, parse_caption(text)))
+    for (kind, a, pa), (kind_b, b, pb) in zip(texts["object_first"], texts["position_first"], strict=True):
+        assert kind == kind_b and pa == pb and a != b
+        assert b.split(": ")[-1].startswith(("at the ", "in the center ")), b
+    with pytest.raises(UserError, match="phrase_order"):
+        W.load_world_config(None, ["phrase_order=backwards"])
 
 
 def test_prose_paragraphs_are_running_prose_shipped_with_the_package():

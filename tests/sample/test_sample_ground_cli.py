@@ -259,7 +259,10 @@ def test_ground_a_non_square_image_natively(native_bundle_dir, picture):
     codes = image_codes(fitted, bundle.tok.image)[0]
     assert codes.shape == (4, 6)
     ids = ground_prompt(sp, bundle.tok.text, codes, "the red square")
-    assert ids[:4] == [sp.bos, sp.boi, sp.size_id(4), sp.size_id(6)] and ids[4 + 4 * 7] == sp.eoi
+    query = bundle.tok.text.encode("find <ref>the red square</ref>")  # the query first, as ground documents
+    assert ids[: 1 + len(query)] == [sp.bos, *query]
+    image = ids[1 + len(query):]
+    assert image[:3] == [sp.boi, sp.size_id(4), sp.size_id(6)] and image[3 + 4 * 7] == sp.eoi and len(image) == 4 + 4 * 7
     g = ground_codes(bundle, [(codes, "the red square")])[0]
     res = ground_image(bundle, picture, "the red square")
     want = (g.box[0] * 60, g.box[1] * 40, g.box[2] * 60, g.box[3] * 40)
