@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from anymodal.eval.run import Evaluator, EvalOptions
+from anymodal.eval.run import EvalOptions, Evaluator
 from anymodal.sample.bundle import load_bundle
 
 

@@ -47,7 +47,7 @@ from anymodal.hf import StreamGrammar  # optional: keeps images, clips and boxes
 
 model = ChameleonForConditionalGeneration.from_pretrained("{name}")
 tok = AutoTokenizer.from_pretrained("{name}")
-ids = tok("a small red circle at the top left<boi>", return_tensors="pt").input_ids
+ids = tok("at the top left a small red circle<boi>", return_tensors="pt").input_ids
 {example}
 ```
 
