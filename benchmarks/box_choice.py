@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     bundle = load_bundle(args.model, device="cpu")
-    ev = Evaluator(bundle, EvalOptions(limit=args.limit, progress=False, tasks=("ground",)))
+    ev = Evaluator(bundle, EvalOptions(limit=args.limit, bits_docs=0, progress=False, tasks=("ground",)))
     docs, _, _ = ev.read(args.val)
     lo, hi = bundle.space.loc_range()
     right: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])

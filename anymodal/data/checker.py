@@ -27,8 +27,7 @@ from .scenes import (
     BACKGROUND,
     COLOURS,
     PALETTE,
-    POSITION_FIRST_ASPECT_LEAD_INS,
-    POSITION_FIRST_LEAD_INS,
+    PHRASE_LEAD_INS,
     POSITIONS,
     SHAPES,
     aspect_word,
@@ -46,9 +45,9 @@ _POS = "|".join(sorted(POSITIONS, key=len, reverse=True))  # longest first: "top
 _OBJECT_RE = re.compile(rf"^an? (small|large) ({_COL}) ({_SHP}) (?:in the (center)|at the ({_POS}))$")
 _PLACE_FIRST_RE = re.compile(rf"^(?:in the (center)|at the ({_POS})) an? (small|large) ({_COL}) ({_SHP})$")
 _REF_RE = re.compile(rf"\bthe ({_COL}) ({_SHP})\b")
-_ASPECT_LEADS = {a: ASPECT_LEAD_INS[a] + POSITION_FIRST_ASPECT_LEAD_INS[a] for a in ASPECT_LEAD_INS}
+_ASPECT_LEADS = {a: tuple(lead for leads in PHRASE_LEAD_INS.values() for lead in leads[a]) for a in ASPECT_LEAD_INS}
 _LEAD_INS = ("a picture of ", "there is ", "there are ", "an image of ", "a photo of ",
-             *(lead for lead in POSITION_FIRST_LEAD_INS if lead),
+             *(lead for leads in PHRASE_LEAD_INS.values() for lead in leads["square"] if lead),
              *(lead for leads in _ASPECT_LEADS.values() for lead in leads))
 
 

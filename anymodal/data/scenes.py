@@ -38,12 +38,14 @@ ASPECT_LEAD_INS: dict[str, tuple[str, ...]] = {
     "wide": ("a wide picture of ", "a wide image of ", "wide: "),
     "tall": ("a tall picture of ", "a tall image of ", "tall: "),
 }
-# Phrases that name an object's place before the object ("at the top left a large red circle"):
-# read after "a picture of" they would not be English, so they have lead-ins of their own.
-POSITION_FIRST_LEAD_INS = ("", "in the picture: ", "picture: ")
-POSITION_FIRST_ASPECT_LEAD_INS: dict[str, tuple[str, ...]] = {
-    "wide": ("a wide picture: ", "a wide image: ", "wide: "),
-    "tall": ("a tall picture: ", "a tall image: ", "tall: "),
+# Lead-ins per phrase order (`PHRASE_ORDERS`) and aspect. Phrases that name an object's place
+# first ("at the top left a large red circle") would not be English after "a picture of", so they
+# have lead-ins of their own.
+PHRASE_LEAD_INS: dict[str, dict[str, tuple[str, ...]]] = {
+    "object_first": {"square": LEAD_INS, **ASPECT_LEAD_INS},
+    "position_first": {"square": ("", "in the picture: ", "picture: "),
+                       "wide": ("a wide picture: ", "a wide image: ", "wide: "),
+                       "tall": ("a tall picture: ", "a tall image: ", "tall: ")},
 }
 ASPECTS = ("square", "wide", "tall")
 MIN_GAP = 2  # free pixels between any two boxes
@@ -242,7 +244,7 @@ def where_phrase(box, width: int, height: int | None = None) -> str:
 # belong to, and a model that writes a caption picks a place, then reads the object there; with the
 # object first it must find where an object it has named is, which it learns far more slowly
 # (docs/results.md, "Captions that name the place first").
-PHRASE_ORDERS = ("object_first", "position_first")
+PHRASE_ORDERS = tuple(PHRASE_LEAD_INS)
 
 
 def describe(o: SceneObject, width: int, height: int | None = None, phrase_order: str = "object_first") -> str:
@@ -282,15 +284,13 @@ def caption(scene: Scene, lead_in: str = "", order: str = "scene", phrase_order:
 
 def caption_lead_ins(phrase_order: str = "object_first") -> tuple[str, ...]:
     """Lead-ins of a caption that describes an image (no word about its aspect)."""
-    return POSITION_FIRST_LEAD_INS if phrase_order == "position_first" else LEAD_INS
+    return PHRASE_LEAD_INS[phrase_order]["square"]
 
 
 def prompt_lead_ins(aspect: str, phrase_order: str = "object_first") -> tuple[str, ...]:
     """Lead-ins of a caption that asks for an image: a non-square one says its aspect, a square
     one needs no word (and keeps the plain lead-ins)."""
-    if aspect == "square":
-        return caption_lead_ins(phrase_order)
-    return (POSITION_FIRST_ASPECT_LEAD_INS if phrase_order == "position_first" else ASPECT_LEAD_INS)[aspect]
+    return PHRASE_LEAD_INS[phrase_order][aspect]
 
 
 def referring_expression(o: SceneObject) -> str:

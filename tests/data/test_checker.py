@@ -119,15 +119,13 @@ def test_the_two_phrase_orders_say_the_same():
 
 
 def test_captions_that_ask_for_an_aspect():
-    for aspect in S.ASPECT_LEAD_INS:
-        for lead in S.ASPECT_LEAD_INS[aspect]:
-            cap = lead + "a small red circle at the top left and a large blue square in the center"
-            assert caption_aspect(cap) == aspect
-            assert [o["colour"] for o in parse_caption(cap)] == ["red", "blue"]
-        for lead in S.POSITION_FIRST_ASPECT_LEAD_INS[aspect]:
-            cap = lead + "at the top left a small red circle and in the center a large blue square"
-            assert caption_aspect(cap) == aspect
-            assert [o["colour"] for o in parse_caption(cap)] == ["red", "blue"]
+    phrases = {"object_first": "a small red circle at the top left and a large blue square in the center",
+               "position_first": "at the top left a small red circle and in the center a large blue square"}
+    for order, phrase in phrases.items():
+        for aspect in ("wide", "tall"):
+            for lead in S.prompt_lead_ins(aspect, order):
+                assert caption_aspect(lead + phrase) == aspect
+                assert [o["colour"] for o in parse_caption(lead + phrase)] == ["red", "blue"]
     assert caption_aspect("a picture of a small red circle at the top") == "square"
     assert caption_aspect("a small red circle at the top") == "square"
 

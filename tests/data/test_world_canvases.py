@@ -51,6 +51,7 @@ def test_canvases_come_in_the_asked_proportions(mixed):
 
 def test_prompts_say_wide_or_tall_and_boxes_fit_each_image(mixed):
     n_wide = n_tall = n_boxes = 0
+    order = W.load_world_config().phrase_order  # the demo world's (the place first)
     for doc in iter_documents(str(mixed / "val-*.tar"), image_size=None, audio=False, kinds=IMAGE_KINDS):
         img = doc.images[0]
         h, w = img.shape[:2]
@@ -63,7 +64,6 @@ def test_prompts_say_wide_or_tall_and_boxes_fit_each_image(mixed):
         assert truth_key(analyse_image(img)) == truth_key(truth), doc.key
         if doc.kind in ("t2i", "story"):  # the prompt asks for an image: it names the aspect
             assert caption_aspect(texts[0]) == aspect, texts[0]
-            order = W.load_world_config().phrase_order  # the demo world's (the place first)
             assert texts[0].startswith(S.prompt_lead_ins(aspect, order)) if aspect != "square" else \
                 not any(word in texts[0] for word in ("wide", "tall"))
             assert caption_correct(texts[0], truth)
