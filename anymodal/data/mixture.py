@@ -21,6 +21,16 @@ Semantics:
   generator's calls are exactly the plain loader's (`permutation(n)`, then `random(n)`), so such a
   run sees the rows a single folder always gave.
 
+A curriculum puts `phases` before the regular epochs: phase i is epoch i, of `tokens` planned
+tokens, drawn with its own source weights (by name; a source it does not name gets 0) and kind
+weights (default: the run's):
+
+    phases: [{tokens: 2500000, weights: {many_objects: 1}, kind_weights: {ground: 3}}]
+
+Its rates follow the formula above with E = the phase's tokens; epochs after the last phase are
+the regular ones. Epoch numbers run on through the phases, so every epoch's rows stay a pure
+function of (seed, epoch) and a resumed run lands in the same phase at the same row.
+
 All sources must share one token space. `MixCounter` accumulates what training actually saw:
 tokens per source and per kind, from the epoch plan's pieces of each step's global rows (so the
 counts are the same for any number of processes), and label tokens per modality, which the
@@ -45,6 +55,7 @@ from ..modality import MODALITY_NAMES
 from .packing import EpochPlan, TokenDataset
 
 SOURCE_KEYS = ("path", "weight", "name")
+PHASE_KEYS = ("tokens", "weights", "kind_weights")
 
 
 def default_name(path: str | Path) -> str:
@@ -64,6 +75,21 @@ class DataSource:
     def __post_init__(self) -> None:
         if not self.name:
             object.__setattr__(self, "name", default_name(self.path))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One curriculum phase: an epoch of `tokens` planned tokens with its own source weights (by
+    source name) and kind weights (None = the run's)."""
+
+    tokens: int
+    weights: dict[str, float]
+    kind_weights: dict[str, float] | None = None
+
+    def signature(self) -> dict:
+        total = sum(self.weights.values())
+        return {"tokens": self.tokens, "share": {n: w / total for n, w in sorted(self.weights.items()) if w},
+                "kind_weights": None if self.kind_weights is None else dict(sorted(self.kind_weights.items()))}
 
 
 # ---- config values ---------------------------------------------------------------------------------
@@ -125,30 +151,71 @@ def _check_sources(sources: Sequence[DataSource], key: str) -> None:
                           f"({{path: DIR, name: N}})")
 
 
-def check_kind_weights(value: Any) -> dict[str, float]:
+def check_kind_weights(value: Any, key: str = "kind_weights") -> dict[str, float]:
     """`kind_weights` as {kind: weight >= 0} (ConfigError otherwise); {} = every kind 1.0."""
+    return _check_weights(value, key, "document kinds", "{t2i: 2, prose: 0}")
+
+
+def _check_weights(value: Any, key: str, what: str, example: str) -> dict[str, float]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"config key 'kind_weights' must map document kinds to weights, e.g. "
-                          f"{{t2i: 2, prose: 0}}, got {value!r}")
+        raise ConfigError(f"config key '{key}' must map {what} to weights, e.g. {example}, got {value!r}")
     out = {}
-    for kind, w in value.items():
-        if not isinstance(kind, str) or not kind:
-            raise ConfigError(f"config key 'kind_weights' has a bad kind {kind!r}")
+    for name, w in value.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"config key '{key}' has a bad name {name!r}")
         if not _is_weight(w):
-            raise ConfigError(f"config key 'kind_weights.{kind}' must be a finite number >= 0, got {w!r}")
-        out[kind] = float(w)
+            raise ConfigError(f"config key '{key}.{name}' must be a finite number >= 0, got {w!r}")
+        out[name] = float(w)
     return out
+
+
+def parse_phases(value: Any, key: str = "phases") -> list[Phase]:
+    """The curriculum of a `phases` config value: a list of mappings {tokens, weights, kind_weights};
+    empty or None -> []; anything malformed -> ConfigError. Source and kind names are checked
+    against the data by `Mixture`."""
+    if value is None or (isinstance(value, (str, Sequence)) and not value):
+        return []
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(f"config key '{key}' must be a list of phases [{{tokens: N, weights: {{SOURCE: W}}, "
+                          f"kind_weights: {{KIND: W}}}}, ...], got {value!r}")
+    phases = []
+    for i, entry in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"config key '{where}' must be a mapping {{tokens: N, weights: {{SOURCE: W}}}}, "
+                              f"got {entry!r}")
+        unknown = [k for k in entry if k not in PHASE_KEYS]
+        if unknown:
+            raise ConfigError(f"config key '{where}' has unknown key {unknown[0]!r}; valid keys: "
+                              f"{', '.join(PHASE_KEYS)}")
+        tokens = entry.get("tokens")
+        if isinstance(tokens, float) and tokens.is_integer():
+            tokens = int(tokens)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ConfigError(f"config key '{where}.tokens' must be a whole number of tokens >= 1, got {tokens!r}")
+        weights = _check_weights(entry.get("weights"), f"{where}.weights", "source names", "{world: 1}")
+        if sum(weights.values()) <= 0:
+            raise ConfigError(f"config key '{where}.weights' must give some source a weight > 0")
+        kinds = entry.get("kind_weights")
+        if kinds is not None:
+            kinds = check_kind_weights(kinds, f"{where}.kind_weights")
+        phases.append(Phase(tokens, weights, kinds))
+    return phases
 
 
 # ---- the mixture ---------------------------------------------------------------------------------------
 class Mixture:
     """Several token-shard folders as one document index: global document i is document
     i - offsets[s] of source s = source[i]. Offers what `PackedLoader` reads of a TokenDataset
-    (lengths, cond spans, kinds, `rates`, `doc`, `space`, `path`)."""
+    (lengths, cond spans, kinds, `epoch_rates`, `doc`, `space`, `path`); `phases` is the curriculum
+    that comes before the regular epochs (module docstring)."""
 
-    def __init__(self, sources: Sequence[DataSource | str | Path], kind_weights: Mapping[str, float] | None = None):
+    def __init__(self, sources: Sequence[DataSource | str | Path], kind_weights: Mapping[str, float] | None = None,
+                 phases: Sequence[Phase] = ()):
         self.sources = [s if isinstance(s, DataSource) else DataSource(str(s)) for s in sources]
         if not self.sources:
             raise UserError("no training data: set data=DIR (a folder written by `anymodal prepare`) or a list "
@@ -175,12 +242,18 @@ class Mixture:
             remap = np.asarray([self._kind_id(k) for k in names], dtype=np.int16)
             kinds.append(remap[d.kinds])
         self.kinds = np.concatenate(kinds)  # [N] index into kind_names
-        unknown = [k for k in self.kind_weights if k not in self.kind_names]
-        if unknown:
-            raise UserError(f"kind_weights names kind {unknown[0]!r}, which no source holds "
-                            f"(kinds: {', '.join(self.kind_names)})")
-        self.kind_factor = np.asarray([self.kind_weights.get(k, 1.0) for k in self.kind_names], np.float64)
-        self.rates = self._rates()
+        self.kind_factor = self._kind_factor(self.kind_weights, "kind_weights")
+        self.rates = self._rates([s.weight for s in self.sources], self.kind_factor, float(self.lengths.sum()))
+        self.phases = list(phases)
+        names = [s.name for s in self.sources]
+        self.phase_rates = []
+        for i, ph in enumerate(self.phases):
+            unknown = [n for n in ph.weights if n not in names]
+            if unknown:
+                raise UserError(f"phases[{i}].weights names source {unknown[0]!r}; the sources are {', '.join(names)}")
+            factor = self.kind_factor if ph.kind_weights is None else self._kind_factor(
+                ph.kind_weights, f"phases[{i}].kind_weights")
+            self.phase_rates.append(self._rates([ph.weights.get(n, 0.0) for n in names], factor, float(ph.tokens)))
         self._planned: dict | None = None
 
     def _kind_id(self, kind: str) -> int:
@@ -188,24 +261,36 @@ class Mixture:
             self.kind_names.append(kind)
         return self.kind_names.index(kind)
 
-    def _rates(self) -> np.ndarray:
-        """Expected occurrences per document in an epoch (see the module docstring)."""
-        k = self.kind_factor[self.kinds]
-        epoch_tokens = float(self.lengths.sum())
-        total_weight = sum(s.weight for s in self.sources)
+    def _kind_factor(self, kind_weights: Mapping[str, float], key: str) -> np.ndarray:
+        """[K] sampling factor of each kind in kind_names (1 where not named)."""
+        unknown = [k for k in kind_weights if k not in self.kind_names]
+        if unknown:
+            raise UserError(f"{key} names kind {unknown[0]!r}, which no source holds "
+                            f"(kinds: {', '.join(self.kind_names)})")
+        return np.asarray([kind_weights.get(k, 1.0) for k in self.kind_names], np.float64)
+
+    def _rates(self, weights: Sequence[float], kind_factor: np.ndarray, epoch_tokens: float) -> np.ndarray:
+        """Expected occurrences per document in an epoch of `epoch_tokens` tokens, source si
+        weighted weights[si] (see the module docstring)."""
+        k = kind_factor[self.kinds]
+        total_weight = sum(weights)
         rates = np.zeros(len(self), np.float64)
-        for si, s in enumerate(self.sources):
+        for si, (s, w) in enumerate(zip(self.sources, weights)):
             lo, hi = int(self.offsets[si]), int(self.offsets[si + 1])
-            target = epoch_tokens * s.weight / total_weight  # this source's tokens per epoch
+            target = epoch_tokens * w / total_weight  # this source's tokens per epoch
             if target == 0:
                 continue
             mass = float((k[lo:hi] * self.lengths[lo:hi]).sum())
             if mass == 0:
                 held = sorted({self.kind_names[i] for i in np.unique(self.kinds[lo:hi])})
-                raise UserError(f"source {s.name!r} ({s.path}) has weight {s.weight:g} but kind_weights drop "
+                raise UserError(f"source {s.name!r} ({s.path}) has weight {w:g} but kind_weights drop "
                                 f"all of its documents (kinds {', '.join(held)})")
             rates[lo:hi] = k[lo:hi] * (target / mass)
         return rates
+
+    def epoch_rates(self, epoch: int) -> np.ndarray:
+        """[N] expected occurrences per document in `epoch`: a curriculum phase's, then the regular ones."""
+        return self.phase_rates[epoch] if epoch < len(self.phase_rates) else self.rates
 
     # ---- what the loader reads ---------------------------------------------------------------------
     def __len__(self) -> int:
@@ -240,9 +325,12 @@ class Mixture:
     def signature(self) -> dict:
         """What fixes every epoch's rows beyond the loader's own settings (kept in its state)."""
         total = sum(s.weight for s in self.sources)
-        return {"sources": [{"name": s.name, "share": s.weight / total, "docs": len(d), "tokens": d.num_tokens}
-                            for s, d in zip(self.sources, self.datasets)],
-                "kind_weights": {k: w for k, w in sorted(self.kind_weights.items()) if w != 1.0}}
+        sig = {"sources": [{"name": s.name, "share": s.weight / total, "docs": len(d), "tokens": d.num_tokens}
+                           for s, d in zip(self.sources, self.datasets)],
+               "kind_weights": {k: w for k, w in sorted(self.kind_weights.items()) if w != 1.0}}
+        if self.phases:  # absent without a curriculum, so earlier checkpoints still resume
+            sig["phases"] = [ph.signature() for ph in self.phases]
+        return sig
 
     # ---- planned shares ------------------------------------------------------------------------------
     def planned(self) -> dict:
@@ -270,7 +358,18 @@ class Mixture:
                            "share": planned / epoch_tokens if epoch_tokens else 0.0,
                            "repeat": planned / tokens if tokens else 0.0}
         self._planned = {"epoch_tokens": round(epoch_tokens, 1), "source": sources, "kind": kinds}
+        if self.phases:
+            self._planned["phases"] = [self._phase_plan(ph, r) for ph, r in zip(self.phases, self.phase_rates)]
         return self._planned
+
+    def _phase_plan(self, phase: Phase, rates: np.ndarray) -> dict:
+        """A phase's planned tokens and its shares per source and per kind."""
+        per_doc = rates * self.lengths
+        total = float(per_doc.sum())
+        source = {s.name: float(per_doc[self.offsets[si]:self.offsets[si + 1]].sum()) / total
+                  for si, s in enumerate(self.sources)}
+        kind = {name: float(per_doc[self.kinds == ki].sum()) / total for ki, name in enumerate(self.kind_names)}
+        return {"tokens": phase.tokens, "source_share": source, "kind_share": kind}
 
 
 def format_plan(planned: dict) -> str:
@@ -282,6 +381,11 @@ def format_plan(planned: dict) -> str:
         for name, r in planned[table].items():
             lines.append(f"  {name[:13]:<14}{r['docs']:>8,}{r['tokens']:>13,}{r['weight']:>8.3g}{r['share']:>8.1%}"
                          f"{r['tokens_per_epoch']:>13,.0f}{r['repeat']:>7.2f}x")
+    for i, ph in enumerate(planned.get("phases", [])):
+        src, kinds = ([f"{n} {v:.0%}" for n, v in ph[key].items() if v >= 0.005]
+                      for key in ("source_share", "kind_share"))
+        lines.append(f"  curriculum phase {i + 1} (epoch {i}), {ph['tokens']:,} tokens: sources {', '.join(src)}; "
+                     f"kinds {', '.join(kinds)}")
     return "\n".join(lines)
 
 

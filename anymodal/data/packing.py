@@ -118,6 +118,10 @@ class TokenDataset:
         """Expected occurrences per document in an epoch: one folder holds each document once."""
         return np.ones(len(self))
 
+    def epoch_rates(self, epoch: int) -> np.ndarray:
+        """The rates of any epoch (a folder has no curriculum)."""
+        return self.rates
+
     def doc(self, i: int, drop_cond: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [N], modality uint8 [N]) of document i, optionally without its conditioning span."""
         s, o, n = int(self.shard[i]), int(self.offset[i]), int(self.lengths[i])
@@ -265,8 +269,8 @@ class PackedLoader:
     # ---- plan ------------------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan_epoch != epoch:
-            order, drop = epoch_occurrences(self.data.rates, self.cond_len, self.seed, epoch, self.cond_dropout,
-                                            self.shuffle)
+            order, drop = epoch_occurrences(self.data.epoch_rates(epoch), self.cond_len, self.seed, epoch,
+                                            self.cond_dropout, self.shuffle)
             self._plan = plan_epoch(self.data.lengths, self.cond_len, self.seq_len + 1, order, drop, self.lookahead)
             self._plan_epoch = epoch
         return self._plan  # type: ignore[return-value]
@@ -289,9 +293,9 @@ class PackedLoader:
                 raise StopIteration
             if self.consumed == 0:
                 raise UserError(
-                    f"{self.data.path} packs into {self.plan(self.epoch).rows} rows of {self.seq_len + 1} "
-                    f"tokens, fewer than one optimizer step needs ({self.global_batch}); use more data, "
-                    f"a smaller batch or a shorter seq_len")
+                    f"{self.data.path} packs epoch {self.epoch} into {self.plan(self.epoch).rows} rows of "
+                    f"{self.seq_len + 1} tokens, fewer than one optimizer step needs ({self.global_batch}); "
+                    f"use more data, a smaller batch or a shorter seq_len")
             self.epoch += 1
             self.consumed = 0
         first = self.consumed + self.rank * self.micro_batch
@@ -351,6 +355,9 @@ class PackedLoader:
         if "sources" in now and state.get("kind_weights", {}) != now["kind_weights"]:
             raise UserError(f"cannot resume the data loader: kind_weights were {state.get('kind_weights', {})}, "
                             f"now {now['kind_weights']}")
+        if "sources" in now and state.get("phases", []) != now.get("phases", []):
+            raise UserError(f"cannot resume the data loader: the curriculum phases were {state.get('phases', [])}, "
+                            f"now {now.get('phases', [])}")
         for key in ("seed", "seq_len", "cond_dropout", "docs", "tokens"):
             mine = now[key]
             if key in state and state[key] != mine:

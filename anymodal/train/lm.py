@@ -62,7 +62,15 @@ import torch.distributed as dist
 import yaml
 
 from ..config import check_choice, load_config, resolve_config_path, save_config, to_dict
-from ..data.mixture import MixCounter, Mixture, check_kind_weights, format_plan, parse_sources, write_mix_json
+from ..data.mixture import (
+    MixCounter,
+    Mixture,
+    check_kind_weights,
+    format_plan,
+    parse_phases,
+    parse_sources,
+    write_mix_json,
+)
 from ..data.packing import PackedLoader, TokenDataset
 from ..errors import ConfigError, UserError
 from ..fileio import write_atomic
@@ -118,6 +126,9 @@ class TrainConfig:
     val_data: str = ""  # optional held-out token shards: val loss every `eval_every` steps
     # sampling-rate factor per document kind, e.g. {t2i: 2, prose: 0} (0 drops a kind); {} = all 1
     kind_weights: dict[str, float] = field(default_factory=dict)
+    # a curriculum: epochs before the regular ones, each of `tokens` planned tokens with its own
+    # source and kind weights: [{tokens: N, weights: {SOURCE: W}, kind_weights: {KIND: W}}, ...]
+    phases: Any = None
     model_preset: str | None = "model/demo"  # ModelConfig YAML (path, or name under configs/); empty = defaults
     model: ModelOverrides = field(default_factory=ModelOverrides)  # preset overrides, e.g. model.n_layers=4
     # start from a Hugging Face Chameleon folder (`anymodal export --format hf`, or any of that
@@ -206,6 +217,7 @@ class TrainConfig:
             raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
         parse_sources(self.data)  # a malformed source list fails here, before any process starts
         self.kind_weights = check_kind_weights(self.kind_weights)
+        parse_phases(self.phases)
         if self.task_eval_every < 0 or self.task_eval_limit < 1:
             raise ConfigError("config keys task_eval_every >= 0 and task_eval_limit >= 1")
         if self.task_eval_every and not self.task_eval_data:
@@ -524,7 +536,8 @@ class LMTrainer:
         sources = parse_sources(cfg.data)
         if not sources:
             raise UserError("no training data: set data=DIR (a folder written by `anymodal prepare`) or a list of sources")
-        self.data = Mixture(sources, cfg.kind_weights)  # one folder is a mixture of one: exactly the plain loader's rows
+        # one folder is a mixture of one: exactly the plain loader's rows
+        self.data = Mixture(sources, cfg.kind_weights, parse_phases(cfg.phases))
         space = self.data.space
         code_block = None
         if cfg.image_code_embedding == "factored":

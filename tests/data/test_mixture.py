@@ -13,8 +13,10 @@ from anymodal.data.mixture import (
     DataSource,
     MixCounter,
     Mixture,
+    Phase,
     check_kind_weights,
     format_plan,
+    parse_phases,
     parse_sources,
     write_mix_json,
 )
@@ -248,6 +250,84 @@ def test_bad_kind_weights_and_mixtures_are_refused(folders, stream, text_tokeniz
     with pytest.raises(UserError, match="token spaces disagree") as e:
         Mixture([str(a), str(tmp_path / "c")])
     assert str(a) in str(e.value) and str(tmp_path / "c") in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- curriculum phases ----------------------------------------------------------------------------------
+def test_parse_phases():
+    assert parse_phases(None) == [] and parse_phases([]) == []
+    got = parse_phases([{"tokens": 2.5e3, "weights": {"b": 1}}, {"tokens": 100, "weights": {"a": 1, "b": 3},
+                                                                   "kind_weights": {"t2i": 0}}])
+    assert got == [Phase(2500, {"b": 1.0}), Phase(100, {"a": 1.0, "b": 3.0}, {"t2i": 0.0})]
+    for bad, match in ((5, "list of phases"), ([{"tokens": 0, "weights": {"a": 1}}], r"phases\[0\].tokens"),
+                       ([{"tokens": 10.5, "weights": {"a": 1}}], "whole number"),
+                       ([{"tokens": 10, "weights": {"a": 0}}], "weight > 0"),
+                       ([{"tokens": 10, "weights": {"a": -1}}], r"phases\[0\].weights.a"),
+                       ([{"tokens": 10, "weights": {"a": 1}, "steps": 3}], "unknown key 'steps'"),
+                       ([{"tokens": 10, "weights": {"a": 1}, "kind_weights": {"t2i": "x"}}],
+                        r"phases\[0\].kind_weights.t2i")):
+        with pytest.raises(ConfigError, match=match):
+            parse_phases(bad)
+
+
+def test_phases_come_first_with_their_own_weights_then_the_regular_epochs(folders):
+    """Epoch 0 is the phase: about `tokens` tokens, only source b, t2i three times as often as in
+    b's regular draw; from epoch 1 on, the regular mixture."""
+    a, b = folders
+    sources = [DataSource(str(a), 1.0), DataSource(str(b), 1.0)]
+    plain = Mixture(sources)
+    n_b = int(plain.lengths[plain.source == 1].sum())
+    mix = Mixture(sources, {}, [Phase(2 * n_b, {"b": 1.0}, {"t2i": 3.0})])
+    loader, ref = PackedLoader(mix, seq_len=40, seed=4), PackedLoader(plain, seq_len=40, seed=4)
+    occ = np.zeros(len(mix))
+    for seed in range(6):  # the phase's draw under six seeds, for the kind ratio
+        order, _ = epoch_occurrences(mix.epoch_rates(0), loader.cond_len, seed=seed, epoch=0)
+        occ += np.bincount(order, minlength=len(mix))
+    phase = loader.plan(0)
+    assert _source_tokens(mix, phase)[0] == 0
+    assert phase.length.sum() == pytest.approx(2 * n_b, rel=0.1)
+    kid = {k: mix.kind_names.index(k) for k in mix.kind_names}
+    in_b = mix.source == 1
+    t2i, i2t = (occ[in_b & (mix.kinds == kid[k])].mean() for k in ("t2i", "i2t"))
+    assert t2i / i2t == pytest.approx(3.0, rel=0.15)
+    for epoch in (1, 2):  # after the phase: the regular epochs, as the same mixture without one
+        _same_plan(loader.plan(epoch), ref.plan(epoch))
+    planned = mix.planned()["phases"][0]
+    assert planned["tokens"] == 2 * n_b and planned["source_share"] == {"a": 0.0, "b": pytest.approx(1.0)}
+    assert planned["kind_share"]["prose"] == 0.0 and "curriculum phase 1 (epoch 0)" in format_plan(mix.planned())
+    # the iterator walks through the phase into the regular epochs
+    epochs = [next(loader)["epoch"] for _ in range(400)]
+    assert epochs[0] == 0 and 1 in epochs and epochs == sorted(epochs)
+    with pytest.raises(UserError, match="names source 'c'"):
+        Mixture(sources, {}, [Phase(100, {"c": 1.0})])
+    with pytest.raises(UserError, match=r"phases\[0\].kind_weights names kind 'story'"):
+        Mixture(sources, {}, [Phase(100, {"a": 1.0}, {"story": 1.0})])
+
+
+def test_loader_resumes_inside_and_after_a_phase_and_refuses_another_curriculum(folders):
+    a, b = folders
+
+    def make(tokens=3000):
+        mix = Mixture([DataSource(str(a)), DataSource(str(b))], {}, [Phase(tokens, {"b": 1.0}, {"t2i": 2.0})])
+        return PackedLoader(mix, seq_len=40, micro_batch=2, grad_accum=2, seed=5, cond_dropout=0.3)
+
+    for skip in (5, 60):  # inside the phase, then in a regular epoch after it
+        first = make()
+        for _ in range(skip):
+            next(first)
+        state = json.loads(json.dumps(first.state_dict()))
+        expect = [next(first) for _ in range(10)]
+        second = make()
+        second.load_state_dict(state)
+        for e in expect:
+            got = next(second)
+            assert torch.equal(got["ids"], e["ids"]) and got["epoch"] == e["epoch"]
+    assert expect[-1]["epoch"] >= 1
+    with pytest.raises(UserError, match="curriculum phases were"):
+        make(tokens=4000).load_state_dict(state)
+    plain = PackedLoader(Mixture([DataSource(str(a)), DataSource(str(b))]), seq_len=40, micro_batch=2, grad_accum=2,
+                         seed=5, cond_dropout=0.3)
+    with pytest.raises(UserError, match="curriculum phases were"):
+        plain.load_state_dict(state)
 
 
 # ---- loader state and the realized-mix counter --------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from anymodal.data.mixture import Mixture, parse_sources
+from anymodal.data.mixture import Mixture, parse_phases, parse_sources
 from anymodal.data.packing import PackedLoader
 from anymodal.errors import UserError
 from anymodal.train.lm import load_train_config, train
@@ -21,7 +21,7 @@ MODALITIES = ("text", "image", "audio", "loc")
 def _expected(cfg, steps: int) -> list[dict]:
     """Cumulative per-source / per-kind tokens and per-modality labels after each step, computed
     independently from a fresh loader's batches (one process, so a step is grad_accum batches)."""
-    mix = Mixture(parse_sources(cfg.data), cfg.kind_weights)
+    mix = Mixture(parse_sources(cfg.data), cfg.kind_weights, parse_phases(cfg.phases))
     loader = PackedLoader(mix, cfg.seq_len, cfg.micro_batch, grad_accum=cfg.grad_accum, seed=cfg.seed,
                           cond_dropout=cfg.cond_dropout, lookahead=cfg.lookahead)
     src = np.zeros(len(mix.sources), np.int64)
@@ -91,6 +91,32 @@ def test_changed_mixture_cannot_resume(tiny_args, mix_args, tiny_tokens, tiny_to
         train(load_train_config("train/demo", [*tiny_args, "steps=3"]), resume=True)
     res = train(load_train_config("train/demo", [*tiny_args, *mix_args, "steps=3"]), resume=True)
     assert res.step == 3
+
+
+def test_curriculum_phase_trains_first_then_the_mixture(tiny_args, mix_args, tiny_tokens_b):
+    """A phase of 600 tokens on the second source without t2i: the first steps read only it, later
+    steps the regular mixture; the phase is planned in data_mix.json, and a changed curriculum
+    cannot resume."""
+    name = tiny_tokens_b.name
+    phase = f"phases=[{{tokens: 600, weights: {{{name}: 1}}, kind_weights: {{t2i: 0}}}}]"
+    cfg = load_train_config("train/demo", [*tiny_args, *mix_args, phase, "steps=6"])
+    res = train(cfg)
+    want = _expected(cfg, 6)
+    first, last = want[0], want[-1]
+    assert first["source"]["world"] == 0 and first["kind"]["t2i"] == 0 and first["source"][name] > 0
+    assert last["source"]["world"] > 0 and last["kind"]["t2i"] > 0
+    out = json.loads((res.run_dir / "data_mix.json").read_text())
+    assert {k: out["realized"][k] for k in ("source", "kind", "modality")} == last
+    phase_plan = out["planned"]["phases"][0]
+    assert phase_plan["tokens"] == 600 and phase_plan["source_share"][name] == pytest.approx(1.0)
+    assert phase_plan["kind_share"]["t2i"] == 0
+    other = f"phases=[{{tokens: 900, weights: {{{name}: 1}}}}]"
+    with pytest.raises(UserError, match="curriculum phases were"):
+        train(load_train_config("train/demo", [*tiny_args, *mix_args, other, "steps=7"]), resume=True)
+    with pytest.raises(UserError, match="names source 'nowhere'") as e:
+        train(load_train_config("train/demo", [*tiny_args[:-1], f"run_dir={res.run_dir}_b", *mix_args,
+                                               "phases=[{tokens: 600, weights: {nowhere: 1}}]", "steps=1"]))
+    assert "\n" not in str(e.value)
 
 
 def test_kind_absent_from_every_source_is_a_user_error(tiny_args, mix_args):

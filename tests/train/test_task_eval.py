@@ -28,7 +28,8 @@ def test_task_metrics_every_n_steps_match_eval_of_the_export(tiny_args, val_worl
     res = train(cfg)
     recs = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "tasks" in r]
     assert [r["step"] for r in recs] == [0, 4, 6]  # the untrained start, every 4 steps, the last step
-    assert recs[0]["minutes"] == 0.0 and recs[1]["minutes"] < recs[2]["minutes"]
+    # minutes are kept to 3 decimals: two steps a fast machine makes within 0.06 s may share a value
+    assert recs[0]["minutes"] == 0.0 < recs[1]["minutes"] <= recs[2]["minutes"]
     for r in recs:
         t = r["tasks"]
         assert set(t["n"]) == {"t2i", "i2t", "ground", "refer", "asr"} and all(0 < n <= 2 for n in t["n"].values())
