@@ -352,12 +352,10 @@ class PackedLoader:
         if "sources" in state and "sources" in now and state["sources"] != now["sources"]:
             raise UserError(f"cannot resume the data loader: the data sources changed (were "
                             f"{_sources_text(state['sources'])}; now {_sources_text(now['sources'])})")
-        if "sources" in now and state.get("kind_weights", {}) != now["kind_weights"]:
-            raise UserError(f"cannot resume the data loader: kind_weights were {state.get('kind_weights', {})}, "
-                            f"now {now['kind_weights']}")
-        if "sources" in now and state.get("phases", []) != now.get("phases", []):
-            raise UserError(f"cannot resume the data loader: the curriculum phases were {state.get('phases', [])}, "
-                            f"now {now.get('phases', [])}")
+        for key, what, none in (("kind_weights", "kind_weights", {}), ("phases", "the curriculum phases", [])):
+            if "sources" in now and state.get(key, none) != now.get(key, none):
+                raise UserError(f"cannot resume the data loader: {what} were {state.get(key, none)}, "
+                                f"now {now.get(key, none)}")
         for key in ("seed", "seq_len", "cond_dropout", "docs", "tokens"):
             mine = now[key]
             if key in state and state[key] != mine:
