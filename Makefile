@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python benchmarks/world_generation.py
 	rm -rf runs/bench && mkdir -p runs/bench
 	$(BIN)/python benchmarks/image_tokenizer.py --train --out runs/bench/image
+	$(BIN)/python benchmarks/structure_invariance.py runs/bench/image
 	$(BIN)/python benchmarks/audio_codec.py --train --out runs/bench/audio
 	$(BIN)/python benchmarks/prepare_throughput.py
 	DS_ACCELERATOR=cpu $(BIN)/python benchmarks/train_throughput.py --batch 3 --seq 1536

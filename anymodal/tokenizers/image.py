@@ -77,9 +77,18 @@ class ImageModelConfig:
     # (a pixel-unshuffle and a per-cell MLP): the same cell content is always the same code, so a
     # white cell is one code, not hundreds, and the LM predicts content, not context noise.
     encoder: str = "conv"
+    # What the structure half of (colour, structure) codes reads (quantizer.colour_levels):
+    # 'pixels': the cell's RGB, kept blind to the ink only by loss.recolour_invariance, which a
+    # training meets for some inks and not others; 'contrast': the cell's contrast map
+    # (`contrast_map`), for one ink on a white ground the same whatever the ink.
+    structure_input: str = "pixels"
+    contrast_floor: float = 0.2  # 'contrast': the least distance normalised to 1 ([-1, 1] units)
 
     def __post_init__(self) -> None:
         check_choice("model.downsample", self.downsample, (4, 8, 16))
+        check_choice("model.structure_input", self.structure_input, ("pixels", "contrast"))
+        if self.contrast_floor <= 0:
+            raise ConfigError(f"model.contrast_floor must be > 0, got {self.contrast_floor}")
         check_choice("model.patch_size", self.patch_size, (1, 2, 4, 8))
         check_choice("model.image_mode", self.image_mode, ("resize", "letterbox", "native"))
         check_choice("model.encoder", self.encoder, ("conv", "local"))
@@ -244,6 +253,8 @@ class ImageTokenizerConfig:
     def __post_init__(self) -> None:
         if self.quantizer.colour_levels and self.model.encoder != "local":
             raise ConfigError("quantizer.colour_levels needs model.encoder=local (codes of one cell each)")
+        if self.model.structure_input != "pixels" and not self.quantizer.colour_levels:
+            raise ConfigError("model.structure_input=contrast needs quantizer.colour_levels (a structure half)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,10 +328,10 @@ class LocalEncoder(nn.Module):
     pixel-unshuffle into d x d cells and an MLP per cell (1x1 convolutions, no norm across
     positions). Two cells with the same pixels get the same latent wherever they are."""
 
-    def __init__(self, cfg: ImageModelConfig):
+    def __init__(self, cfg: ImageModelConfig, in_channels: int = 3):
         super().__init__()
         d, c = cfg.downsample, cfg.channels[-1]
-        layers: list[nn.Module] = [nn.PixelUnshuffle(d), nn.Conv2d(3 * d * d, c, 1)]
+        layers: list[nn.Module] = [nn.PixelUnshuffle(d), nn.Conv2d(in_channels * d * d, c, 1)]
         # as deep as the conv encoder's blocks: one hidden layer per res block and mid block
         for _ in range(max(1, cfg.enc_res_blocks + cfg.mid_blocks)):
             layers += [nn.SiLU(), nn.Conv2d(c, c, 1)]
@@ -347,18 +358,39 @@ class ColourEncoder(nn.Module):
         return self.out(self.pool(self.pixel(x)))  # [B, C, h, w]
 
 
+def contrast_map(x: torch.Tensor, cell: int, floor: float) -> torch.Tensor:
+    """x [B, 3, H, W] -> [B, 1, H, W]: each pixel's RGB distance from its cell's brightest pixel,
+    divided by the cell's largest such distance (at least `floor`). A cell of one ink on a white
+    ground maps to the ink's mask (1 on ink, 0 on ground) whatever the ink; a flat cell maps to 0."""
+    b, _, height, width = x.shape
+    cells = F.pixel_unshuffle(x, cell).reshape(b, 3, cell * cell, height // cell, width // cell)  # [B, 3, d², h, w]
+    brightest = cells.sum(1, keepdim=True).argmax(2, keepdim=True)  # [B, 1, 1, h, w]
+    ground = cells.gather(2, brightest.expand(-1, 3, -1, -1, -1))  # [B, 3, 1, h, w]
+    dist = (cells - ground).norm(dim=1)  # [B, d², h, w]
+    dist = dist / dist.amax(1, keepdim=True).clamp_min(floor)
+    return F.pixel_shuffle(dist, cell)  # [B, 1, H, W]
+
+
 class ColourStructureEncoder(nn.Module):
     """The latent of (colour, structure) codes: [B, 3, H, W] -> [B, Cz, h, w], the first Cz / 2
-    channels from `ColourEncoder`, the rest from a `LocalEncoder` of the whole cell."""
+    channels from `ColourEncoder`, the rest from a `LocalEncoder` of the whole cell (or of its
+    `contrast_map`: model.structure_input)."""
 
     def __init__(self, cfg: ImageModelConfig):
         super().__init__()
         half = cfg.z_channels // 2
+        self.cell, self.floor = cfg.downsample, cfg.contrast_floor
+        self.contrast = cfg.structure_input == "contrast"
         self.colour = ColourEncoder(cfg, half)
-        self.structure = LocalEncoder(dataclasses.replace(cfg, z_channels=cfg.z_channels - half))
+        self.structure = LocalEncoder(dataclasses.replace(cfg, z_channels=cfg.z_channels - half),
+                                      in_channels=1 if self.contrast else 3)
+
+    def structure_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, H, W] -> the structure latent [B, Cz - Cz / 2, h, w]."""
+        return self.structure(contrast_map(x, self.cell, self.floor) if self.contrast else x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.colour(x), self.structure(x)], dim=1)
+        return torch.cat([self.colour(x), self.structure_latent(x)], dim=1)
 
 
 class ColourStructureFSQ(nn.Module):
@@ -557,7 +589,7 @@ class ImageTokenizer(nn.Module):
     def structure_positions(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 3, H, W] in [-1, 1] -> the structure FSQ's bounded latents [B·h·w, d] (level units),
         before rounding: what loss.recolour_invariance compares. Needs quantizer.colour_levels."""
-        z = self.encoder.structure(x)  # [B, Cz - Cz / 2, h, w]
+        z = self.encoder.structure_latent(x)  # [B, Cz - Cz / 2, h, w]
         return fsq_positions(self.quantizer.structure, z)
 
     # -- the pieces

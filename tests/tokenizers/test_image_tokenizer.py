@@ -727,6 +727,40 @@ def test_the_colour_code_sees_which_colours_a_cell_holds_not_where():
         tiny_cfg(model={"encoder": "local"}, quantizer={"kind": "vq", "colour_levels": [4, 4]})
 
 
+def test_contrast_structure_codes_are_the_same_in_every_ink_untrained(tmp_path):
+    """structure_input=contrast: a shape's structure codes do not depend on its ink even before
+    training (the contrast map of one ink on white is the ink's mask), while its colour codes do;
+    the option round-trips through save/load and is refused without a structure half."""
+    from anymodal.data.scenes import COLOURS, Scene, SceneObject, render_scene
+    from anymodal.tokenizers.image import contrast_map
+
+    cfg = _colour_structure_cfg(model={"structure_input": "contrast"})
+    torch.manual_seed(0)
+    tok = ImageTokenizer(cfg).eval()
+    inks = sorted(COLOURS)
+    images = np.stack([render_scene(Scene(32, 32, (SceneObject(shape, ink, "large", (3, 5, 17, 19)),)))
+                       for shape in ("triangle", "circle") for ink in inks])  # [12, 32, 32, 3]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        latents = tok.structure_positions(x * 2 - 1).view(2, len(inks), -1)  # [shape, ink, cells · d]
+        colour = tok.encoder.colour(x * 2 - 1)  # [12, C, h, w]
+    assert torch.equal(latents, latents[:, :1].expand_as(latents))  # every ink: the same structure
+    assert not torch.allclose(latents[0], latents[1])  # a triangle is not a circle
+    assert not torch.allclose(colour[0], colour[1])  # the colour half does see the ink
+    ids = tok.encode(x).view(2, len(inks), -1)  # [shape, ink, cells]
+    assert (ids // 16 == ids[:, :1] // 16).all()
+    mask = torch.from_numpy((images[0] != 255).any(-1)).float()  # the triangle's ink
+    torch.testing.assert_close(contrast_map(x[:1] * 2 - 1, 8, 0.2)[0, 0], mask)
+    assert contrast_map(torch.zeros(1, 3, 8, 8), 8, 0.2).abs().max() == 0  # a flat cell: no structure
+    tok.save(tmp_path / "c")
+    back = ImageTokenizer.load(tmp_path / "c")
+    assert back.cfg.model.structure_input == "contrast" and torch.equal(back.encode(x), tok.encode(x))
+    with pytest.raises(ConfigError, match="structure_input"):
+        tiny_cfg(model={"encoder": "local", "structure_input": "contrast"})
+    with pytest.raises(ConfigError, match="structure_input"):
+        _colour_structure_cfg(model={"structure_input": "ink"})
+
+
 def test_recolour_invariance_trains_structure_codes_that_ignore_the_ink(world, tmp_path):
     """Trained with loss.recolour_invariance, the structure codes of a scene and of the same scene
     in other inks agree far more often than without it, and the tokenizer still learns to draw."""
