@@ -729,7 +729,7 @@ def test_the_colour_code_sees_which_colours_a_cell_holds_not_where():
 
 def test_contrast_structure_codes_are_the_same_in_every_ink_untrained(tmp_path):
     """structure_input=contrast: a shape's structure codes do not depend on its ink even before
-    training (the contrast map of one ink on white is the ink's mask), while its colour codes do;
+    training (the contrast map of one ink on white is the ink's mask), while its colour half does;
     the option round-trips through save/load and is refused without a structure half."""
     from anymodal.data.scenes import COLOURS, Scene, SceneObject, render_scene
     from anymodal.tokenizers.image import contrast_map
