@@ -44,15 +44,15 @@ def measure(tok: ImageTokenizer) -> dict:
     n_colour = tok.code_factors[0]
     if len(tok.code_factors) != 2:
         raise SystemExit("the tokenizer has no (colour, structure) codes (quantizer.colour_levels)")
-    out = {}
+    out, places = {}, boxes()
     for colour, shape in HELD_OUT:
         inks = (*SEEN_INKS, colour)
-        objects = [SceneObject(shape, ink, "large", box) for box in boxes() for ink in inks]
+        objects = [SceneObject(shape, ink, "large", box) for box in places for ink in inks]
         images = [render_scene(Scene(CANVAS, CANVAS, (o,))) for o in objects]
-        codes = np.stack(tok.encode_pixels(images)).reshape(len(boxes()), len(inks), -1)  # [box, ink, cells]
+        codes = np.stack(tok.encode_pixels(images)).reshape(len(places), len(inks), -1)  # [box, ink, cells]
         structure, colour_codes = codes // n_colour, codes % n_colour
         ink = np.stack([(images[i * len(inks)] != 255).any(-1).reshape(CANVAS // GRID, GRID, CANVAS // GRID, GRID)
-                        .any((1, 3)).reshape(-1) for i in range(len(boxes()))])  # [box, cells]: holds ink
+                        .any((1, 3)).reshape(-1) for i in range(len(places))])  # [box, cells]: holds ink
         agree = float((structure[:, -1] == structure[:, 0])[ink].mean())
         seen = float(np.mean([(structure[:, i] == structure[:, 0])[ink].mean() for i in range(1, len(SEEN_INKS))]))
         hybrid = structure[:, 0] * n_colour + colour_codes[:, -1]  # red's structure, the held-out ink's colour
@@ -61,7 +61,7 @@ def measure(tok: ImageTokenizer) -> dict:
         drawn = (drawn.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         right = np.mean([any(f["colour"] == colour and f["shape"] == shape for f in analyse_image(d)) for d in drawn])
         out[f"{colour} {shape}"] = {"agreement": round(agree, 3), "seen_agreement": round(seen, 3),
-                                    "hybrid_right": round(float(right), 3), "objects": len(boxes()),
+                                    "hybrid_right": round(float(right), 3), "objects": len(places),
                                     "ink_cells": int(ink.sum())}
     return out
 
