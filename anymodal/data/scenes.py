@@ -247,11 +247,19 @@ def where_phrase(box, width: int, height: int | None = None) -> str:
 PHRASE_ORDERS = tuple(PHRASE_LEAD_INS)
 
 
-def describe(o: SceneObject, width: int, height: int | None = None, phrase_order: str = "object_first") -> str:
+# What a prompt may leave unsaid (WorldConfig.t2i_omit): the picture still shows it.
+OMITTABLE = ("colour", "size", "shape", "position")
+
+
+def describe(o: SceneObject, width: int, height: int | None = None, phrase_order: str = "object_first",
+             omit: frozenset[str] = frozenset()) -> str:
+    """One object's phrase; the words in `omit` (of OMITTABLE) left out ("shape" says "shape")."""
+    words = " ".join(["a"] + [w for k, w in (("size", o.size), ("colour", o.colour)) if k not in omit]
+                     + ["shape" if "shape" in omit else o.shape])
+    if "position" in omit:
+        return words
     where = where_phrase(o.box, width, height)
-    if phrase_order == "position_first":
-        return f"{where} a {o.size} {o.colour} {o.shape}"
-    return f"a {o.size} {o.colour} {o.shape} {where}"
+    return f"{where} {words}" if phrase_order == "position_first" else f"{words} {where}"
 
 
 def join_phrases(parts: list[str]) -> str:
@@ -275,11 +283,13 @@ def reading_order(scene: Scene) -> list[SceneObject]:
     return sorted(scene.objects, key=key)
 
 
-def caption(scene: Scene, lead_in: str = "", order: str = "scene", phrase_order: str = "object_first") -> str:
+def caption(scene: Scene, lead_in: str = "", order: str = "scene", phrase_order: str = "object_first",
+            omit: frozenset[str] = frozenset()) -> str:
     """`a small red circle at the top left, a large ... and a ...`: the objects in scene order (a
-    random permutation), or in reading order (`reading_order`); each phrase in `phrase_order`."""
+    random permutation), or in reading order (`reading_order`); each phrase in `phrase_order`,
+    without the words in `omit`."""
     objects = reading_order(scene) if order == "reading" else scene.objects
-    return lead_in + join_phrases([describe(o, scene.width, scene.height, phrase_order) for o in objects])
+    return lead_in + join_phrases([describe(o, scene.width, scene.height, phrase_order, omit) for o in objects])
 
 
 def caption_lead_ins(phrase_order: str = "object_first") -> tuple[str, ...]:

@@ -105,6 +105,9 @@ class WorldConfig:
     # Each object's phrase: "object_first" ("a large red circle at the top left") or
     # "position_first" ("at the top left a large red circle"; scenes.PHRASE_ORDERS).
     phrase_order: str = "object_first"
+    # The phrase order of captions that ask for an image (t2i, a2i, a story's first caption); empty:
+    # phrase_order. Captions a model writes (i2t) and spoken texts keep phrase_order.
+    prompt_phrase_order: str = ""
     # Box corners on multiples of `snap` pixels and sides on multiples of `side_step` (1: any).
     # With `snap` the image tokenizer's code size, an object of one shape and size is the same
     # codes wherever it sits (docs/world.md).
@@ -117,6 +120,11 @@ class WorldConfig:
     # ground / refer documents ask about up to this many objects of their scene, one query and
     # answer after the other (the first is the eval target): more answers per image tokenized
     max_queries: int = 1
+    # Train t2i prompts that leave words out: {word: share} over scenes.OMITTABLE (colour, size,
+    # shape, position), each drawn per prompt; the picture still shows what the prompt leaves
+    # unsaid. Prompts of varied detail, as text-to-image training sets mix short and full captions;
+    # val prompts stay whole (the checks read them). Empty: no random number is spent on it.
+    t2i_omit: dict[str, float] = field(default_factory=dict)
     prose_max_chars: int = 900
     shard_size: int = 1000
     speech_batch: int = 128  # documents per speech batch (fixed: audio depends on batch boundaries)
@@ -151,6 +159,8 @@ class WorldConfig:
                               f"({self.max_objects})")
         check_choice("a2i_answer", self.a2i_answer, A2I_ANSWERS)
         check_choice("phrase_order", self.phrase_order, S.PHRASE_ORDERS)
+        if self.prompt_phrase_order:
+            check_choice("prompt_phrase_order", self.prompt_phrase_order, S.PHRASE_ORDERS)
         if self.caption_order not in S.CAPTION_ORDERS:
             raise ConfigError(f"config key 'caption_order' is {self.caption_order!r}; it must be one of "
                               f"{', '.join(S.CAPTION_ORDERS)}")
@@ -166,6 +176,10 @@ class WorldConfig:
             raise ConfigError("config key 'voices' must list at least one espeak-ng voice")
         if self.speed_min > self.speed_max or self.pitch_min > self.pitch_max:
             raise ConfigError("speed_min/pitch_min must not exceed speed_max/pitch_max")
+        for word, share in self.t2i_omit.items():
+            check_choice("t2i_omit", word, S.OMITTABLE)
+            if not 0.0 <= share <= 1.0:
+                raise ConfigError(f"config key 't2i_omit' entry {word!r} is {share}; it must lie in [0, 1]")
         if self.max_queries < 1:
             raise ConfigError("config key 'max_queries' must be at least 1")
         if self.story_max_images not in (2, 3):
@@ -276,10 +290,11 @@ class _Planner:
         leads = S.caption_lead_ins(self.cfg.phrase_order)
         return S.caption(scene, leads[int(rng.integers(len(leads)))], self.cfg.caption_order, self.cfg.phrase_order)
 
-    def prompt_caption(self, rng, scene: S.Scene) -> str:
+    def prompt_caption(self, rng, scene: S.Scene, omit: frozenset[str] = frozenset()) -> str:
         """A caption that asks for an image (t2i, a2i, story): says "wide" or "tall" unless square."""
-        leads = S.prompt_lead_ins(scene.aspect, self.cfg.phrase_order)
-        return S.caption(scene, leads[int(rng.integers(len(leads)))], self.cfg.caption_order, self.cfg.phrase_order)
+        order = self.cfg.prompt_phrase_order or self.cfg.phrase_order
+        leads = S.prompt_lead_ins(scene.aspect, order)
+        return S.caption(scene, leads[int(rng.integers(len(leads)))], self.cfg.caption_order, order, omit)
 
     @staticmethod
     def scene_meta(scene: S.Scene) -> dict:
@@ -318,7 +333,13 @@ class _Planner:
     # --- one method per kind: (segments, meta)
     def _t2i(self, rng, unseen):
         sc = self.image_scene(rng, unseen)
-        return [{"text": self.prompt_caption(rng, sc)}, {"image": sc}], {**self.scene_meta(sc), "prompt_segments": 1}
+        omit = frozenset()
+        if self.split == "train" and self.cfg.t2i_omit:
+            omit = frozenset(w for w, share in sorted(self.cfg.t2i_omit.items()) if rng.random() < share)
+        meta = {**self.scene_meta(sc), "prompt_segments": 1}
+        if omit:
+            meta["omitted"] = sorted(omit)
+        return [{"text": self.prompt_caption(rng, sc, omit)}, {"image": sc}], meta
 
     def cue(self, rng, task: str, ref: str | None = None) -> str:
         return cue(task, int(rng.integers(len(CUES[task]))), ref=ref)

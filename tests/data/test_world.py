@@ -313,3 +313,55 @@ def test_prose_paragraphs_are_running_prose_shipped_with_the_package():
     for p in paras:
         assert 80 <= len(p) <= 1500 and p[-1] in ".!?" and "\n" not in p
         assert not re.search(r"</?[a-z_0-9]+>", p)  # nothing that reads as a special piece
+
+
+def test_t2i_omit_leaves_words_out_of_train_prompts_only(tmp_path):
+    """t2i_omit: a share of train t2i prompts leave out each object's colour (the picture still
+    shows it); the rest of the prompt is whole, and val prompts are never cut (the checks read them)."""
+    over = ["t2i_omit.colour=0.5", "kinds.t2i=1", "kinds.i2t=0", "kinds.ground=0", "kinds.refer=0",
+            "kinds.story=0", "kinds.prose=0"]
+    colour_re = re.compile(r"\b(" + "|".join(W.S.COLOURS) + r")\b")
+    for split in ("train", "val"):
+        W.generate_world(tmp_path / split, split, docs=80, seed=3, progress=False, audio=False, overrides=over)
+        docs = list(iter_documents(str(tmp_path / split / f"{split}-*.tar"), audio=False, image_size=None))
+        cut = [d for d in docs if d.meta.get("omitted")]
+        for d in docs:
+            text, objects = d.segments[0]["text"], d.meta["objects"]
+            shapes = re.findall(r"\b(" + "|".join(W.S.SHAPES) + r")\b", text)
+            assert sorted(shapes) == sorted(o["shape"] for o in objects), text
+            assert sorted(re.findall(r"\b(small|large)\b", text)) == sorted(o["size"] for o in objects), text
+            found = analyse_image(np.asarray(d.images[0]))
+            assert sorted(o["colour"] for o in found) == sorted(o["colour"] for o in objects)  # drawn in colour
+            if d.meta.get("omitted"):
+                assert d.meta["omitted"] == ["colour"] and not colour_re.search(text), text
+            else:
+                assert caption_correct(text, objects), text
+        if split == "train":
+            assert 20 < len(cut) < 60, len(cut)
+        else:
+            assert not cut
+    phrase = W.S.describe(W.S.SceneObject("circle", "red", "large", (0, 0, 20, 20)), 48, 48, "position_first",
+                          frozenset({"shape", "position"}))
+    assert phrase == "a large red shape"
+    with pytest.raises(UserError, match="t2i_omit"):
+        W.load_world_config(None, ["t2i_omit.texture=0.5"])
+    with pytest.raises(UserError, match="t2i_omit"):
+        W.load_world_config(None, ["t2i_omit.colour=1.5"])
+
+
+def test_prompt_phrase_order_orders_prompts_and_leaves_captions(tmp_path):
+    """prompt_phrase_order sets the order of captions that ask for an image (t2i); captions the
+    model writes (i2t) keep phrase_order; both parse back to their scene."""
+    W.generate_world(tmp_path, "train", docs=60, seed=5, progress=False, audio=False,
+                     overrides=["phrase_order=position_first", "prompt_phrase_order=object_first", "kinds.t2i=1",
+                                "kinds.i2t=1", "kinds.ground=0", "kinds.refer=0", "kinds.story=0", "kinds.prose=0"])
+    kinds = Counter()
+    for doc in iter_documents(str(tmp_path / "train-*.tar"), audio=False, image_size=None):
+        text = doc.segments[0]["text"] if doc.kind == "t2i" else doc.segments[-1]["text"]
+        assert caption_correct(text, doc.meta["objects"]), text
+        body = text.split(": ")[-1]
+        assert body.startswith(("at the ", "in the center ")) == (doc.kind == "i2t"), (doc.kind, text)
+        kinds[doc.kind] += 1
+    assert kinds["t2i"] > 15 and kinds["i2t"] > 15
+    with pytest.raises(UserError, match="prompt_phrase_order"):
+        W.load_world_config(None, ["prompt_phrase_order=backwards"])
