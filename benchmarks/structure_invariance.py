@@ -27,11 +27,13 @@ import torch
 
 from anymodal.data.checker import analyse_image
 from anymodal.data.scenes import Scene, SceneObject, render_scene
+from anymodal.data.world import load_world_config
 from anymodal.tokenizers.image import ImageTokenizer
 
-HELD_OUT = (("purple", "triangle"), ("orange", "square"))  # the demo world's `unseen`
+WORLD = load_world_config()  # the demo world: its held-out pairs, canvas and code grid
+HELD_OUT = [tuple(pair.split()) for pair in WORLD.unseen]
 SEEN_INKS = ("red", "green", "blue", "yellow")
-CANVAS, GRID = 48, 8
+CANVAS, GRID = WORLD.image_size, WORLD.snap
 
 
 def boxes() -> list[tuple[int, int, int, int]]:
@@ -41,9 +43,9 @@ def boxes() -> list[tuple[int, int, int, int]]:
 
 
 def measure(tok: ImageTokenizer) -> dict:
-    n_colour = tok.code_factors[0]
     if len(tok.code_factors) != 2:
         raise SystemExit("the tokenizer has no (colour, structure) codes (quantizer.colour_levels)")
+    n_colour = tok.code_factors[0]
     out, places = {}, boxes()
     for colour, shape in HELD_OUT:
         inks = (*SEEN_INKS, colour)

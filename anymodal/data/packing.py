@@ -352,8 +352,9 @@ class PackedLoader:
         if "sources" in state and "sources" in now and state["sources"] != now["sources"]:
             raise UserError(f"cannot resume the data loader: the data sources changed (were "
                             f"{_sources_text(state['sources'])}; now {_sources_text(now['sources'])})")
-        mixture_keys = (("kind_weights", "kind_weights", {}), ("phases", "the curriculum phases", []))
-        for key, what, none in mixture_keys if "sources" in now else ():
+        mixture_keys = (("kind_weights", "kind_weights", {}), ("phases", "the curriculum phases", [])) \
+            if "sources" in now else ()
+        for key, what, none in mixture_keys:
             if state.get(key, none) != now.get(key, none):
                 raise UserError(f"cannot resume the data loader: {what} were {state.get(key, none)}, "
                                 f"now {now.get(key, none)}")
