@@ -3,8 +3,8 @@
 Each stage runs the public CLI in a subprocess (exactly what a user would type), writes its
 outputs under `out/`, and leaves a `.done/<stage>` marker when it succeeds, so an interrupted
 demo picks up at the first unfinished stage (and the trainers themselves resume mid-stage).
-The default recipe fits about 30 minutes on a 2-core CPU; with CUDA present the `gpu` overrides
-train longer and larger.
+The default recipe trains each stage for a number of steps, about 30 minutes on a 2-core CPU at
+its usual speed; with CUDA present the `gpu` overrides train a larger model for fixed minutes.
 """
 
 from __future__ import annotations
