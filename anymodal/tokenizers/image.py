@@ -80,13 +80,15 @@ class ImageModelConfig:
     # What the structure half of (colour, structure) codes reads (quantizer.colour_levels):
     # 'pixels': the cell's RGB, kept blind to the ink only by loss.recolour_invariance, which a
     # training meets for some inks and not others; 'contrast': the cell's contrast map
-    # (`contrast_map`), for one ink on a white ground the same whatever the ink.
+    # (`contrast_map`), for one ink on a white ground the same whatever the ink; 'ink_mask': each
+    # pixel's distance from white (`ink_map`), the same, and a cell wholly inside an object is
+    # all ink where its contrast map is blank like a white cell's.
     structure_input: str = "pixels"
-    contrast_floor: float = 0.2  # 'contrast': the least distance normalised to 1 ([-1, 1] units)
+    contrast_floor: float = 0.2  # 'contrast', 'ink_mask': the least distance normalised to 1 ([-1, 1] units)
 
     def __post_init__(self) -> None:
         check_choice("model.downsample", self.downsample, (4, 8, 16))
-        check_choice("model.structure_input", self.structure_input, ("pixels", "contrast"))
+        check_choice("model.structure_input", self.structure_input, ("pixels", "contrast", "ink_mask"))
         if self.contrast_floor <= 0:
             raise ConfigError(f"model.contrast_floor must be > 0, got {self.contrast_floor}")
         check_choice("model.patch_size", self.patch_size, (1, 2, 4, 8))
@@ -254,7 +256,8 @@ class ImageTokenizerConfig:
         if self.quantizer.colour_levels and self.model.encoder != "local":
             raise ConfigError("quantizer.colour_levels needs model.encoder=local (codes of one cell each)")
         if self.model.structure_input != "pixels" and not self.quantizer.colour_levels:
-            raise ConfigError("model.structure_input=contrast needs quantizer.colour_levels (a structure half)")
+            raise ConfigError(f"model.structure_input={self.model.structure_input} needs quantizer.colour_levels "
+                              "(a structure half)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,23 +374,34 @@ def contrast_map(x: torch.Tensor, cell: int, floor: float) -> torch.Tensor:
     return F.pixel_shuffle(dist, cell)  # [B, 1, H, W]
 
 
+def ink_map(x: torch.Tensor, cell: int, floor: float) -> torch.Tensor:
+    """x [B, 3, H, W] -> [B, 1, H, W]: each pixel's RGB distance from white, divided by its cell's
+    largest such distance (at least `floor`). One ink on a white ground maps to the ink's mask
+    whatever the ink, as with `contrast_map`, and a cell wholly inside an object maps to ones, where
+    its contrast map is blank like a white cell's (which leaves the colour code to tell the two
+    apart)."""
+    dist = (x - 1).norm(dim=1, keepdim=True)  # [B, 1, H, W]: white is 1 in [-1, 1] units
+    peak = F.max_pool2d(dist, cell).clamp_min(floor)  # [B, 1, H / cell, W / cell]
+    return dist / peak.repeat_interleave(cell, 2).repeat_interleave(cell, 3)
+
+
 class ColourStructureEncoder(nn.Module):
     """The latent of (colour, structure) codes: [B, 3, H, W] -> [B, Cz, h, w], the first Cz / 2
     channels from `ColourEncoder`, the rest from a `LocalEncoder` of the whole cell (or of its
-    `contrast_map`: model.structure_input)."""
+    `contrast_map` or `ink_map`: model.structure_input)."""
 
     def __init__(self, cfg: ImageModelConfig):
         super().__init__()
         half = cfg.z_channels // 2
         self.cell, self.floor = cfg.downsample, cfg.contrast_floor
-        self.contrast = cfg.structure_input == "contrast"
+        self.structure_map = {"contrast": contrast_map, "ink_mask": ink_map}.get(cfg.structure_input)
         self.colour = ColourEncoder(cfg, half)
         self.structure = LocalEncoder(dataclasses.replace(cfg, z_channels=cfg.z_channels - half),
-                                      in_channels=1 if self.contrast else 3)
+                                      in_channels=1 if self.structure_map else 3)
 
     def structure_latent(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 3, H, W] -> the structure latent [B, Cz - Cz / 2, h, w]."""
-        return self.structure(contrast_map(x, self.cell, self.floor) if self.contrast else x)
+        return self.structure(self.structure_map(x, self.cell, self.floor) if self.structure_map else x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.colour(x), self.structure_latent(x)], dim=1)

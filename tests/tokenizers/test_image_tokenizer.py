@@ -727,14 +727,15 @@ def test_the_colour_code_sees_which_colours_a_cell_holds_not_where():
         tiny_cfg(model={"encoder": "local"}, quantizer={"kind": "vq", "colour_levels": [4, 4]})
 
 
-def test_contrast_structure_codes_are_the_same_in_every_ink_untrained(tmp_path):
-    """structure_input=contrast: a shape's structure codes do not depend on its ink even before
-    training (the contrast map of one ink on white is the ink's mask), while its colour half does;
+@pytest.mark.parametrize("structure_input", ["contrast", "ink_mask"])
+def test_mapped_structure_codes_are_the_same_in_every_ink_untrained(tmp_path, structure_input):
+    """structure_input=contrast or ink_mask: a shape's structure codes do not depend on its ink even
+    before training (the map of one ink on white is the ink's mask), while its colour half does;
     the option round-trips through save/load and is refused without a structure half."""
     from anymodal.data.scenes import COLOURS, Scene, SceneObject, render_scene
-    from anymodal.tokenizers.image import contrast_map
+    from anymodal.tokenizers.image import contrast_map, ink_map
 
-    cfg = _colour_structure_cfg(model={"structure_input": "contrast"})
+    cfg = _colour_structure_cfg(model={"structure_input": structure_input})
     torch.manual_seed(0)
     tok = ImageTokenizer(cfg).eval()
     inks = sorted(COLOURS)
@@ -750,13 +751,18 @@ def test_contrast_structure_codes_are_the_same_in_every_ink_untrained(tmp_path):
     ids = tok.encode(x).view(2, len(inks), -1)  # [shape, ink, cells]
     assert (ids // 16 == ids[:, :1] // 16).all()
     mask = torch.from_numpy((images[0] != 255).any(-1)).float()  # the triangle's ink
-    torch.testing.assert_close(contrast_map(x[:1] * 2 - 1, 8, 0.2)[0, 0], mask)
-    assert contrast_map(torch.zeros(1, 3, 8, 8), 8, 0.2).abs().max() == 0  # a flat cell: no structure
+    structure_map = {"contrast": contrast_map, "ink_mask": ink_map}[structure_input]
+    torch.testing.assert_close(structure_map(x[:1] * 2 - 1, 8, 0.2)[0, 0], mask)
+    white, full = torch.ones(1, 3, 8, 8), torch.tensor([0.6, -0.8, 0.4]).view(1, 3, 1, 1).expand(1, 3, 8, 8)
+    assert structure_map(white, 8, 0.2).abs().max() == 0  # a white cell: no structure
+    # a cell wholly inside an object: blank like white in the contrast map, all ink in the ink mask
+    torch.testing.assert_close(ink_map(full, 8, 0.2), torch.ones(1, 1, 8, 8))
+    assert contrast_map(full, 8, 0.2).abs().max() == 0
     tok.save(tmp_path / "c")
     back = ImageTokenizer.load(tmp_path / "c")
-    assert back.cfg.model.structure_input == "contrast" and torch.equal(back.encode(x), tok.encode(x))
+    assert back.cfg.model.structure_input == structure_input and torch.equal(back.encode(x), tok.encode(x))
     with pytest.raises(ConfigError, match="structure_input"):
-        tiny_cfg(model={"encoder": "local", "structure_input": "contrast"})
+        tiny_cfg(model={"encoder": "local", "structure_input": structure_input})
     with pytest.raises(ConfigError, match="structure_input"):
         _colour_structure_cfg(model={"structure_input": "ink"})
 
