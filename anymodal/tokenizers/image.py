@@ -88,7 +88,7 @@ class ImageModelConfig:
 
     def __post_init__(self) -> None:
         check_choice("model.downsample", self.downsample, (4, 8, 16))
-        check_choice("model.structure_input", self.structure_input, ("pixels", "contrast", "ink_mask"))
+        check_choice("model.structure_input", self.structure_input, ("pixels", *STRUCTURE_MAPS))
         if self.contrast_floor <= 0:
             raise ConfigError(f"model.contrast_floor must be > 0, got {self.contrast_floor}")
         check_choice("model.patch_size", self.patch_size, (1, 2, 4, 8))
@@ -380,9 +380,14 @@ def ink_map(x: torch.Tensor, cell: int, floor: float) -> torch.Tensor:
     whatever the ink, as with `contrast_map`, and a cell wholly inside an object maps to ones, where
     its contrast map is blank like a white cell's (which leaves the colour code to tell the two
     apart)."""
+    b, _, height, width = x.shape
     dist = (x - 1).norm(dim=1, keepdim=True)  # [B, 1, H, W]: white is 1 in [-1, 1] units
-    peak = F.max_pool2d(dist, cell).clamp_min(floor)  # [B, 1, H / cell, W / cell]
-    return dist / peak.repeat_interleave(cell, 2).repeat_interleave(cell, 3)
+    cells = dist.view(b, 1, height // cell, cell, width // cell, cell)  # [B, 1, h, d, w, d]
+    return (cells / cells.amax((3, 5), keepdim=True).clamp_min(floor)).view_as(dist)
+
+
+# what the structure half reads, by model.structure_input (anything else: the cell's pixels)
+STRUCTURE_MAPS = {"contrast": contrast_map, "ink_mask": ink_map}
 
 
 class ColourStructureEncoder(nn.Module):
@@ -394,7 +399,7 @@ class ColourStructureEncoder(nn.Module):
         super().__init__()
         half = cfg.z_channels // 2
         self.cell, self.floor = cfg.downsample, cfg.contrast_floor
-        self.structure_map = {"contrast": contrast_map, "ink_mask": ink_map}.get(cfg.structure_input)
+        self.structure_map = STRUCTURE_MAPS.get(cfg.structure_input)
         self.colour = ColourEncoder(cfg, half)
         self.structure = LocalEncoder(dataclasses.replace(cfg, z_channels=cfg.z_channels - half),
                                       in_channels=1 if self.structure_map else 3)

@@ -15,6 +15,8 @@ import sys
 
 from tqdm import tqdm
 
+from .schedule import decay_progress
+
 SHARE = 1000  # a budgeted bar's units: thousandths of the run
 
 
@@ -35,8 +37,8 @@ class ProgressBar:
             self.bar = tqdm(total=steps, initial=step, unit="step", **common)
 
     def _share(self, step: int, elapsed: float) -> int:
-        done = max(step / self.steps if self.steps > 0 else 0.0, elapsed / self.budget)
-        return round(SHARE * min(1.0, done))
+        # the trainers' own measure of how far the run is (it ends their cosine and their loop)
+        return round(SHARE * min(1.0, decay_progress(step, 0, self.steps, elapsed, self.budget)))
 
     def update(self, step: int, elapsed: float, **postfix) -> None:
         """Step `step` is done, `elapsed` seconds into the budget; `postfix` shows until the next update."""

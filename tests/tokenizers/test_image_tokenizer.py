@@ -733,7 +733,7 @@ def test_mapped_structure_codes_are_the_same_in_every_ink_untrained(tmp_path, st
     before training (the map of one ink on white is the ink's mask), while its colour half does;
     the option round-trips through save/load and is refused without a structure half."""
     from anymodal.data.scenes import COLOURS, Scene, SceneObject, render_scene
-    from anymodal.tokenizers.image import contrast_map, ink_map
+    from anymodal.tokenizers.image import STRUCTURE_MAPS, contrast_map, ink_map
 
     cfg = _colour_structure_cfg(model={"structure_input": structure_input})
     torch.manual_seed(0)
@@ -751,7 +751,7 @@ def test_mapped_structure_codes_are_the_same_in_every_ink_untrained(tmp_path, st
     ids = tok.encode(x).view(2, len(inks), -1)  # [shape, ink, cells]
     assert (ids // 16 == ids[:, :1] // 16).all()
     mask = torch.from_numpy((images[0] != 255).any(-1)).float()  # the triangle's ink
-    structure_map = {"contrast": contrast_map, "ink_mask": ink_map}[structure_input]
+    structure_map = STRUCTURE_MAPS[structure_input]
     torch.testing.assert_close(structure_map(x[:1] * 2 - 1, 8, 0.2)[0, 0], mask)
     white, full = torch.ones(1, 3, 8, 8), torch.tensor([0.6, -0.8, 0.4]).view(1, 3, 1, 1).expand(1, 3, 8, 8)
     assert structure_map(white, 8, 0.2).abs().max() == 0  # a white cell: no structure
