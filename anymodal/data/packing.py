@@ -11,7 +11,9 @@ A row becomes (ids = row[:-1], labels = row[1:]), with
 - doc_ids   [T]: index of the piece each token belongs to (pad: one more id) -> attention mask,
 - positions [T]: restart at 0 at every piece start,
 - labels   = -100 where the next token is in another piece or is padding,
-- modality  [T]: modality id of each *label* token (per-modality losses).
+- modality  [T]: modality id of each *label* token (per-modality losses),
+- answer    [T]: the token lies after its document's conditioning span (the image of a t2i/a2i
+  document, the speech of a tts one): what the model generates when it is asked.
 
 The epoch's rows are computed from document lengths alone, so packing never reads tokens.
 Rows are cut to a multiple of the global batch (`world_size · micro_batch · grad_accum`) and dealt
@@ -311,6 +313,7 @@ class PackedLoader:
         mod = np.zeros((len(rows), width), dtype=np.int64)
         doc = np.zeros((len(rows), width), dtype=np.int64)
         pos = np.zeros((len(rows), width), dtype=np.int64)
+        ans = np.zeros((len(rows), width), dtype=bool)
         for b, r in enumerate(rows):
             at = 0
             lo, hi = int(plan.row_ptr[r]), int(plan.row_ptr[r + 1])
@@ -321,6 +324,9 @@ class PackedLoader:
                 mod[b, at : at + n] = m[s : s + n]
                 doc[b, at : at + n] = k
                 pos[b, at : at + n] = np.arange(n)
+                if self.cond_len[d] > 0:  # where the answer starts in the (maybe dropped) document
+                    first = int(self.data.cond_start[d] if plan.drop[p] else self.data.cond_end[d])
+                    ans[b, at : at + n] = np.arange(s, s + n) >= first
                 at += n
             doc[b, at:] = hi - lo  # padding: one block of its own, never a label
             pos[b, at:] = np.arange(width - at)
@@ -334,6 +340,7 @@ class PackedLoader:
             "positions": torch.from_numpy(pos[:, :-1].copy()),  # [B, T]
             "doc_ids": torch.from_numpy(doc[:, :-1].copy()),  # [B, T]
             "modality": torch.from_numpy(mod[:, 1:].copy()),  # [B, T] modality of each label
+            "answer": torch.from_numpy(ans[:, :-1].copy()),  # [B, T] input token in an answer span
             "epoch": epoch,
             "rows": rows,
         }

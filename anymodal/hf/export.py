@@ -157,14 +157,18 @@ def export_hf(bundle_dir: str | Path, out: str | Path, max_shard_size: int | str
 
     bundle_dir, out = Path(bundle_dir), Path(out)
     b = load_bundle(bundle_dir, device="cpu")
-    cfg, space = b.model.cfg, b.space
+    if b.model.cfg.blind_decode:
+        print(f"[export] note: {bundle_dir} reads the codes it generates without their colour (blind_decode); "
+              "Chameleon has no such reading, so the Hugging Face model reads them whole", file=sys.stderr)
+    model = b.model.fold_code_factors()  # Chameleon: one table row per id
+    cfg, space = model.cfg, b.space
     try:
         check_exportable(cfg)
     except ValueError as e:
         raise UserError(f"cannot export {bundle_dir} to Hugging Face format: {e}") from None
-    params = b.model.num_params()
+    params = model.num_params()
     hf_config = _hf_config(cfg, space, params, b.max_image_tokens)
-    state = to_hf_state_dict(b.model.state_dict(), cfg)
+    state = to_hf_state_dict(model.state_dict(), cfg)
     if cfg.tie_embeddings:  # one tensor under two names: safetensors stores each name's own copy
         state["lm_head.weight"] = state["lm_head.weight"].clone()
     state.update(_placeholder_vq_weights(hf_config))

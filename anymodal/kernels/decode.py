@@ -52,8 +52,6 @@ def _has_structure(model) -> bool:
     """The Transformer layout the kernel computes (a wrapper or another model does not have it)."""
     if not all(hasattr(model, n) for n in ("tok_emb", "layers", "norm", "head", "cfg")):
         return False
-    if getattr(model, "code_factors", None) is not None:  # rows computed per pass: fold it first
-        return False
     if len(model.layers) == 0:
         return False
     blk = model.layers[0]
@@ -84,9 +82,10 @@ class NativeDecoder:
                     qk_w=a.qk_norm.weight.detach() if a.qk_norm is not None else None,
                     qk_b=a.qk_norm.bias.detach() if a.qk_norm is not None else None,
                 ))
-            self.emb = model.tok_emb.weight.detach()  # [V, D]
+            # factored code rows summed once; a blind_decode model reads its codes without the first factor
+            self.emb = model.decode_table().detach().contiguous()  # [V, D]
             self.norm = model.norm.weight.detach()  # [D]
-            self.head = _t(model.head.weight)  # [D, V]
+            self.head = _t(model.head_weight())  # [D, V]
         self.qk_norm = layers[0]["qk_w"] is not None
         self._layers = layers  # the kernel reads these tensors through the pointers below
         ptrs = [L[k].data_ptr() if L[k] is not None else None for L in layers for k in LAYER_WEIGHTS]

@@ -48,6 +48,12 @@ class ModelConfig:
     # row. Empty = plain table rows.
     code_factors: list[int] = field(default_factory=list)
     code_offset: int = 0
+    # Decode steps (the tokens a model generates, fed back) embed a code without its first factor's
+    # row: with (colour, structure) image codes the model reads what it drew as structure alone, as
+    # training with `image_colour_dropout` taught it, and continues a shape from the shape drawn so
+    # far, not from the shapes its colour came with. Prompts (prefill) are read whole. Needs
+    # code_factors (bundles of such a model keep them unfolded).
+    blind_decode: bool = False
 
     def __post_init__(self) -> None:
         check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
@@ -83,6 +89,8 @@ class ModelConfig:
             if min(self.code_factors) < 1 or self.code_offset < 0 or self.code_offset + count > self.vocab_size:
                 raise ConfigError(f"code_factors {self.code_factors} need their {count} code ids inside the "
                                   f"vocabulary: code_offset {self.code_offset} + {count} > vocab_size {self.vocab_size}")
+        if self.blind_decode and len(self.code_factors) < 2:
+            raise ConfigError("blind_decode needs code_factors (a first factor to leave out and another to keep)")
 
     @property
     def q_dim(self) -> int:

@@ -257,6 +257,14 @@ class CodeFactors(nn.Module):
         a, b = self.offset, self.offset + self.count
         return torch.cat([weight[:a], self.rows().to(weight.dtype), weight[b:]])  # [V, D]
 
+    def first_rows(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """ids [B, T] -> the row of each code's first factor where `where` [B, T] holds and the id is
+        a code, else zeros: [B, T, D]."""
+        rel = ids - self.offset
+        where = where & (rel >= 0) & (rel < self.count)
+        rows = self.tables[0][self.digits[0][rel.clamp(0, self.count - 1)]]  # [B, T, D]
+        return rows * where.unsqueeze(-1).to(rows.dtype)
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -312,13 +320,29 @@ class Transformer(nn.Module):
         w = self.tok_emb.weight
         return w if self.code_factors is None else self.code_factors.table(w)
 
+    def decode_table(self) -> torch.Tensor:
+        """The rows a decode step reads its token from [V, D]: the embedding table, and with
+        cfg.blind_decode each code's row without its first factor's."""
+        w = self.embedding_table()
+        if not self.cfg.blind_decode:
+            return w
+        f = self.code_factors
+        a, b = f.offset, f.offset + f.count
+        return torch.cat([w[:a], w[a:b] - f.tables[0][f.digits[0]], w[b:]])  # [V, D]
+
+    def head_weight(self) -> torch.Tensor:
+        """The output head's rows [V, D] (tied factored codes: their factor sums)."""
+        return self.embedding_table() if self.code_factors is not None and self.cfg.tie_embeddings \
+            else self.head.weight
+
     @torch.no_grad()
     def fold_code_factors(self) -> Transformer:
         """The same function as a plain model (factor sums written into the table; tied, that is the
-        head too): what bundles and the Hugging Face export store."""
+        head too): what bundles and the Hugging Face export store. A blind_decode model folds into one
+        that reads its own codes whole (the same logits on any given sequence, not in decode)."""
         if self.code_factors is None:
             return self
-        cfg = dataclasses.replace(self.cfg, code_factors=[], code_offset=0)
+        cfg = dataclasses.replace(self.cfg, code_factors=[], code_offset=0, blind_decode=False)
         plain = Transformer(cfg).to(self.tok_emb.weight.device, self.tok_emb.weight.dtype)
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("code_factors.")}
         state["tok_emb.weight"] = self.embedding_table()
@@ -340,6 +364,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        drop_first_factor: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with last_only) for token ids [B, T].
 
@@ -347,6 +372,8 @@ class Transformer(nn.Module):
         doc_ids [B, T]: packed documents (attend within the same id only, causally). No cache.
         cache: append this step's keys/values and attend to everything cached before.
         attention_mask [B, T] bool: False marks left padding (never attended to).
+        drop_first_factor [B, T] bool: these code positions are embedded without their first factor's
+        row (with (colour, structure) image codes: as their structure alone). Needs code_factors.
         """
         b, t = ids.shape
         if doc_ids is not None and cache is not None:
@@ -368,6 +395,10 @@ class Transformer(nn.Module):
                 positions = positions + cache.next_pos[:, None]
         table = self.embedding_table() if self.code_factors is not None else None  # [V, D]
         x = self.tok_emb(ids) if table is None else F.embedding(ids, table)  # [B, T, D]
+        if drop_first_factor is not None:
+            if self.code_factors is None:
+                raise ValueError("drop_first_factor needs a model with code_factors")
+            x = x - self.code_factors.first_rows(ids, drop_first_factor.to(torch.bool))  # [B, T, D]
         mask = self._mask(b, t, past, doc_ids, attention_mask, cache, ids.device)
         rot = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # [B, T, 1, hd/2]
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -414,5 +445,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One new token per row ids [B, 1]; logits [B, V] for the token after it."""
-        return self.forward(ids, cache=cache, last_only=True)[:, -1]
+        """One new token per row ids [B, 1]; logits [B, V] for the token after it. With
+        cfg.blind_decode a code is read without its first factor (`forward`'s drop_first_factor)."""
+        blind = torch.ones_like(ids, dtype=torch.bool) if self.cfg.blind_decode else None
+        return self.forward(ids, cache=cache, last_only=True, drop_first_factor=blind)[:, -1]

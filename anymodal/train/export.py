@@ -102,7 +102,8 @@ def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = Non
     if missing or unexpected:
         raise UserError(f"checkpoint {ckpt} does not fit {run}/model.yaml: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
-    model = model.fold_code_factors()  # a bundle is a plain model: one table row per id
+    if not cfg.blind_decode:  # a bundle is a plain model (one table row per id) unless it needs the factors
+        model = model.fold_code_factors()
     cfg = model.cfg
 
     tmp = fresh_dir_beside(out, "tmp-export")

@@ -139,6 +139,14 @@ class TrainConfig:
     # its factors' rows, the factors its image tokenizer's product code declares, e.g. colour and
     # shape part: `ModelConfig.code_factors`; bundles store the folded table)
     image_code_embedding: str = "table"
+    # share of generated images (the answers of t2i/a2i documents) that the model reads back, as
+    # inputs, with their codes' first factor left out of the embedding (the colour of (colour,
+    # structure) codes): it must then continue a shape from the structure drawn so far, where the
+    # colour alone would say which shapes that colour came with in training. Above 0 the model
+    # reads every code it generates that way (ModelConfig.blind_decode). Needs
+    # image_code_embedding=factored; drawn per document from (seed, epoch, row), so any process
+    # count and a resumed run draw the same.
+    image_colour_dropout: float = 0.0
     seq_len: int = 512  # tokens per packed row (the model sees rows of seq_len, predicts seq_len labels)
     micro_batch: int = 8  # rows per process per forward
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -211,8 +219,11 @@ class TrainConfig:
             raise ConfigError(f"config key 'max_minutes' must be >= 0, got {self.max_minutes}")
         if self.lr <= 0 or self.warmup < 0 or self.keep_last < 1 or self.clip < 0 or self.max_nan_skips < 0:
             raise ConfigError("config keys lr > 0, warmup >= 0, keep_last >= 1, clip >= 0, max_nan_skips >= 0")
-        if not 0.0 <= self.cond_dropout <= 1.0:
-            raise ConfigError(f"config key 'cond_dropout' must be in [0, 1], got {self.cond_dropout}")
+        for name in ("cond_dropout", "image_colour_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"config key '{name}' must be in [0, 1], got {getattr(self, name)}")
+        if self.image_colour_dropout and self.image_code_embedding != "factored":
+            raise ConfigError("image_colour_dropout needs image_code_embedding=factored (a colour factor to leave out)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"config key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
         parse_sources(self.data)  # a malformed source list fails here, before any process starts
@@ -223,6 +234,18 @@ class TrainConfig:
         if self.task_eval_every and not self.task_eval_data:
             raise ConfigError("task_eval_every is set but task_eval_data (raw val shards) is not")
         check_tasks(self.task_eval_tasks)
+
+
+def colour_dropout(micro: dict, share: float, seed: int) -> torch.Tensor | None:
+    """[B, T] bool: the answer tokens of the documents of micro-batch `micro` drawn for
+    image_colour_dropout (one draw per document piece, from the seed, the epoch and the global row:
+    the same on any number of processes and after a resume), or None when `share` is 0."""
+    if not share:
+        return None
+    doc = micro["doc_ids"]  # [B, T]: piece index within the row (padding: one past the last)
+    draws = np.stack([np.random.default_rng([seed, 17, micro["epoch"], r]).random(doc.shape[1] + 1)
+                      for r in micro["rows"]])  # [B, T + 1]: one per possible piece
+    return micro["answer"] & (torch.from_numpy(draws).gather(1, doc) < share)  # [B, T]
 
 
 class DivergedError(UserError):
@@ -256,6 +279,7 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, code_block: tuple[int,
             else cfg.activation_checkpointing}
     if code_block is not None:
         data["code_offset"], data["code_factors"] = code_block[0], list(code_block[1])
+        data["blind_decode"] = cfg.image_colour_dropout > 0  # it reads its own images as it learnt to
     return load_config(ModelConfig, data=data)
 
 
@@ -666,7 +690,9 @@ class LMTrainer:
         for micro in batch:
             ids = micro["ids"].to(device, non_blocking=True)  # [B, T]
             labels = micro["labels"].to(device, non_blocking=True)  # [B, T]
-            logits = engine(ids, positions=micro["positions"].to(device), doc_ids=micro["doc_ids"].to(device))
+            colourless = colour_dropout(micro, cfg.image_colour_dropout, cfg.seed)
+            logits = engine(ids, positions=micro["positions"].to(device), doc_ids=micro["doc_ids"].to(device),
+                            drop_first_factor=None if colourless is None else colourless.to(device))
             # The loss is the logits' last use: its backward may overwrite them with their
             # gradient instead of allocating another [B, T, V] buffer.
             out = lm_loss(logits, labels, micro["modality"].to(device), z_loss_weight=self.z_weight,

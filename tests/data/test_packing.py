@@ -173,6 +173,30 @@ def test_cond_dropout_removes_prompt(dataset):
     np.testing.assert_array_equal(np.unique(plan.doc, return_index=True)[1].size, len(ds))
 
 
+def test_answer_marks_what_follows_the_prompt_of_t2i_and_tts_documents(dataset):
+    ds, docs = dataset
+    space = ds.space
+    loader = PackedLoader(ds, seq_len=40, micro_batch=2, seed=3, cond_dropout=0.5)  # pieces, drops, both kinds
+    plan = loader.plan(0)
+    marked = 0
+    for _ in range(plan.rows // 2):
+        batch = next(loader)
+        doc, ans = batch["doc_ids"].numpy(), batch["answer"].numpy()
+        for b, r in enumerate(batch["rows"]):
+            for k, p in enumerate(range(int(plan.row_ptr[r]), int(plan.row_ptr[r + 1]))):
+                d, start = int(plan.doc[p]), int(plan.start[p])
+                full, _ = ds.doc(d, drop_cond=bool(plan.drop[p]))
+                where = doc[b] == k
+                got = ans[b][where]
+                if docs[d][2] not in ("t2i", "tts"):
+                    assert not got.any()
+                    continue
+                opener = int(np.flatnonzero(np.isin(full, (space.boi, space.boa)))[0])  # the answer opens here
+                np.testing.assert_array_equal(got, np.arange(start, start + len(got)) >= opener)
+                marked += int(got.sum())
+    assert marked > 0
+
+
 def test_not_looping_stops_and_too_small_data_is_a_user_error(dataset):
     ds, _ = dataset
     once = PackedLoader(ds, seq_len=40, micro_batch=2, seed=0, shuffle=False, loop=False)

@@ -129,3 +129,48 @@ def test_factored_code_embeddings_refuse_a_plain_table_start_and_zero3(tiny_args
                                                f"init_from={tmp_path}"]))
     with pytest.raises(ConfigError, match="factored"):
         load_train_config("train/demo", [*tiny_args, "image_code_embedding=factored", "zero_stage=3"])
+
+
+def test_image_colour_dropout_leaves_the_colour_out_of_whole_answer_images(tiny_args, tiny_tokset, tmp_path,
+                                                                          monkeypatch):
+    import anymodal.train.lm as lm
+    from anymodal.errors import ConfigError
+
+    tok_dir, tok = tiny_tokset
+    toks = _colour_structure_tokenizers(tok_dir, tok, tmp_path / "toks")
+    real, seen = lm.colour_dropout, []
+
+    def spy(micro, share, seed):
+        mask = real(micro, share, seed)
+        seen.append((micro, mask))
+        return mask
+
+    monkeypatch.setattr(lm, "colour_dropout", spy)
+    res = train(load_train_config("train/demo", [*tiny_args, "steps=3", "seed=5", "image_code_embedding=factored",
+                                                 "image_colour_dropout=0.5", f"tokenizers={toks}"]))
+    assert res.step == 3 and res.skipped_steps == 0
+    sp = tok.space
+    dropped_codes = 0
+    for micro, mask in seen:
+        ids, doc, answer = micro["ids"], micro["doc_ids"], micro["answer"]
+        assert not (mask & ~answer).any()  # prompts and prompt images keep their colour
+        for b in range(len(ids)):
+            for k in doc[b].unique():  # a document piece's answer is dropped whole or kept whole
+                part = mask[b][(doc[b] == k) & answer[b]]
+                assert part.all() or not part.any()
+        codes = (ids >= sp.image_offset) & (ids < sp.image_offset + sp.image_codebook_size)
+        dropped_codes += int((mask & codes).sum())
+        assert torch.equal(real(micro, 0.5, 5), mask)  # the draw is the batch's own: resumable, rank-free
+        assert torch.equal(real(micro, 1.0, 5), answer) and real(micro, 0.0, 5) is None
+    assert dropped_codes > 0
+    assert sum(int(m.sum()) for _, m in seen) < sum(int(mc["answer"].sum()) for mc, _ in seen)  # some kept
+    # the model reads the images it draws as it learnt to: the bundle keeps the factors and decodes blind
+    live = res.model.eval()
+    assert live.cfg.blind_decode
+    b = load_bundle(export(res.run_dir, tmp_path / "bundle", tokenizers=toks), device="cpu")
+    assert b.model.cfg.blind_decode and b.model.cfg.code_factors == [4, 8]
+    x = _batch(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(b.model(x), live(x), rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="factored"):
+        load_train_config("train/demo", [*tiny_args, "image_colour_dropout=0.5"])
