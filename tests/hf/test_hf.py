@@ -193,6 +193,22 @@ def test_export_refuses_what_chameleon_cannot_hold(tmp_path, capsys):
     assert main(["export", "--format", "hf", "--out", str(tmp_path / "x")]) == 2  # neither --run nor --bundle
 
 
+def test_a_blind_decode_bundle_exports_folded_with_a_note(tmp_path, capsys):
+    offset = tiny_bundle().space.image_offset
+    b = tiny_bundle(model_overrides={"code_factors": [4, 8], "code_offset": offset, "blind_decode": True,
+                                     "tie_embeddings": True})  # 32 image codes: 4 colours x 8 structures
+    src = save_bundle_layout(b, tmp_path / "bundle")
+    assert load_bundle(src, device="cpu").model.cfg.blind_decode  # the bundle keeps its factors
+    folder = export_hf(src, tmp_path / "hf")
+    assert "blind_decode" in capsys.readouterr().err
+    model, info, _ = _hf_model(folder)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids, _ = b.stream.encode([Text("a red circle"), Image(np.arange(b.space.image_tokens).reshape(b.space.image_grid) % 32)])
+    x = torch.as_tensor(ids)[None]
+    with torch.no_grad():  # the same logits on a given sequence: the codes read whole, as a prompt is
+        torch.testing.assert_close(model(x).logits, b.model(x), atol=1e-4, rtol=0)
+
+
 def _first_batch_loss(bundle_dir, overrides) -> float:
     """The loss of a bundle's model on the first batch a run with these overrides trains on."""
     cfg = load_train_config("train/demo", overrides)
