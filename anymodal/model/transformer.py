@@ -257,12 +257,16 @@ class CodeFactors(nn.Module):
         a, b = self.offset, self.offset + self.count
         return torch.cat([weight[:a], self.rows().to(weight.dtype), weight[b:]])  # [V, D]
 
+    def first_block(self) -> torch.Tensor:
+        """Each code's first-factor row: [count, D]."""
+        return self.tables[0][self.digits[0]]
+
     def first_rows(self, ids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """ids [B, T] -> the row of each code's first factor where `where` [B, T] holds and the id is
         a code, else zeros: [B, T, D]."""
         rel = ids - self.offset
         where = where & (rel >= 0) & (rel < self.count)
-        rows = self.tables[0][self.digits[0][rel.clamp(0, self.count - 1)]]  # [B, T, D]
+        rows = self.tables[0][self.digits[0][rel.clamp(0, self.count - 1)]]  # [B, T, D]: only the rows used
         return rows * where.unsqueeze(-1).to(rows.dtype)
 
 
@@ -328,7 +332,7 @@ class Transformer(nn.Module):
             return w
         f = self.code_factors
         a, b = f.offset, f.offset + f.count
-        return torch.cat([w[:a], w[a:b] - f.tables[0][f.digits[0]], w[b:]])  # [V, D]
+        return torch.cat([w[:a], w[a:b] - f.first_block(), w[b:]])  # [V, D]
 
     def head_weight(self) -> torch.Tensor:
         """The output head's rows [V, D] (tied factored codes: their factor sums)."""
