@@ -55,6 +55,7 @@ def test_default_recipe_runs_every_stage_with_its_settings(tmp_path, monkeypatch
     # the extra sources: their own documents (no speech), prepared apart, 30% of the training tokens each
     assert "--no-audio" in one_object and _arg(one_object, "max_objects") == "1"
     assert "--no-audio" in many_objects and _arg(many_objects, "min_objects") == "2"
+    assert _arg(many_objects, "max_queries") == "1"  # no answer there by elimination
     assert one_object[one_object.index("--out") + 1] == str(tmp_path / "world" / "one_object")
     assert [c[c.index("--out") + 1] for c in calls[9:11]] == [str(tmp_path / "tokens" / n)
                                                               for n in ("one_object", "many_objects")]

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from anymodal.cli import main
+from anymodal.config import load_config
 from anymodal.data import world as W
 from anymodal.data.checker import analyse_image, caption_correct, parse_caption, parse_referring
 from anymodal.data.cues import CUES
 from anymodal.data.reader import iter_documents, iter_samples
 from anymodal.data.speech import espeak_available
+from anymodal.demo import DemoConfig
 from anymodal.errors import ConfigError, UserError
 
 HAVE_ESPEAK = espeak_available()
@@ -189,6 +191,25 @@ def test_ground_and_refer_ask_about_several_objects(tmp_path):
         assert n == (2 if doc.kind == "ground" else 3) and ("box" in doc.segments[n]) == (doc.kind == "ground")
         n_multi += len(boxes) > 1
     assert n_multi > 40
+
+
+def test_demo_many_object_source_asks_one_query_per_document(tmp_path):
+    # the demo's many-object source (configs/demo.yaml): one query per ground/refer document, so no
+    # answer there can be had by elimination (the object not boxed yet)
+    src = next(x for x in load_config(DemoConfig, "demo").world.extra_sources if x["name"] == "many_objects")
+    W.generate_world(tmp_path, "train", docs=200, seed=3, progress=False, audio=False,
+                     overrides=[*src["overrides"], "kinds.ground=5", "kinds.refer=5"])
+    kinds = Counter()
+    for doc in iter_documents(str(tmp_path / "train-*.tar"), audio=False, kinds=["ground", "refer"], image_size=None):
+        kinds[doc.kind] += 1
+        objs = doc.meta["objects"]
+        boxes = [s["box"] for s in doc.segments if "box" in s]
+        refs = [parse_referring(s["text"]) for s in doc.segments if "text" in s and "<ref>" in s["text"]]
+        assert len(objs) >= 2 and len(boxes) == len(refs) == 1
+        target = objs[doc.meta["target"]]
+        assert refs[0] == (target["colour"], target["shape"])
+        assert np.allclose(np.array(boxes[0]) * wh(doc.images[0]), target["box"])
+    assert kinds["ground"] > 20 and kinds["refer"] > 10, kinds
 
 
 def test_min_objects_gives_scenes_of_at_least_that_many(tmp_path):
