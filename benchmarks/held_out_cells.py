@@ -29,17 +29,14 @@ from pathlib import Path
 
 import torch
 
-from anymodal.config import load_config
-from anymodal.data.world import generate_world, load_world_config
+from anymodal.data.world import KINDS, generate_world, load_world_config
+from anymodal.errors import UserError
 from anymodal.eval.run import EvalOptions, Evaluator
-from anymodal.model import ModelConfig, Transformer
 from anymodal.sample.bundle import load_bundle
 from anymodal.tokenizers.stream import Text
-from anymodal.train.checkpoint import CKPT_DIR, latest_checkpoint
-from anymodal.train.export import consolidate
+from anymodal.train.export import load_run_model
 
 SWAP = {"purple": "red", "orange": "blue"}  # a seen colour of the held-out pair's shape
-KINDS = ("t2i", "i2t", "ground", "refer", "asr", "tts", "a2i", "story", "prose")
 
 
 def probe_docs(out: Path, docs: int, seed: int) -> str:
@@ -47,17 +44,6 @@ def probe_docs(out: Path, docs: int, seed: int) -> str:
     overrides = [f"kinds.{k}={int(k == 't2i')}" for k in KINDS] + ["max_objects=1", "val_unseen_fraction=0.5"]
     generate_world(out, split="val", docs=docs, seed=seed, overrides=overrides, progress=False, audio=False)
     return str(out / "val-*.tar")
-
-
-def factored_model(run: Path) -> Transformer:
-    """The run's newest checkpoint with its code factors (the model before export folds them)."""
-    cfg = load_config(ModelConfig, run / "model.yaml", ["activation_checkpointing=false"])
-    found = latest_checkpoint(run / CKPT_DIR)
-    if found is None:
-        raise SystemExit(f"{run} has no checkpoint")
-    model = Transformer(cfg)
-    model.load_weights(consolidate(found[1]))
-    return model.eval()
 
 
 def colour_digits(encoded, offset: int, n_colour: int, n_codes: int) -> tuple[int, dict[str, list[int]]]:
@@ -81,7 +67,11 @@ def main() -> None:
     torch.set_num_threads(1)  # a teacher-forced pass of a small model: one thread is enough
 
     bundle = load_bundle(args.model, device="cpu")
-    model = factored_model(Path(args.run)) if args.run else bundle.model.eval()
+    # the run's newest checkpoint keeps the code factors that export folds
+    try:
+        model = (load_run_model(args.run)[2] if args.run else bundle.model).eval()
+    except UserError as e:
+        raise SystemExit(str(e)) from None
     factors = bundle.tok.image.code_factors if bundle.tok.image is not None else []
     if len(factors) != 2:
         raise SystemExit("the bundle's image tokenizer has no (colour, structure) codes")

@@ -76,33 +76,39 @@ def tokenizer_dir(run: Path, given: str | Path | None = None, data=None) -> Path
                     f"pass --tokenizers DIR (`anymodal train`: tokenizers=DIR)")
 
 
-def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = None, step: int | None = None) -> Path:
-    """Write the bundle for the newest (or the given) checkpoint of `run`; returns its folder."""
-    run, out = Path(run), Path(out)
+def load_run_model(run: str | Path, step: int | None = None) -> tuple[int, Path, Transformer]:
+    """(step, checkpoint, model) of the newest (or the given) complete checkpoint of `run`, with its
+    code factors as trained (not folded)."""
+    run = Path(run)
     if not (run / "model.yaml").is_file():
         raise UserError(f"{run} is not a training run (no model.yaml)")
     if step is None:
         found = latest_checkpoint(run / CKPT_DIR)
         if found is None:
-            raise UserError(f"{run} has no complete checkpoint to export")
+            raise UserError(f"{run} has no complete checkpoint")
     else:
         found = next(((s, p) for s, p in list_checkpoints(run / CKPT_DIR) if s == step), None)
         if found is None:
             raise UserError(f"{run} has no complete checkpoint of step {step}")
     ckpt_step, ckpt = found
-    cfg = load_config(ModelConfig, run / "model.yaml", ["activation_checkpointing=false"])
+    model = Transformer(load_config(ModelConfig, run / "model.yaml", ["activation_checkpointing=false"]))
+    missing, unexpected = model.load_weights(consolidate(ckpt))
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt} does not fit {run}/model.yaml: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    return ckpt_step, ckpt, model
+
+
+def export(run: str | Path, out: str | Path, tokenizers: str | Path | None = None, step: int | None = None) -> Path:
+    """Write the bundle for the newest (or the given) checkpoint of `run`; returns its folder."""
+    run, out = Path(run), Path(out)
+    ckpt_step, ckpt, model = load_run_model(run, step)
     space = TokenSpace.load(run)
     tok_dir = tokenizer_dir(run, tokenizers)
     toks = load_tokenizers(tok_dir)
     toks.space.check_same(space, f"{tok_dir} vs the run {run}")
 
-    state = consolidate(ckpt)
-    model = Transformer(cfg)
-    missing, unexpected = model.load_weights(state)
-    if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt} does not fit {run}/model.yaml: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}")
-    if not cfg.blind_decode:  # a bundle is a plain model (one table row per id) unless it needs the factors
+    if not model.cfg.blind_decode:  # a bundle is a plain model (one table row per id) unless it needs the factors
         model = model.fold_code_factors()
     cfg = model.cfg
 

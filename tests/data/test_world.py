@@ -173,15 +173,23 @@ def test_checker_recovers_fresh_world_images_and_captions(corpus):
     assert ok_img / n_img >= 0.995
 
 
-def test_ground_and_refer_ask_about_several_objects(tmp_path):
+def _demo_source_overrides(name: str) -> list[str]:
+    return next(x for x in load_config(DemoConfig, "demo").world.extra_sources if x["name"] == name)["overrides"]
+
+
+@pytest.mark.parametrize("source", ["max_queries=3", "demo many_objects"])
+def test_ground_and_refer_ask_about_up_to_max_queries_objects(tmp_path, source):
+    # the demo's many-object source (configs/demo.yaml) asks one query per document, so no answer
+    # there can be had by elimination (the object not boxed yet)
+    overrides, max_q = (["max_queries=3"], 3) if source == "max_queries=3" else (_demo_source_overrides("many_objects"), 1)
     W.generate_world(tmp_path, "val", docs=120, seed=2, progress=False, audio=False,
-                     overrides=["max_queries=3", "kinds.ground=5", "kinds.refer=5"])
-    n_multi = 0
+                     overrides=[*overrides, "kinds.ground=5", "kinds.refer=5"])
+    n_multi, kinds = 0, Counter()
     for doc in iter_documents(str(tmp_path / "val-*.tar"), audio=False, kinds=["ground", "refer"], image_size=None):
         objs, n = doc.meta["objects"], doc.meta["prompt_segments"]
         boxes = [s["box"] for s in doc.segments if "box" in s]
         refs = [parse_referring(s["text"]) for s in doc.segments if "text" in s and "<ref>" in s["text"]]
-        assert len(boxes) == len(refs) == min(3, len(objs))  # one query per object, up to 3
+        assert len(boxes) == len(refs) == min(max_q, len(objs))  # one query per object, up to max_queries
         assert len({tuple(b) for b in boxes}) == len(boxes)
         for box, ref in zip(boxes, refs):  # each answer belongs to its own query
             o = next(o for o in objs if (o["colour"], o["shape"]) == ref)
@@ -190,26 +198,12 @@ def test_ground_and_refer_ask_about_several_objects(tmp_path):
         assert refs[0] == (target["colour"], target["shape"])  # the first query is the eval target
         assert n == (2 if doc.kind == "ground" else 3) and ("box" in doc.segments[n]) == (doc.kind == "ground")
         n_multi += len(boxes) > 1
-    assert n_multi > 40
-
-
-def test_demo_many_object_source_asks_one_query_per_document(tmp_path):
-    # the demo's many-object source (configs/demo.yaml): one query per ground/refer document, so no
-    # answer there can be had by elimination (the object not boxed yet)
-    src = next(x for x in load_config(DemoConfig, "demo").world.extra_sources if x["name"] == "many_objects")
-    W.generate_world(tmp_path, "train", docs=200, seed=3, progress=False, audio=False,
-                     overrides=[*src["overrides"], "kinds.ground=5", "kinds.refer=5"])
-    kinds = Counter()
-    for doc in iter_documents(str(tmp_path / "train-*.tar"), audio=False, kinds=["ground", "refer"], image_size=None):
-        kinds[doc.kind] += 1
-        objs = doc.meta["objects"]
-        boxes = [s["box"] for s in doc.segments if "box" in s]
-        refs = [parse_referring(s["text"]) for s in doc.segments if "text" in s and "<ref>" in s["text"]]
-        assert len(objs) >= 2 and len(boxes) == len(refs) == 1
-        target = objs[doc.meta["target"]]
-        assert refs[0] == (target["colour"], target["shape"])
-        assert np.allclose(np.array(boxes[0]) * wh(doc.images[0]), target["box"])
-    assert kinds["ground"] > 20 and kinds["refer"] > 10, kinds
+        kinds[doc.kind, len(objs) > 1] += 1
+    if max_q > 1:
+        assert n_multi > 40
+    else:  # every scene of the source has two or three objects to choose from
+        assert kinds["ground", True] > 20 and kinds["refer", True] > 10 and not n_multi, kinds
+        assert kinds["ground", False] == kinds["refer", False] == 0, kinds
 
 
 def test_min_objects_gives_scenes_of_at_least_that_many(tmp_path):
