@@ -5,18 +5,23 @@ the tokenizers beside them; prints JSON.
 - `workers_N`: the demo mix (configs/world/demo.yaml) with N worker processes;
 - `by_kind`: docs/s of a world of that kind alone, one worker (what each kind costs);
 - `encode`: the tokenizers alone, one thread: text documents/s, images/s (batches of 64), seconds
-  of speech encoded per second (clips one by one, and bucketed by length in batches of 8).
+  of speech encoded per second (clips one by one; bucketed by length in batches of 8; and all at
+  once through `encode_clips`, as prepare encodes them).
 
 - `vs_baseline` (with `--baseline REV`): the demo mix prepared by the code of git revision REV and
   by the working tree, alternately in fresh processes on the same world and tokenizers, `--reps`
-  times each; medians and their ratio.
+  times each; medians and their ratio: of documents/s from the call to the end (`speedup_median`,
+  start-up included), and of the worker time per document, the sum of the shards' own seconds
+  (`work_speedup_median`, what a long prepare runs at). `--baseline-world DIR` compares on DIR's
+  train shards instead of a new world of `--baseline-docs` (a `make demo` world with its trained
+  tokenizers: `--baseline-world runs/demo/world --tokenizers runs/demo/tokenizers`).
 
 The tokenizers have the demo recipes' shapes (text BPE 1200 pieces, the image and audio codecs of
 configs/tokenizer/*_demo.yaml, or the default configs when a recipe is missing) with untrained
 weights: encoding costs the same as with trained ones. Pass `--tokenizers DIR` to use a real set.
 
     flock /tmp/anymodal-cpu.lock .venv/bin/python benchmarks/prepare_throughput.py [--docs 300] \
-        [--baseline REV --baseline-docs 2000 --reps 3]
+        [--baseline REV --baseline-docs 2000 --reps 3] [--baseline-world runs/demo/world]
 """
 
 from __future__ import annotations
@@ -98,16 +103,21 @@ def encode_rates(toks: Path, world: Path) -> dict:
             x[r, : len(waves[i])] = torch.from_numpy(waves[i])
         tok.audio.encode_stream(x)
     out["speech_seconds_per_s_batched_8"] = round(seconds / (time.perf_counter() - t0), 1)
+    t0 = time.perf_counter()
+    tok.audio.encode_clips(waves, tok.audio.stream_levels)
+    out["speech_seconds_per_s_encode_clips"] = round(seconds / (time.perf_counter() - t0), 1)
     out["speech_clips"] = len(waves)
     return out
 
 
 _PREPARE_ONE = """
-import json, sys, time
+import glob, json, sys, time
 from anymodal.data.prepare import prepare
 t0 = time.perf_counter()
 stats = prepare(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
-print(json.dumps({"docs": stats["docs"], "tokens": stats["tokens"], "seconds": time.perf_counter() - t0}))
+seconds = time.perf_counter() - t0
+work = sum(json.load(open(f))["seconds"] for f in glob.glob(sys.argv[3] + "/shards/*.json"))
+print(json.dumps({"docs": stats["docs"], "tokens": stats["tokens"], "seconds": seconds, "shard_seconds": work}))
 """
 
 _MAKE_TOKENIZERS = """
@@ -132,8 +142,9 @@ def run_under(code_root: Path, code: str, *args: str) -> str:
     return r.stdout
 
 
-def versus_baseline(rev: str, tmp: Path, docs: int, reps: int, toks_arg: str | None) -> dict:
-    """The demo mix through revision `rev`'s prepare and the working tree's, alternately."""
+def versus_baseline(rev: str, tmp: Path, docs: int, reps: int, toks_arg: str | None, world_arg: str | None) -> dict:
+    """The demo mix through revision `rev`'s prepare and the working tree's, alternately; on
+    `world_arg`'s train shards when given (a `make demo` world), else on a new world of `docs`."""
     import shutil
     import statistics
     import subprocess
@@ -145,24 +156,32 @@ def versus_baseline(rev: str, tmp: Path, docs: int, reps: int, toks_arg: str | N
     base.mkdir()
     archive = subprocess.run(["git", "-C", str(here), "archive", rev], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
-    world = tmp / "mix_world"
-    generate_world(world, "train", docs=docs, seed=2, shard_size=max(1, docs // 8), progress=False)
+    world = Path(world_arg) if world_arg else tmp / "mix_world"
+    if not world_arg:
+        generate_world(world, "train", docs=docs, seed=2, shard_size=max(1, docs // 8), progress=False)
     toks = Path(toks_arg) if toks_arg else tmp / "mix_toks"
     if not toks_arg:  # made by the older code, so that both can read them (newer code reads older configs)
         run_under(base, _MAKE_TOKENIZERS, str(toks), str(world))
     shards = str(world / "train-*.tar")
     rates: dict[str, list[float]] = {"baseline": [], "current": []}
+    work: dict[str, list[float]] = {"baseline": [], "current": []}  # the workers' seconds per document
     for _ in range(reps):
         for name, root in (("baseline", base), ("current", here)):
             out = tmp / f"mix_{name}"
             shutil.rmtree(out, ignore_errors=True)
             r = json.loads(run_under(root, _PREPARE_ONE, str(toks), shards, str(out)).strip().splitlines()[-1])
             rates[name].append(r["docs"] / r["seconds"])
+            work[name].append(r["shard_seconds"] / r["docs"])
     med = {k: statistics.median(v) for k, v in rates.items()}
-    return {"rev": rev, "docs": docs, "reps": reps,
+    med_work = {k: statistics.median(v) for k, v in work.items()}
+    return {"rev": rev, "docs": r["docs"], "world": str(world_arg or "new"), "reps": reps,
             "baseline_docs_per_s": [round(v, 1) for v in rates["baseline"]],
             "current_docs_per_s": [round(v, 1) for v in rates["current"]],
-            "speedup_median": round(med["current"] / med["baseline"], 3)}
+            "speedup_median": round(med["current"] / med["baseline"], 3),
+            # start-up (imports, worker processes) left out: what a long prepare runs at
+            "baseline_worker_ms_per_doc": [round(1e3 * v, 2) for v in work["baseline"]],
+            "current_worker_ms_per_doc": [round(1e3 * v, 2) for v in work["current"]],
+            "work_speedup_median": round(med_work["baseline"] / med_work["current"], 3)}
 
 
 def main() -> None:
@@ -173,6 +192,8 @@ def main() -> None:
     ap.add_argument("--tokenizers", default=None)
     ap.add_argument("--baseline", default=None, help="git revision to compare the demo mix's docs/s against")
     ap.add_argument("--baseline-docs", type=int, default=2000)
+    ap.add_argument("--baseline-world", default=None,
+                    help="compare on this world's train-*.tar (e.g. runs/demo/world, with --tokenizers runs/demo/tokenizers)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only-baseline", action="store_true", help="skip everything but the comparison")
     args = ap.parse_args()
@@ -183,8 +204,8 @@ def main() -> None:
         ap.error("--only-baseline needs --baseline REV")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        vs = {"vs_baseline": versus_baseline(args.baseline, tmp, args.baseline_docs, args.reps, args.tokenizers)} \
-            if args.baseline else {}
+        vs = {"vs_baseline": versus_baseline(args.baseline, tmp, args.baseline_docs, args.reps, args.tokenizers,
+                                             args.baseline_world)} if args.baseline else {}
         if args.only_baseline:
             print(json.dumps(vs, indent=1))
             return

@@ -7,8 +7,9 @@ letterbox to its square resolution, or native, each image on the grid nearest it
 within `max_image_tokens` codes (`media.native_grid`; default the tokenizer's `max_tokens`), its
 boxes mapped through the same resize. Images are encoded in batches of one grid shape; audio
 clips are batched by equal frame count (so every clip's codes are exactly what encoding it alone
-gives). Shards are processed by a pool of worker processes, one raw shard per task, and each
-finished shard is final: a rerun skips it (resume per shard).
+gives; the quantizer runs once over all of a batch's frames). Shards are processed by a pool of
+worker processes, one raw shard per task, and each finished shard is final: a rerun skips it
+(resume per shard).
 
 Token-shard format (a folder; all integers little-endian):
 
@@ -40,9 +41,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -149,8 +150,6 @@ class _Encoder:
     """Holds the loaded tokenizers in one process and turns batches of raw documents into ids."""
 
     def __init__(self, tok_dir: str, device: str = "cpu", image_batch: int = 64, audio_batch: int = 32):
-        self.torch = torch
-        self.device = device
         self.tok = load_tokenizers(tok_dir, device=device)
         self.space = self.tok.space
         self.image_batch = image_batch
@@ -162,24 +161,9 @@ class _Encoder:
         return self.tok.image.encode_pixels(images, self.image_batch)
 
     def encode_audio(self, waves: list[np.ndarray]) -> list[np.ndarray]:
-        """Clips with the same frame count go through the codec together: padding inside a batch
-        would change the last frames' codes, equal padded lengths change nothing."""
-        torch, audio = self.torch, self.tok.audio
-        out: list[np.ndarray | None] = [None] * len(waves)
-        buckets: dict[int, list[int]] = {}
-        for i, w in enumerate(waves):
-            buckets.setdefault(math.ceil(len(w) / audio.hop), []).append(i)
-        for frames, members in buckets.items():
-            n = frames * audio.hop
-            for s in range(0, len(members), self.audio_batch):
-                group = members[s : s + self.audio_batch]
-                x = torch.zeros(len(group), n)  # [B, frames * hop]
-                for row, i in enumerate(group):
-                    x[row, : len(waves[i])] = torch.from_numpy(np.asarray(waves[i], dtype=np.float32))
-                codes = audio.encode_stream(x.to(self.device)).cpu().numpy().astype(np.int64)  # [B, frames, levels]
-                for row, i in enumerate(group):
-                    out[i] = codes[row]
-        return out  # type: ignore[return-value]
+        """Clips -> the codes the stream carries, each exactly what encoding it alone gives."""
+        audio = self.tok.audio
+        return [c.numpy() for c in audio.encode_clips(waves, audio.stream_levels, self.audio_batch)]
 
     def encode_docs(self, docs: list, stats: _ShardStats, strict: bool):
         """Yield (ids, modality, kind, cond) per good document; count the bad ones."""
@@ -508,6 +492,20 @@ def merge(out: str | Path, part_dirs: Iterable[str | Path] = ()) -> dict:
                    images)
 
 
+def _pool_context(threads: int, device: str):
+    """Forked workers where that is safe, spawned ones elsewhere.
+
+    A forked worker starts at once with the parent's imports; a spawned one imports PyTorch and the
+    tokenizers' libraries again, about 3 s, a third of a 2,000-document prepare on 2 cores
+    (docs/results.md). Forking is safe when each worker runs one thread on the CPU: a forked child
+    hangs in GNU OpenMP (PyTorch's on Linux) only if it opens a parallel region of several threads
+    after the parent used one, which is why PyTorch's DataLoader workers also run one thread.
+    CUDA cannot be forked once initialised."""
+    if threads == 1 and device == "cpu" and sys.platform == "linux":
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
 def _run_tasks(tasks, tok_dir, workers, threads, show, n_done, n_total, done, device) -> None:
     bar = tqdm(desc="prepare", unit="doc", disable=not show, dynamic_ncols=True)
     bar.set_postfix_str(f"shards {n_done}/{n_total}")
@@ -530,7 +528,7 @@ def _run_tasks(tasks, tok_dir, workers, threads, show, n_done, n_total, done, de
             torch.set_num_threads(old_threads)
         bar.close()
         return
-    ctx = mp.get_context("spawn")  # torch + fork is not safe once threads exist
+    ctx = _pool_context(threads, device)
     value = ctx.Value("q", 0)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tok_dir, threads, value, device)) as pool:
         it = pool.imap_unordered(_prepare_shard, tasks)

@@ -12,7 +12,9 @@ Quantizer dropout during training (a random number of levels per batch, as Sound
 lets `decode` take ids with fewer than `n_q` levels: the missing finer levels simply add nothing.
 
 Long inputs are encoded and decoded in chunks that overlap by the receptive field, so the result
-equals a single pass (checked by the tests) while memory stays bounded.
+equals a single pass (checked by the tests) while memory stays bounded. On the CPU the encoder runs
+as `audio_cpu.encode_latents` (the same function as matrix products, without oneDNN's per-length
+set-up), and `encode_clips` encodes many clips with one quantizer call.
 
 File helpers for the CLI: `encode_file(tok_dir, in_audio, out_json)` and
 `decode_file(tok_dir, in_json, out_wav)`; audio files are read and written by the one audio path,
@@ -307,12 +309,19 @@ class AudioTokenizer(nn.Module):
             b = min(a + chunk, n_frames)
             yield a, b, max(0, a - ctx), min(n_frames, b + ctx)
 
-    @torch.no_grad()
-    def _encode_frames(self, x: torch.Tensor, levels: int) -> torch.Tensor:
-        """x [B, N * hop] -> ids [B, N, levels], quantizer in eval mode (no EMA update, no
+    def _latents(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N * hop] -> the encoder's latents, frame-major [B, N, D]."""
+        x = x.unsqueeze(1)  # [B, 1, N * hop]
+        if x.device.type == "cpu":
+            from .audio_cpu import encode_latents  # the same function without oneDNN's per-length set-up
+
+            return encode_latents(self.encoder, x)
+        return self.encoder(x).transpose(1, 2)
+
+    def _quantize(self, z: torch.Tensor, levels: int) -> torch.Tensor:
+        """Latents [B, N, D] -> ids [B, N, levels], quantizer in eval mode (no EMA update, no
         dropout). Residual levels are sequential, so the first `levels` come out the same without
-        computing the finer ones."""
-        z = self.encoder(x.unsqueeze(1)).transpose(1, 2)  # [B, N, D]
+        computing the finer ones. Each frame is quantized on its own."""
         rvq = self.quantizer
         all_layers = rvq.layers
         was = rvq.training
@@ -337,6 +346,11 @@ class AudioTokenizer(nn.Module):
         return codes
 
     @torch.no_grad()
+    def _encode_frames(self, x: torch.Tensor, levels: int) -> torch.Tensor:
+        """x [B, N * hop] -> ids [B, N, levels]."""
+        return self._quantize(self._latents(x), levels)
+
+    @torch.no_grad()
     def encode(self, wave: torch.Tensor, levels: int | None = None) -> torch.Tensor:
         """wave float [B, T] at sample_rate -> LongTensor [B, ceil(T / hop), levels or n_q]."""
         if wave.dim() != 2:
@@ -357,6 +371,47 @@ class AudioTokenizer(nn.Module):
     def encode_stream(self, wave: torch.Tensor) -> torch.Tensor:
         """wave [B, T] -> the codes the token stream carries: [B, frames, stream_levels]."""
         return self.encode(wave, self.stream_levels)
+
+    @torch.no_grad()
+    def encode_clips(self, waves: list, levels: int | None = None, batch: int = 32) -> list[torch.Tensor]:
+        """Many clips (float arrays [T], any lengths) -> ids [frames, levels or n_q] each, in order,
+        equal to what `encode` gives each clip alone.
+
+        The encoder runs on clips of one frame count together (up to `batch`; on the CPU it takes
+        them one by one anyway): padding a clip to a longer one would change its last frames'
+        codes. The quantizer, which looks at each frame alone, runs once over all the clips'
+        frames: per call it costs more than a short clip's frames. Clips longer than a chunk
+        (`chunk_seconds`) go through `encode`, chunk by chunk."""
+        levels = self.n_q if levels is None else levels
+        out: list[torch.Tensor | None] = [None] * len(waves)
+        by_frames: dict[int, list[int]] = {}
+        long = []
+        chunk = max(1, int(self.cfg.chunk_seconds * self.frame_rate))
+        for i, w in enumerate(waves):
+            frames = self.num_frames(len(w))
+            if frames > chunk:
+                long.append(i)
+            elif frames == 0:
+                out[i] = torch.zeros(0, levels, dtype=torch.long)
+            else:
+                by_frames.setdefault(frames, []).append(i)
+        latents, order = [], []
+        for frames, members in by_frames.items():
+            for s in range(0, len(members), batch):
+                group = members[s : s + batch]
+                x = torch.zeros(len(group), frames * self.hop)  # [B, frames * hop]
+                for row, i in enumerate(group):
+                    x[row, : len(waves[i])] = torch.as_tensor(waves[i], dtype=torch.float32)
+                latents.extend(self._latents(x.to(self.device)))  # [frames, D] each
+                order.extend(group)
+        if latents:
+            codes = self._quantize(torch.cat(latents)[None], levels)[0].long().cpu()  # [all frames, levels]
+            for i, c in zip(order, codes.split([len(z) for z in latents])):
+                out[i] = c
+        for i in long:
+            wave = torch.as_tensor(waves[i], dtype=torch.float32)[None]
+            out[i] = self.encode(wave, levels)[0].cpu()
+        return out  # type: ignore[return-value]
 
     def codes_to_latent(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, N, k <= n_q] -> quantized latent [B, N, D]: sum of the first k levels' code vectors."""

@@ -115,12 +115,23 @@ def test_resume_and_multiprocess_give_the_same_bytes(tokset, world, prepared, tm
     assert redo["shards_this_run"] == 1
     assert {p.name: p.read_bytes() for p in (out / "shards").iterdir() if p.suffix != ".json"} == before
     assert (out / "shards" / "00001.json").is_file()
-    # two worker processes over two shards: the same bytes as one process
+    # two worker processes over two shards, forked (one thread each) and spawned (two threads each):
+    # the same bytes as one process
     two = [str(world / "train-00000.tar"), str(world / "train-00001.tar")]
-    multi = prepare(tok_dir, two, tmp_path / "multi", workers=2, progress=False)
-    assert multi["docs"] == 24
-    for name in ("00000.ids", "00000.mod", "00000.idx.npy", "00001.ids", "00001.mod", "00001.idx.npy"):
-        assert (tmp_path / "multi" / "shards" / name).read_bytes() == before[name], name
+    for threads in (1, 2):
+        multi = prepare(tok_dir, two, tmp_path / f"multi{threads}", workers=2, threads=threads, progress=False)
+        assert multi["docs"] == 24
+        for name in ("00000.ids", "00000.mod", "00000.idx.npy", "00001.ids", "00001.mod", "00001.idx.npy"):
+            assert (tmp_path / f"multi{threads}" / "shards" / name).read_bytes() == before[name], (threads, name)
+
+
+def test_workers_are_forked_only_with_one_cpu_thread_each():
+    from anymodal.data.prepare import _pool_context
+
+    fork = "fork" if sys.platform == "linux" else "spawn"
+    assert _pool_context(1, "cpu").get_start_method() == fork
+    assert _pool_context(2, "cpu").get_start_method() == "spawn"  # GNU OpenMP hangs in a forked child
+    assert _pool_context(1, "cuda").get_start_method() == "spawn"
 
 
 def test_token_space_mismatch_and_strict(tokset, world, prepared, tmp_path):
