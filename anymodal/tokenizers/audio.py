@@ -106,14 +106,20 @@ class AudioTokenizerConfig:
         return self.sample_rate // self.hop
 
 
+def elu_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """ELU (alpha 1) of x written into `out` (same shape, not overlapping x): max(exp(min(x, 0)) - 1, x).
+    exp(x) - 1 >= x, so the max is x where x > 0 and exp(x) - 1 elsewhere (and x itself next to 0,
+    where rounding puts exp(x) - 1 below x: closer to expm1 there); `torch.where` costs 4x more."""
+    torch.clamp(x, max=0, out=out).exp_().sub_(1)
+    return torch.maximum(out, x, out=out)
+
+
 class _ELUFunction(torch.autograd.Function):
     """ELU (alpha 1) with its negative side as exp(x) - 1; the gradient from the output alone."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        # exp(x) - 1 >= x, so the max is x where x > 0 and exp(x) - 1 elsewhere (and x itself next to
-        # 0, where rounding puts exp(x) - 1 below x: closer to expm1 there); `torch.where` costs 4x more
-        y = torch.maximum(x.clamp(max=0).exp_().sub_(1), x)
+        y = elu_into(x, torch.empty_like(x))
         ctx.save_for_backward(y)
         return y
 
@@ -284,6 +290,11 @@ class AudioTokenizer(nn.Module):
     def codebook_size(self) -> int:
         return self.cfg.codebook_size
 
+    @property
+    def chunk_frames(self) -> int:
+        """Frames a chunk of a long input holds (`chunk_seconds`)."""
+        return max(1, int(self.cfg.chunk_seconds * self.frame_rate))
+
     def num_frames(self, num_samples: int) -> int:
         return math.ceil(num_samples / self.hop)
 
@@ -303,7 +314,7 @@ class AudioTokenizer(nn.Module):
     # inference ----------------------------------------------------------------------------------
     def _chunks(self, n_frames: int):
         """(start, end, ctx_start, ctx_end) frame ranges covering [0, n_frames)."""
-        chunk = max(1, int(self.cfg.chunk_seconds * self.frame_rate))
+        chunk = self.chunk_frames
         ctx = self.context_frames
         for a in range(0, n_frames, chunk):
             b = min(a + chunk, n_frames)
@@ -386,10 +397,9 @@ class AudioTokenizer(nn.Module):
         out: list[torch.Tensor | None] = [None] * len(waves)
         by_frames: dict[int, list[int]] = {}
         long = []
-        chunk = max(1, int(self.cfg.chunk_seconds * self.frame_rate))
         for i, w in enumerate(waves):
             frames = self.num_frames(len(w))
-            if frames > chunk:
+            if frames > self.chunk_frames:
                 long.append(i)
             elif frames == 0:
                 out[i] = torch.zeros(0, levels, dtype=torch.long)

@@ -23,16 +23,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .audio import ELU, Encoder, ResUnit
+from .audio import ELU, Encoder, ResUnit, elu_into
 
 
 def _activate_into(act: nn.Module | None, x: torch.Tensor, out: torch.Tensor) -> None:
     """out = act(x) (x itself when act is None); both contiguous [T, C]."""
     if act is None:
         out.copy_(x)
-    elif isinstance(act, ELU):  # max(exp(min(x, 0)) - 1, x) as `ELU` computes it, with no new tensor
-        torch.clamp(x, max=0, out=out).exp_().sub_(1)
-        torch.maximum(out, x, out=out)
+    elif isinstance(act, ELU):  # as `ELU` computes it, with no new tensor
+        elu_into(x, out)
     else:
         out.copy_(act(x))
 
